@@ -1,0 +1,28 @@
+"""fgattn: drop-in PyTorch layers for fine-grained visual classification.
+
+Layers from CIN (Gao et al., AAAI 2020) and PCA-Net (Zhang et al., ICME 2021), with fused kernels
+for the channel-bilinear softmax behind `fgattn.functional`.
+"""
+
+from . import backend, functional
+from .functional import channel_attention, channel_attention_weights, contrastive_channel_attention
+from .layers import CCI, SCI, AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
+from .losses import CenterLoss, ContrastiveLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CCI",
+    "SCI",
+    "AttentionErase",
+    "BilinearAttentionPooling",
+    "BilinearPooling",
+    "CenterLoss",
+    "CoAttention",
+    "ContrastiveLoss",
+    "backend",
+    "channel_attention",
+    "channel_attention_weights",
+    "contrastive_channel_attention",
+    "functional",
+]

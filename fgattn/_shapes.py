@@ -1,0 +1,69 @@
+"""Input checks shared by the functional API and the layers.
+
+Every check raises a ValueError that names the argument, the shape it got and the shape it wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype} with shape {tuple(x.shape)}"
+        )
+
+
+def to_bcl(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(B, C, L) or (B, C, H, W) -> (B, C, L), without copying where a view suffices."""
+    check_float(x, name)
+    if x.dim() == 3:
+        return x
+    if x.dim() == 4:
+        return rearrange(x, "b c h w -> b c (h w)")
+    raise ValueError(
+        f"{name} must have shape (B, C, L) or (B, C, H, W), got {x.dim()}-D shape {tuple(x.shape)}"
+    )
+
+
+def like_layout(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(B, C, L) result -> the rank, spatial shape and memory format of `ref`."""
+    if ref.dim() == 3:
+        return out
+    out = rearrange(out, "b c (h w) -> b c h w", h=ref.shape[2], w=ref.shape[3])
+    if not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def check_same(
+    a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, dims: tuple[int, ...], what: str
+) -> None:
+    """Raise unless a and b agree on `dims` (indices into (B, C, L))."""
+    if any(a.shape[d] != b.shape[d] for d in dims):
+        want = ", ".join(("B", "C", "L")[d] for d in dims)
+        raise ValueError(
+            f"{b_name} must match {a_name} in {what} ({want}): {a_name} has shape "
+            f"{tuple(a.shape)}, {b_name} has shape {tuple(b.shape)}"
+        )
+
+
+def check_image_batch(x: torch.Tensor, name: str) -> None:
+    check_float(x, name)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+
+
+def split_pairs(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch laid out as [A_1..A_N, B_1..B_N] into its halves (A_i pairs with B_i)."""
+    if x.shape[0] % 2:
+        raise ValueError(
+            f"{name} must hold an even number of images to form pairs (first half paired with "
+            f"second half), got batch size {x.shape[0]} in shape {tuple(x.shape)}"
+        )
+    return x.chunk(2, dim=0)

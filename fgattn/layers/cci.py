@@ -1,0 +1,98 @@
+"""Contrastive channel interaction (CIN, Gao et al. AAAI 2020, eq. 5–6)."""
+
+from __future__ import annotations
+
+import torch
+from einops import reduce
+from torch import nn
+
+from .. import functional as F
+from .._shapes import check_image_batch, split_pairs
+
+
+class CCI(nn.Module):
+    """Contrastive channel interaction between the two images of each pair.
+
+    CIN eq. 5: W_AB = |W_A − η W_B|, W_BA = |W_B − γ W_A| with η = ψ([Y_A, Y_B]),
+    γ = ψ([Y_B, Y_A]); eq. 6: Z'_A = φ(W_AB X_A) + X_A, Z'_B = φ(W_BA X_B) + X_B (the paper prints
+    "+ X_A" in the second term, a typo). W_X = softmax(scale · X Xᵀ) as in SCI.
+
+    ψ is a fully connected layer on the globally average-pooled [Y_A, Y_B] (2C -> 1), so the module
+    works at any input size (the Hawkeye reimplementation flattens a 7×7 map into its Linear and
+    only runs at 224 px).
+
+    Args:
+        channels: C.
+        scale: logit scale of the SCI matrices (paper: −1).
+        length_normalized: divide the scale by H·W (Hawkeye's variant), see `SCI`.
+        phi: the 3×3 convolution φ; pass ``sci.phi`` to share it with SCI. A new one if None.
+        backend: kernel backend (see `fgattn.backend`).
+
+    Shapes:
+        forward(x_a, x_b, y_a=None, y_b=None): x_a, x_b (N, C, H, W) feature maps of the pairs;
+        y_a, y_b the SCI interactions Y (computed when not given). With x_b None, x_a is a batch of
+        2N images whose first half pairs with its second half.
+        Returns (Z'_A, Z'_B, η, γ): two (N, C, H, W) maps and two (N,) weights.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        scale: float = -1.0,
+        length_normalized: bool = False,
+        phi: nn.Module | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.scale = scale
+        self.length_normalized = length_normalized
+        self.backend = backend
+        self.phi = phi if phi is not None else nn.Conv2d(channels, channels, 3, padding=1)
+        self.psi = nn.Linear(2 * channels, 1)
+
+    def _scale(self, x: torch.Tensor) -> float:
+        return self.scale / (x.shape[-2] * x.shape[-1]) if self.length_normalized else self.scale
+
+    def weights(self, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """η = ψ([Y_A, Y_B]) and γ = ψ([Y_B, Y_A]), each (N,)."""
+        pooled_a = reduce(y_a, "n c h w -> n c", "mean")
+        pooled_b = reduce(y_b, "n c h w -> n c", "mean")
+        eta = self.psi(torch.cat([pooled_a, pooled_b], dim=1)).squeeze(1)
+        gamma = self.psi(torch.cat([pooled_b, pooled_a], dim=1)).squeeze(1)
+        return eta, gamma
+
+    def forward(
+        self,
+        x_a: torch.Tensor,
+        x_b: torch.Tensor | None = None,
+        y_a: torch.Tensor | None = None,
+        y_b: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x_b is None:
+            check_image_batch(x_a, "x")
+            x_a, x_b = split_pairs(x_a, "x")
+            if y_a is not None:
+                y_a, y_b = split_pairs(y_a, "y")
+        check_image_batch(x_a, "x_a")
+        check_image_batch(x_b, "x_b")
+        if x_a.shape != x_b.shape:
+            raise ValueError(
+                f"x_b must have x_a's shape {tuple(x_a.shape)}, got shape {tuple(x_b.shape)}"
+            )
+        if x_a.shape[1] != self.channels:
+            raise ValueError(
+                f"x_a must have {self.channels} channels, got shape {tuple(x_a.shape)} "
+                f"(wanted (N, {self.channels}, H, W))"
+            )
+        scale = self._scale(x_a)
+        if y_a is None or y_b is None:
+            y_a = F.channel_attention(x_a, scale=scale, backend=self.backend)
+            y_b = F.channel_attention(x_b, scale=scale, backend=self.backend)
+        eta, gamma = self.weights(y_a, y_b)
+        y_ab = F.contrastive_channel_attention(x_a, x_b, eta, scale=scale, backend=self.backend)
+        y_ba = F.contrastive_channel_attention(x_b, x_a, gamma, scale=scale, backend=self.backend)
+        return self.phi(y_ab) + x_a, self.phi(y_ba) + x_b, eta, gamma
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, scale={self.scale}, backend={self.backend!r}"

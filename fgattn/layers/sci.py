@@ -1,0 +1,70 @@
+"""Self-channel interaction (CIN, Gao et al. AAAI 2020, eq. 1–3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .._shapes import check_image_batch
+
+
+class SCI(nn.Module):
+    """Self-channel interaction: Z = φ(W X) + X with W = softmax(scale · X Xᵀ) over channels.
+
+    CIN eq. 1: Y = W X; eq. 2: W_ij = exp(−(X Xᵀ)_ij) / Σ_k exp(−(X Xᵀ)_ik); eq. 3: Z = φ(Y) + X,
+    φ a 3×3 convolution.
+
+    Args:
+        channels: C, the channels of the input feature map.
+        scale: multiplies the logits X Xᵀ. The paper uses −1 (default).
+        length_normalized: divide the scale by L = H·W, as the public Hawkeye reimplementation
+            does (S = X Xᵀ / (H·W)); off by default, following the paper.
+        kernel_size: size of φ's convolution (3 in the paper).
+        backend: kernel backend of the attention op (see `fgattn.backend`).
+
+    Shapes:
+        x: (B, C, H, W) -> Z: (B, C, H, W); with ``return_interaction=True`` also Y: (B, C, H, W).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        scale: float = -1.0,
+        length_normalized: bool = False,
+        kernel_size: int = 3,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.scale = scale
+        self.length_normalized = length_normalized
+        self.backend = backend
+        self.phi = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+
+    def effective_scale(self, x: torch.Tensor) -> float:
+        """The logit scale used for input x (scale, or scale / (H·W) when length-normalised)."""
+        return self.scale / (x.shape[-2] * x.shape[-1]) if self.length_normalized else self.scale
+
+    def interaction(self, x: torch.Tensor) -> torch.Tensor:
+        """Y = W X (CIN eq. 1), same shape as x."""
+        check_image_batch(x, "x")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
+                f"(wanted (B, {self.channels}, H, W))"
+            )
+        return F.channel_attention(x, scale=self.effective_scale(x), backend=self.backend)
+
+    def forward(
+        self, x: torch.Tensor, return_interaction: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.interaction(x)
+        z = self.phi(y) + x
+        return (z, y) if return_interaction else z
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, scale={self.scale}, "
+            f"length_normalized={self.length_normalized}, backend={self.backend!r}"
+        )

@@ -1,0 +1,96 @@
+"""Center loss (Wen et al., ECCV 2016), the L_cen term of PCA-Net eq. 6."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+UPDATES = ("moving_average", "learned")
+
+
+class CenterLoss(nn.Module):
+    """L_C = ½ ‖x_i − c_{y_i}‖², averaged over the batch (``reduction="mean"``) or summed.
+
+    Centres are either a buffer updated by moving average during training (Wen et al. eq. 4:
+    c_j ← c_j − α Σ_{i: y_i = j} (c_j − x_i) / (1 + n_j), so every sample of class j in the batch
+    counts) or a parameter learned by the optimiser (``update="learned"``).
+    Under torch.distributed the per-class sums are all-reduced before the update, so the centres
+    stay identical on every rank.
+
+    Args:
+        num_classes: K.
+        feat_dim: D, the feature size.
+        alpha: moving-average rate α (Wen et al. use 0.5; PCA-Net's official code 0.05).
+        update: "moving_average" (buffer) or "learned" (parameter).
+        reduction: "mean" or "sum" over the batch.
+
+    Shapes:
+        forward(features, labels): features (B, D), labels (B,) integers in [0, K) -> scalar.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        alpha: float = 0.5,
+        update: str = "moving_average",
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.num_classes, self.feat_dim = num_classes, feat_dim
+        self.alpha, self.update, self.reduction = alpha, update, reduction
+        centers = torch.zeros(num_classes, feat_dim)
+        if update == "learned":
+            self.centers = nn.Parameter(centers)
+        else:
+            self.register_buffer("centers", centers)
+
+    def _check(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"features must have shape (B, {self.feat_dim}), got shape {tuple(features.shape)}"
+            )
+        if not features.dtype.is_floating_point:
+            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+        if labels.shape != (features.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({features.shape[0]},), got shape {tuple(labels.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+
+    @torch.no_grad()
+    def _update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        centers = self.centers
+        diff = centers[labels] - features  # c_{y_i} − x_i
+        sums = torch.zeros_like(centers).index_add_(0, labels, diff)
+        counts = torch.zeros(self.num_classes, device=centers.device, dtype=centers.dtype)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=centers.dtype))
+        if dist.is_available() and dist.is_initialized():
+            # Each rank's diff uses the same (identical) centres, so the sums add up exactly.
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        centers.sub_(self.alpha * sums / (1.0 + counts).unsqueeze(1))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check(features, labels)
+        features = features.float()
+        centers = self.centers[labels]
+        per_sample = 0.5 * (features - centers).pow(2).sum(dim=1)
+        loss = per_sample.mean() if self.reduction == "mean" else per_sample.sum()
+        if self.update == "moving_average" and self.training:
+            self._update_centers(features.detach(), labels)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, alpha={self.alpha}, "
+            f"update={self.update!r}, reduction={self.reduction!r}"
+        )
