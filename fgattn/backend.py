@@ -23,7 +23,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "FGATTN_BACKEND"
 
-# Modules that implement each backend; imported lazily so `import fgattn` never needs Triton or nvcc.
+# Backend modules, imported lazily so `import fgattn` never needs Triton or nvcc.
 _MODULES = {
     "torch": "fgattn.ops.reference",
     "triton": "fgattn.ops.triton_backend",

@@ -1,7 +1,7 @@
 """Functional channel-bilinear attention ops.
 
 Each op takes (B, C, L) or (B, C, H, W) feature maps, checks them, and runs on the backend that
-`fgattn.backend` picks (``backend="auto"`` by default: fused kernels on GPU, plain PyTorch otherwise).
+`fgattn.backend` picks (``backend="auto"``: fused kernels on GPU, plain PyTorch otherwise).
 Logits are accumulated and normalised in fp32 whatever the input dtype, also under autocast; the
 result comes back in the input dtype.
 """

@@ -127,7 +127,8 @@ class AttentionErase(nn.Module):
         if fw.shape[0] != images.shape[0]:
             raise ValueError(
                 f"fw must have one feature map per image: images has shape "
-                f"{tuple(images.shape)}, fw has shape {tuple(fw.shape)} (wanted ({images.shape[0]}, C, h, w))"
+                f"{tuple(images.shape)}, fw has shape {tuple(fw.shape)} "
+                f"(wanted ({images.shape[0]}, C, h, w))"
             )
         m = self.mask(fw, (images.shape[2], images.shape[3]), generator).to(images.dtype)
         return images * m, m

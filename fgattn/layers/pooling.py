@@ -53,9 +53,9 @@ class BilinearPooling(nn.Module):
 class BilinearAttentionPooling(nn.Module):
     """Bilinear attention pooling: features pooled by each of M attention maps.
 
-    As PCA-Net's official code (after WS-DAN, Hu et al. 2019): P_mc = Σ_hw A_m F_c / (H·W), flattened
-    to M·C, signed square root, L2 normalisation, times `scale` (the official code uses 100 and
-    feeds its 512 × 32 = 16384-d output to the classifier).
+    As PCA-Net's official code (after WS-DAN, Hu et al. 2019): P_mc = Σ_hw A_m F_c / (H·W),
+    flattened to M·C, signed square root, L2 normalisation, times `scale` (the official code uses
+    100 and feeds its 512 × 32 = 16384-d output to the classifier).
 
     Args:
         eps: added inside the square root.
