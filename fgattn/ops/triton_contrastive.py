@@ -1,0 +1,335 @@
+"""Fused contrastive channel attention |P_A − η P_B| X_A (CIN eq. 5), in Triton.
+
+P_X = softmax(s · X Xᵀ) over channels, X_A, X_B: (B, C, L), η: (B,). Neither C x C matrix is
+written. The |·| sits between the softmax and the product, so the online-softmax rescaling trick
+does not apply: the forward is two passes, (1) the row log-sum-exp of both softmaxes, (2) the
+normalised P_A, P_B recomputed tile by tile and |P_A − η P_B| X_A accumulated. Only lse_A, lse_B
+(B, C) are kept for the backward.
+
+Backward (g = dOut, rows i, j, k index channels, W = P_A − η P_B, G = sign(W) with sign(0) = 0,
+which is PyTorch's d|u|/du at 0):
+    out_i = Σ_j |W_ij| a_j                      ⇒  dA (value path) = |W|ᵀ g
+    D_ij  = g_i · a_j,   dW = G ∘ D,   dP_A = dW,   dP_B = −η dW,   dη = −Σ_ij dW_ij P_B,ij
+    softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)), with the row sums
+        δ_i = Σ_k P_A,ik G_ik D_ik,   ε_i = Σ_k P_B,ik G_ik D_ik
+    dS_A = P_A ∘ (G∘D − δ),   dS_B = −η P_B ∘ (G∘D − ε),   dη = −Σ_i ε_i
+    logits S = s X Xᵀ  ⇒  dX = s (dS + dSᵀ) X
+    dA = |W|ᵀ g + s (dS_A + dS_Aᵀ) A,   dB = s (dS_B + dS_Bᵀ) B
+Unlike plain attention, δ is not rowsum(g ∘ out) (out uses |W|, not P_A), so a third pass computes
+δ and ε; then one kernel owning rows n of dA and dB uses the symmetry of the logits to get both
+dS_mn and dS_nm from one recomputed tile pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (
+    TILES,
+    check_device,
+    chunk,
+    dot_rows,
+    load_tile,
+    precision,
+    store_tile,
+    tile,
+)
+
+# The backward holds ~10 (BLOCK_N x BLOCK_M) fp32 tiles plus two accumulators: smaller blocks.
+BWD_TILES = {"block_m": 32, "block_n": 32, "max_tile": 256}
+
+
+@triton.jit
+def _sign(w):
+    return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _lse_kernel(
+    X, LSE, C, L, scale, sxb, sxc, sxl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks, batch). Row log-sum-exp of scale · X Xᵀ, max taken after scaling.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    X += b * sxb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = dot_rows(X, X, offs_m, offs_n, C, L, sxc, sxl, sxc, sxl,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        s = tl.where(offs_n[None, :] < C, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(LSE + b * C + offs_m, m_i + tl.log(l_i), mask=offs_m < C)
+
+
+@triton.jit
+def _fwd_kernel(
+    XA, XB, ETA, LSEA, LSEB, Out,
+    C, L, scale,
+    sab, sac, sal, sbb, sbc, sbl, sob, soc, sol,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks, column tiles over L, batch)
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    XA += b * sab
+    XB += b * sbb
+    Out += b * sob
+    eta = tl.load(ETA + b).to(tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
+    lse_a = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
+    lse_b = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DL), dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s_a = dot_rows(XA, XA, offs_m, offs_n, C, L, sac, sal, sac, sal,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        s_b = dot_rows(XB, XB, offs_m, offs_n, C, L, sbc, sbl, sbc, sbl,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        w = tl.exp(s_a - lse_a[:, None]) - eta * tl.exp(s_b - lse_b[:, None])
+        w = tl.where(offs_n[None, :] < C, tl.abs(w), 0.0)
+        a = load_tile(XA, offs_n, offs_d, C, L, sac, sal)
+        acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
+    store_tile(Out, acc, offs_m, offs_d, C, L, soc, sol)
+
+
+@triton.jit
+def _bwd_rowsum_kernel(
+    XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS,
+    C, L, scale,
+    sab, sac, sal, sbb, sbc, sbl, sgb, sgc, sgl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks, batch). δ_i = Σ_k P_A,ik G_ik D_ik and ε_i = Σ_k P_B,ik G_ik D_ik.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    XA += b * sab
+    XB += b * sbb
+    G += b * sgb
+    eta = tl.load(ETA + b).to(tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse_a = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
+    lse_b = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+    delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    eps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s_a = dot_rows(XA, XA, offs_m, offs_n, C, L, sac, sal, sac, sal,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        s_b = dot_rows(XB, XB, offs_m, offs_n, C, L, sbc, sbl, sbc, sbl,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        d = dot_rows(G, XA, offs_m, offs_n, C, L, sgc, sgl, sac, sal,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        p_a = tl.exp(s_a - lse_a[:, None])
+        p_b = tl.exp(s_b - lse_b[:, None])
+        gd = tl.where(offs_n[None, :] < C, _sign(p_a - eta * p_b) * d, 0.0)
+        delta += tl.sum(p_a * gd, 1)
+        eps += tl.sum(p_b * gd, 1)
+    tl.store(DELTA + b * C + offs_m, delta, mask=offs_m < C)
+    tl.store(EPS + b * C + offs_m, eps, mask=offs_m < C)
+
+
+@triton.jit
+def _bwd_kernel(
+    XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS, DA, DB,
+    C, L, scale,
+    sab, sac, sal, sbb, sbc, sbl, sgb, sgc, sgl, sdab, sdac, sdal, sdbb, sdbc, sdbl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks n of dA/dB, column tiles over L, batch). All [n, m] tiles:
+    #   "mn" terms belong to rows m (their lse/δ/ε), "nm" terms to rows n; the logits are
+    #   symmetric so s_mn = s_nm comes from one product per matrix.
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    XA += b * sab
+    XB += b * sbb
+    G += b * sgb
+    DA += b * sdab
+    DB += b * sdbb
+    eta = tl.load(ETA + b).to(tl.float32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
+    lse_a_n = tl.load(LSEA + b * C + offs_n, mask=offs_n < C, other=0.0)
+    lse_b_n = tl.load(LSEB + b * C + offs_n, mask=offs_n < C, other=0.0)
+    delta_n = tl.load(DELTA + b * C + offs_n, mask=offs_n < C, other=0.0)
+    eps_n = tl.load(EPS + b * C + offs_n, mask=offs_n < C, other=0.0)
+
+    acc_a = tl.zeros((BLOCK_N, BLOCK_DL), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_DL), dtype=tl.float32)
+    for m0 in range(0, C, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = offs_m[None, :] < C
+        lse_a_m = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
+        lse_b_m = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+        delta_m = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
+        eps_m = tl.load(EPS + b * C + offs_m, mask=offs_m < C, other=0.0)
+        s_a = dot_rows(XA, XA, offs_n, offs_m, C, L, sac, sal, sac, sal,
+                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
+        s_b = dot_rows(XB, XB, offs_n, offs_m, C, L, sbc, sbl, sbc, sbl,
+                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
+        d_mn = dot_rows(XA, G, offs_n, offs_m, C, L, sac, sal, sgc, sgl,
+                        BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # [n, m] = g_m · a_n  # fmt: skip
+        d_nm = dot_rows(G, XA, offs_n, offs_m, C, L, sgc, sgl, sac, sal,
+                        BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # [n, m] = g_n · a_m  # fmt: skip
+        # rows m
+        pa_mn = tl.exp(s_a - lse_a_m[None, :])
+        pb_mn = tl.exp(s_b - lse_b_m[None, :])
+        w_mn = pa_mn - eta * pb_mn
+        gd_mn = _sign(w_mn) * d_mn
+        # rows n
+        pa_nm = tl.exp(s_a - lse_a_n[:, None])
+        pb_nm = tl.exp(s_b - lse_b_n[:, None])
+        gd_nm = _sign(pa_nm - eta * pb_nm) * d_nm
+        ds_a = pa_mn * (gd_mn - delta_m[None, :]) + pa_nm * (gd_nm - delta_n[:, None])
+        ds_b = pb_mn * (gd_mn - eps_m[None, :]) + pb_nm * (gd_nm - eps_n[:, None])
+        ds_a = tl.where(valid_m, ds_a * scale, 0.0)
+        ds_b = tl.where(valid_m, ds_b * (-eta * scale), 0.0)
+        abs_w = tl.where(valid_m, tl.abs(w_mn), 0.0)
+        a = load_tile(XA, offs_m, offs_d, C, L, sac, sal)
+        g = load_tile(G, offs_m, offs_d, C, L, sgc, sgl)
+        xb = load_tile(XB, offs_m, offs_d, C, L, sbc, sbl)
+        acc_a = tl.dot(abs_w.to(g.dtype), g, acc_a, input_precision=PRECISION)
+        acc_a = tl.dot(ds_a.to(a.dtype), a, acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(ds_b.to(xb.dtype), xb, acc_b, input_precision=PRECISION)
+    store_tile(DA, acc_a, offs_n, offs_d, C, L, sdac, sdal)
+    store_tile(DB, acc_b, offs_n, offs_d, C, L, sdbc, sdbl)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _lse(x, scale: float, prec: str):
+    bsz, c, length = x.shape
+    lse = torch.empty((bsz, c), device=x.device, dtype=torch.float32)
+    bm = TILES["block_m"]
+    _lse_kernel[(triton.cdiv(c, bm), bsz)](
+        x, lse, c, length, scale, *x.stride(),
+        BLOCK_M=bm, BLOCK_N=TILES["block_n"], BLOCK_K=chunk(length), PRECISION=prec,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return lse
+
+
+def _forward(x_a, x_b, eta, scale: float, tf32: bool):
+    check_device(x_a, x_b, eta)
+    bsz, c, length = x_a.shape
+    prec = precision(x_a, tf32)
+    eta32 = eta.float().contiguous()
+    lse_a, lse_b = _lse(x_a, scale, prec), _lse(x_b, scale, prec)
+    out = torch.empty((bsz, c, length), device=x_a.device, dtype=x_a.dtype)
+    bm, bdl = TILES["block_m"], tile(length)
+    _fwd_kernel[(triton.cdiv(c, bm), triton.cdiv(length, bdl), bsz)](
+        x_a, x_b, eta32, lse_a, lse_b, out, c, length, scale,
+        *x_a.stride(), *x_b.stride(), *out.stride(),
+        BLOCK_M=bm, BLOCK_N=TILES["block_n"], BLOCK_K=chunk(length), BLOCK_DL=bdl,
+        PRECISION=prec, num_warps=8 if bdl >= 256 else 4, num_stages=2,
+    )  # fmt: skip
+    return out, lse_a, lse_b
+
+
+def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
+    check_device(g, x_a, x_b, eta)
+    bsz, c, length = x_a.shape
+    prec = precision(x_a, tf32)
+    eta32 = eta.float().contiguous()
+    bk = chunk(length)
+    delta = torch.empty((bsz, c), device=x_a.device, dtype=torch.float32)
+    eps = torch.empty_like(delta)
+    bm = TILES["block_m"]
+    _bwd_rowsum_kernel[(triton.cdiv(c, bm), bsz)](
+        x_a, x_b, g, eta32, lse_a, lse_b, delta, eps, c, length, scale,
+        *x_a.stride(), *x_b.stride(), *g.stride(),
+        BLOCK_M=bm, BLOCK_N=TILES["block_n"], BLOCK_K=bk, PRECISION=prec,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    da, db = torch.empty_like(x_a), torch.empty_like(x_b)
+    bm, bn = BWD_TILES["block_m"], BWD_TILES["block_n"]
+    bdl = tile(length, BWD_TILES["max_tile"])
+    _bwd_kernel[(triton.cdiv(c, bn), triton.cdiv(length, bdl), bsz)](
+        x_a, x_b, g, eta32, lse_a, lse_b, delta, eps, da, db, c, length, scale,
+        *x_a.stride(), *x_b.stride(), *g.stride(), *da.stride(), *db.stride(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DL=bdl, PRECISION=prec,
+        num_warps=8, num_stages=2,
+    )  # fmt: skip
+    deta = (-eps.sum(dim=1)).to(eta.dtype)  # dη = −Σ_i ε_i
+    return da, db, deta
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("fgattn::contrastive_channel_attention_fwd", mutates_args=())
+def contrastive_channel_attention_fwd(
+    x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float, tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, C, L) in x_a's dtype, lse_A (B, C) fp32, lse_B (B, C) fp32)."""
+    return _forward(x_a, x_b, eta, scale, tf32)
+
+
+@contrastive_channel_attention_fwd.register_fake
+def _(x_a, x_b, eta, scale, tf32):
+    stats = x_a.new_empty(x_a.shape[:2], dtype=torch.float32)
+    return x_a.new_empty(x_a.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fgattn::contrastive_channel_attention_bwd", mutates_args=())
+def contrastive_channel_attention_bwd(
+    g: torch.Tensor,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    eta: torch.Tensor,
+    lse_a: torch.Tensor,
+    lse_b: torch.Tensor,
+    scale: float,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(g, x_a, x_b, eta, lse_a, lse_b, scale, tf32)
+
+
+@contrastive_channel_attention_bwd.register_fake
+def _(g, x_a, x_b, eta, lse_a, lse_b, scale, tf32):
+    return torch.empty_like(x_a), torch.empty_like(x_b), torch.empty_like(eta)
+
+
+def _setup(ctx, inputs, output):
+    x_a, x_b, eta, scale, tf32 = inputs
+    _, lse_a, lse_b = output
+    ctx.save_for_backward(x_a, x_b, eta, lse_a, lse_b)
+    ctx.scale, ctx.tf32 = scale, tf32
+
+
+def _grad(ctx, g, _dlse_a, _dlse_b):
+    x_a, x_b, eta, lse_a, lse_b = ctx.saved_tensors
+    da, db, deta = contrastive_channel_attention_bwd(
+        g, x_a, x_b, eta, lse_a, lse_b, ctx.scale, ctx.tf32
+    )
+    return da, db, deta, None, None
+
+
+contrastive_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
+
+
+def contrastive_channel_attention(
+    x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float, tf32: bool = False
+) -> torch.Tensor:
+    """|softmax(s X_A X_Aᵀ) − η softmax(s X_B X_Bᵀ)| X_A on (B, C, L), eta (B,); x_a's dtype."""
+    dtype = x_a.dtype
+    if x_a.dtype != x_b.dtype:
+        common = torch.promote_types(x_a.dtype, x_b.dtype)
+        x_a, x_b = x_a.to(common), x_b.to(common)
+    return contrastive_channel_attention_fwd(x_a, x_b, eta, scale, tf32)[0].to(dtype)
