@@ -49,7 +49,10 @@ def channel_attention(
     scale = _check_scale(scale)
     k = q if k is None else k
     v = k if v is None else v
-    q3, k3, v3 = to_bcl(q, "q"), to_bcl(k, "k"), to_bcl(v, "v")
+    # Defaulted k/v stay the same object as q, so backends can spot self-attention (SCI).
+    q3 = to_bcl(q, "q")
+    k3 = q3 if k is q else to_bcl(k, "k")
+    v3 = k3 if v is k else to_bcl(v, "v")
     check_same(q3, "q", k3, "k", (0, 1, 2), "batch, channels and length")
     check_same(q3, "q", v3, "v", (0, 1), "batch and channels")
     out = _backend.get(backend, v.device).channel_attention(q3, k3, v3, scale)
