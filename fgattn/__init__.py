@@ -4,10 +4,12 @@ Layers from CIN (Gao et al., AAAI 2020) and PCA-Net (Zhang et al., ICME 2021), w
 for the channel-bilinear softmax behind `fgattn.functional`.
 """
 
-from . import backend, data, functional
+from . import backend, data, functional, models
+from .backbone import TimmBackbone
 from .functional import channel_attention, channel_attention_weights, contrastive_channel_attention
 from .layers import CCI, SCI, AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from .losses import CenterLoss, ContrastiveLoss
+from .models import create_model
 
 __version__ = "0.1.0"
 
@@ -20,9 +22,12 @@ __all__ = [
     "CenterLoss",
     "CoAttention",
     "ContrastiveLoss",
+    "TimmBackbone",
     "backend",
     "channel_attention",
     "channel_attention_weights",
     "contrastive_channel_attention",
+    "create_model",
     "functional",
+    "models",
 ]

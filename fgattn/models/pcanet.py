@@ -1,0 +1,252 @@
+"""Progressive Co-Attention Network (PCA-Net, Zhang et al. ICME 2021) on any timm backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from timm.layers import ConvNormAct
+from torch import nn
+
+from ..backbone import resolve_backbone
+from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
+from ..losses import CenterLoss
+from ._common import check_paired_batch, fgvc_pretrained_cfg
+
+__all__ = ["BilinearHead", "PCANet"]
+
+POOLINGS = ("bilinear", "attention")
+BRANCH_REDUCTIONS = ("sum", "mean")
+
+
+class BilinearHead(nn.Module):
+    """Feature map -> second-order vector: optional 1×1 reduction, then bilinear pooling.
+
+    PCA-Net §4.1 puts bilinear pooling (B-CNN) on the backbone's last map. On a 2048-channel
+    ResNet map that is a 2048² = 4.2M-d vector (an 840M-weight classifier for 200 classes), so a
+    1×1 conv + BN + ReLU first reduces the map to ``dim`` channels (a deviation; ``dim=None`` keeps
+    the paper's full C). ReLU keeps the reduced map non-negative like the post-ReLU map B-CNN pools.
+
+    Args:
+        in_channels: C of the backbone map.
+        dim: channels after the reduction (None: no reduction).
+        pooling: "bilinear" (paper: B = X Xᵀ / hw, signed sqrt, L2) or "attention" (the official
+            code's bilinear attention pooling against ``num_attention_maps`` maps, produced here by
+            a 1×1 conv + BN + ReLU on the backbone map, WS-DAN style).
+        num_attention_maps: M for "attention" pooling (official: 32).
+
+    Shapes:
+        (B, C, h, w) -> (B, out_features), out_features = dim² ("bilinear") or M · dim
+        ("attention"), an L2-normalised vector.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int | None = 256,
+        pooling: str = "bilinear",
+        num_attention_maps: int = 32,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        self.reduce = nn.Identity() if dim is None else ConvNormAct(in_channels, dim, 1)
+        dim = in_channels if dim is None else dim
+        if pooling == "bilinear":
+            self.attention = None
+            self.pool = BilinearPooling()
+            self.out_features = dim * dim
+        else:
+            self.attention = ConvNormAct(in_channels, num_attention_maps, 1)
+            self.pool = BilinearAttentionPooling()
+            self.out_features = num_attention_maps * dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.reduce(x)
+        if self.attention is None:
+            return self.pool(f)
+        return self.pool(f, self.attention(x))
+
+
+class PCANet(nn.Module):
+    """PCA-Net: co-attention and attention erase on same-class pairs, bilinear classification.
+
+    Inference (eval, or no target): logits = fc(pool(F_O)), F_O = backbone(x) — no co-attention,
+    no erase, no cost over backbone + pooling (PCA-Net §1).
+
+    Training with a target on x = [A_1..A_N, B_1..B_N], B_i a same-class partner of A_i:
+    - F_O = backbone(x) for all 2N images;
+    - F_W = CoAttention(F_O_A, F_O_B) (eq. 1–2, one shared W by default);
+    - I_E = AttentionErase(x, F_W) (eq. 3–5), F_E = backbone(I_E) through the same backbone;
+    - each branch b ∈ {O, W, E}: logits_b = fc(pool(F_b)), pool and fc shared across branches;
+    - L = Σ_b CE(logits_b, target) + λ · L_center(pool(F_O), target) (eq. 6).
+
+    Args:
+        backbone: timm model name or a module (B, 3, H, W) -> (B, C, h, w) with ``out_channels``.
+        num_classes: K.
+        pretrained: timm ImageNet weights for a named backbone.
+        pooling: "bilinear" (paper) or "attention" (official code), see `BilinearHead`.
+        bilinear_dim: channels of the 1×1 reduction before pooling (None: no reduction, paper-exact
+            but 4.2M-d for ResNet-50). Default 256 -> 65,536-d.
+        num_attention_maps: M of "attention" pooling (official: 32).
+        co_attention_scale: logit scale of eq. 1 (paper: −1).
+        shared_weights: one W for both images (paper eq. 2); False: the official code's
+            softmax(−F1F2ᵀ)F1 and softmax(−F2F1ᵀ)F2.
+        co_attention_residual: F_W + F (official code); off in the paper.
+        erase_threshold: θ of eq. 4, a float or (lo, hi) drawn per image (official: (0.2, 0.5)).
+            The paper gives no value; default 0.5 of the min-max normalised map.
+        erase_mode: attention map of eq. 3 — "max" (eq. 3), "top_channel" (§3.2 text) or
+            "sampled" (official code), see `AttentionErase`.
+        erase_normalize: "minmax" (default) or "max" (official: θ × max).
+        coattend_erased: also co-attend the erased pairs' features and classify them (the official
+            code's sixth cross-entropy); off in the paper.
+        center_loss_weight: λ (paper: unspecified; official: 1).
+        center_alpha: centre moving-average rate (official: 0.05).
+        branch_reduction: "sum" of the branch cross-entropies (eq. 6) or "mean" (official code).
+        feature_scale: multiplies the unit-norm pooled vector before the classifier (official: 100
+            with attention pooling); the centre loss always sees the unit-norm vector.
+        label_smoothing: of the cross-entropies (paper: none).
+        drop_rate: dropout before the classifier (timm's meaning of drop_rate).
+        backend: fgattn kernel backend of the co-attention.
+        **backbone_kwargs: forwarded to timm for a named backbone.
+
+    Shapes:
+        forward(x) / eval: x (B, 3, H, W) -> logits (B, K).
+        forward(x, target) in training: x (2N, 3, H, W), target (2N,) -> dict with "loss",
+        "logits" (2N, K) of the original images, "logits_w", "logits_e" (2N, K), "loss_cls" (the
+        reduced branch cross-entropies), "loss_cls_o", "loss_cls_w", "loss_cls_e", "loss_center",
+        "erase_mask" (2N, 1, H, W).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet50",
+        num_classes: int = 1000,
+        pretrained: bool = False,
+        pooling: str = "bilinear",
+        bilinear_dim: int | None = 256,
+        num_attention_maps: int = 32,
+        co_attention_scale: float = -1.0,
+        shared_weights: bool = True,
+        co_attention_residual: bool = False,
+        erase_threshold: float | tuple[float, float] = 0.5,
+        erase_mode: str = "max",
+        erase_normalize: str = "minmax",
+        coattend_erased: bool = False,
+        center_loss_weight: float = 1.0,
+        center_alpha: float = 0.05,
+        branch_reduction: str = "sum",
+        feature_scale: float = 1.0,
+        label_smoothing: float = 0.0,
+        drop_rate: float = 0.0,
+        backend: str = "auto",
+        **backbone_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if branch_reduction not in BRANCH_REDUCTIONS:
+            raise ValueError(
+                f"branch_reduction must be one of {BRANCH_REDUCTIONS}, got {branch_reduction!r}"
+            )
+        self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
+        channels = self.backbone.out_channels
+        self.num_classes = num_classes
+        self.coattend_erased = coattend_erased
+        self.center_loss_weight = center_loss_weight
+        self.branch_reduction = branch_reduction
+        self.feature_scale = feature_scale
+        self.label_smoothing = label_smoothing
+        self.drop_rate = drop_rate
+
+        self.co_attention = CoAttention(
+            scale=co_attention_scale,
+            shared_weights=shared_weights,
+            residual=co_attention_residual,
+            backend=backend,
+        )
+        self.erase = AttentionErase(
+            threshold=erase_threshold, mode=erase_mode, normalize=erase_normalize
+        )
+        self.head = BilinearHead(channels, bilinear_dim, pooling, num_attention_maps)
+        self.num_features = self.head_hidden_size = self.head.out_features
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=center_alpha)
+        self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
+            self.backbone, backbone_kwargs.get("img_size")
+        )
+
+    # timm model interface
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier (and class centres) for num_classes; pooling is fixed (bilinear)."""
+        if global_pool not in (None, "", "bilinear"):
+            raise ValueError(f"PCANet pools bilinearly, global_pool={global_pool!r} is unsupported")
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        old = self.center_loss
+        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=old.alpha)
+        self.center_loss.to(old.centers.device)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """F_O = backbone(x): (B, 3, H, W) -> (B, C, h, w)."""
+        return self.backbone(x)
+
+    def _logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head_drop(pooled * self.feature_scale))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> pooled (B, num_features) if pre_logits else logits (B, K)."""
+        pooled = self.head(x)
+        return pooled * self.feature_scale if pre_logits else self._logits(pooled)
+
+    # training
+
+    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring."""
+        check_paired_batch(x, target)
+        f_o = self.backbone(x)
+        f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2
+        erased, mask = self.erase(x, f_w)
+        f_e = self.backbone(erased)
+        branches = {"o": f_o, "w": f_w, "e": f_e}
+        if self.coattend_erased:
+            branches["we"] = self.co_attention(f_e)
+        # One pooling call over all branches: fewer, larger kernels.
+        pooled = self.head(torch.cat(list(branches.values()))).chunk(len(branches))
+        out: dict[str, torch.Tensor] = {}
+        losses = []
+        for (name, _), p in zip(branches.items(), pooled, strict=True):
+            logits = self._logits(p)
+            out["logits" if name == "o" else f"logits_{name}"] = logits
+            ce = TF.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            out[f"loss_cls_{name}"] = ce
+            losses.append(ce)
+        loss_cls = torch.stack(losses).sum()
+        if self.branch_reduction == "mean":
+            loss_cls = loss_cls / len(losses)
+        loss_center = self.center_loss(pooled[0], target)
+        out.update(
+            loss=loss_cls + self.center_loss_weight * loss_center,
+            loss_cls=loss_cls,
+            loss_center=loss_center,
+            erase_mask=mask,
+        )
+        return out
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.training and target is not None:
+            return self.forward_train(x, target)
+        return self.forward_head(self.forward_features(x))
