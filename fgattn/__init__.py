@@ -28,6 +28,7 @@ __all__ = [
     "channel_attention_weights",
     "contrastive_channel_attention",
     "create_model",
+    "data",
     "functional",
     "models",
 ]
