@@ -2,7 +2,8 @@
 
 q, k: (B, C, L); v: (B, C, Lv) with any Lv (CoAttention passes [F1 | F2]). Flash-attention with
 C channels as the sequence and L as the head dim: the C x C matrix is never written. The forward
-keeps the per-row log-sum-exp; the backward recomputes the probabilities from it.
+keeps the per-row log-sum-exp; the backward recomputes the probabilities from it (a first pass
+gets the row sums δ = Σ_j p_ij dp_ij, then the gradient kernels).
 
 Numerics: logits and softmax in fp32, the row max taken AFTER scaling (the scale is negative by
 default, so a max of the raw scores would be the wrong end); tl.dot accumulates in fp32; fp16/bf16
@@ -12,8 +13,9 @@ uses exact fp32 unless TF32 is enabled (`torch.backends.cuda.matmul.allow_tf32`)
 Self attention (q = k = v = X, SCI) has its own op: the logits are symmetric, so one backward
 program owning rows n of dX gets dq, dk and dv from one recomputed logit tile:
     dX_n = scale · Σ_m (ds_nm + ds_mn) x_m + Σ_m p_mn do_m,
-    ds = p ∘ (do xᵀ − δ),  δ = rowsum(do ∘ o),
-which takes 5 tile products per (m, n) block instead of 7 and writes one gradient instead of three.
+    ds = p ∘ (do xᵀ − δ),  δ_i = Σ_j p_ij dp_ij,
+which takes 5 tile products per (m, n) block instead of 7 and writes one gradient instead of three
+(plus 2 per block in the δ pass, both cases).
 """
 
 from __future__ import annotations
@@ -39,8 +41,18 @@ from ._triton_common import (
 
 
 @triton.jit
+def row_stats(BST, offs, C):
+    """(max, log Σ, δ) of rows `offs` from one batch's (3, C) block of backward row statistics."""
+    mask = offs < C
+    m = tl.load(BST + offs, mask=mask, other=0.0)
+    lo = tl.load(BST + C + offs, mask=mask, other=0.0)
+    delta = tl.load(BST + 2 * C + offs, mask=mask, other=0.0)
+    return m, lo, delta
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE,
+    Q, K, V, Out, STATS,
     C, L, LV, scale,
     sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sob, soc, sol,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -75,12 +87,56 @@ def _fwd_kernel(
     store_tile(Out, acc / l_i[:, None], offs_m, offs_d, C, LV, soc, sol)
     # Every column tile computes the same statistics; the first one writes them.
     if pid_d == 0:
-        tl.store(LSE + b * C + offs_m, m_i + tl.log(l_i), mask=offs_m < C)
+        # lse kept as the pair (max, log Σ): with |logits| ~ 1e4 a single fp32 m + log l would
+        # round log l to ~1e-3 and leave the recomputed p unnormalised by as much.
+        tl.store(STATS + b * 2 * C + offs_m, m_i, mask=offs_m < C)
+        tl.store(STATS + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Q, K, V, DO, STATS, BST,
+    C, L, LV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KV: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks, batch). δ_i = Σ_j p_ij dp_ij from the recomputed p and dp, not do_i · o_i:
+    # with |x| ≈ 30 and a peaked softmax, dp − δ cancels to a tiny difference of ~1e2-sized
+    # numbers, and the rounding of the stored o (bf16!) would swamp it. The same p, dp as the
+    # gradient kernels compute make the cancellation exact as in the reference's softmax backward.
+    # It also renormalises: r_i = Σ_j p_ij (1 up to rounding of the recomputed logits) goes into
+    # the log-normaliser, so the gradient is exactly that of the softmax the backward recomputes.
+    # Writes BST (B, 3, C) = [max, log Σ, δ] for the gradient kernels.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.load(STATS + b * 2 * C + offs_m, mask=offs_m < C, other=0.0)
+    lo = tl.load(STATS + b * 2 * C + C + offs_m, mask=offs_m < C, other=0.0)
+    num = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = dot_rows(Q, K, offs_m, offs_n, C, L, sqc, sql, skc, skl,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
+        p = tl.exp(tl.where(offs_n[None, :] < C, (s - m_i[:, None]) - lo[:, None], float("-inf")))
+        dp = dot_rows(DO, V, offs_m, offs_n, C, LV, sdc, sdl, svc, svl,
+                      BLOCK_M, BLOCK_N, BLOCK_KV, PRECISION)  # fmt: skip
+        num += tl.sum(p * dp, 1)
+        r += tl.sum(p, 1)
+    BST += b * 3 * C
+    tl.store(BST + offs_m, m_i, mask=offs_m < C)
+    tl.store(BST + C + offs_m, lo + tl.log(r), mask=offs_m < C)
+    tl.store(BST + 2 * C + offs_m, num / r, mask=offs_m < C)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, BST, DQ,
     C, L, LV, scale,
     sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl, sgb, sgc, sgl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -97,15 +153,14 @@ def _bwd_dq_kernel(
     DQ += b * sgb
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
-    lse = tl.load(LSE + b * C + offs_m, mask=offs_m < C, other=0.0)
-    delta = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
+    m_i, lo, delta = row_stats(BST + b * 3 * C, offs_m, C)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DL), dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = dot_rows(Q, K, offs_m, offs_n, C, L, sqc, sql, skc, skl,
                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
-        p = tl.where(offs_n[None, :] < C, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp(tl.where(offs_n[None, :] < C, (s - m_i[:, None]) - lo[:, None], float("-inf")))
         dp = dot_rows(DO, V, offs_m, offs_n, C, LV, sdc, sdl, svc, svl,
                       BLOCK_M, BLOCK_N, BLOCK_KV, PRECISION)  # fmt: skip
         ds = p * (dp - delta[:, None])
@@ -116,7 +171,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, BST, DK, DV,
     C, L, LV, scale,
     sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
     skgb, skgc, skgl, svgb, svgc, svgl,
@@ -146,15 +201,15 @@ def _bwd_dkdv_kernel(
     acc_dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     for m0 in range(0, C, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        lse = tl.load(LSE + b * C + offs_m, mask=offs_m < C, other=0.0)
+        m_m, lo_m, delta = row_stats(BST + b * 3 * C, offs_m, C)
         st = dot_rows(K, Q, offs_n, offs_m, C, L, skc, skl, sqc, sql,
                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
-        pt = tl.where(offs_m[None, :] < C, tl.exp(st - lse[None, :]), 0.0)
+        valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)  # padding: exp(0 − lse) = inf
+        pt = tl.exp(tl.where(valid, (st - m_m[None, :]) - lo_m[None, :], float("-inf")))
         if want_dv:
             do = load_tile(DO, offs_m, offs_dv, C, LV, sdc, sdl)
             acc_dv = tl.dot(pt.to(do.dtype), do, acc_dv, input_precision=PRECISION)
         if want_dk:
-            delta = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
             dpt = dot_rows(V, DO, offs_n, offs_m, C, LV, svc, svl, sdc, sdl,
                            BLOCK_N, BLOCK_M, BLOCK_KV, PRECISION)  # fmt: skip
             dst = pt * (dpt - delta[None, :])
@@ -166,7 +221,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_self_kernel(
-    X, DO, LSE, DELTA, DX,
+    X, DO, BST, DX,
     C, L, scale,
     sxb, sxc, sxl, sdb, sdc, sdl, sgb, sgc, sgl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -185,19 +240,18 @@ def _bwd_self_kernel(
     DX += b * sgb
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
-    lse_n = tl.load(LSE + b * C + offs_n, mask=offs_n < C, other=0.0)
-    delta_n = tl.load(DELTA + b * C + offs_n, mask=offs_n < C, other=0.0)
+    m_n, lo_n, delta_n = row_stats(BST + b * 3 * C, offs_n, C)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DL), dtype=tl.float32)
     for m0 in range(0, C, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        valid_m = offs_m[None, :] < C
-        lse_m = tl.load(LSE + b * C + offs_m, mask=offs_m < C, other=0.0)
-        delta_m = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
+        # Padding rows/columns would give exp(0 − lse) = inf with lse ≪ 0: mask both.
+        valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)
+        m_m, lo_m, delta_m = row_stats(BST + b * 3 * C, offs_m, C)
         st = dot_rows(X, X, offs_n, offs_m, C, L, sxc, sxl, sxc, sxl,
                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
-        pt = tl.where(valid_m, tl.exp(st - lse_m[None, :]), 0.0)
-        p = tl.where(valid_m, tl.exp(st - lse_n[:, None]), 0.0)
+        pt = tl.exp(tl.where(valid, (st - m_m[None, :]) - lo_m[None, :], float("-inf")))
+        p = tl.exp(tl.where(valid, (st - m_n[:, None]) - lo_n[:, None], float("-inf")))
         dpt = dot_rows(X, DO, offs_n, offs_m, C, L, sxc, sxl, sdc, sdl,
                        BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # fmt: skip
         dp = dot_rows(DO, X, offs_n, offs_m, C, L, sdc, sdl, sxc, sxl,
@@ -219,41 +273,51 @@ def _forward(q, k, v, scale: float, tf32: bool):
     bsz, c, length = q.shape
     lv = v.shape[2]
     o = torch.empty((bsz, c, lv), device=v.device, dtype=v.dtype)
-    lse = torch.empty((bsz, c), device=q.device, dtype=torch.float32)
+    stats = torch.empty((bsz, 2, c), device=q.device, dtype=torch.float32)
     bm, bn, bdv = TILES["block_m"], TILES["block_n"], tile(lv)
     grid = (triton.cdiv(c, bm), triton.cdiv(lv, bdv), bsz)
     _fwd_kernel[grid](
-        q, k, v, o, lse, c, length, lv, scale,
+        q, k, v, o, stats, c, length, lv, scale,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=chunk(length), BLOCK_DV=bdv,
         PRECISION=precision(q, tf32), num_warps=warps(bdv), num_stages=2,
     )  # fmt: skip
-    return o, lse
+    return o, stats
 
 
-def _delta(do, o):
-    # δ_i = Σ_k p_ik dp_ik = do_i · o_i: one (B, C) fp32 vector, cheap next to the C x C work.
-    return torch.einsum("bcl,bcl->bc", do.float(), o.float())
+def _delta(do, q, k, v, stats, scale: float, prec: str):
+    """(B, 3, C) fp32 [max, log Σ, δ_i = Σ_j p_ij dp_ij] (see _bwd_delta_kernel)."""
+    bsz, c, length = q.shape
+    lv = v.shape[2]
+    bst = torch.empty((bsz, 3, c), device=q.device, dtype=torch.float32)
+    bm = TILES["block_m"]
+    _bwd_delta_kernel[(triton.cdiv(c, bm), bsz)](
+        q, k, v, do, stats, bst, c, length, lv, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        BLOCK_M=bm, BLOCK_N=TILES["block_n"], BLOCK_K=chunk(length), BLOCK_KV=chunk(lv),
+        PRECISION=prec, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return bst
 
 
-def _backward(do, q, k, v, o, lse, scale: float, tf32: bool):
+def _backward(do, q, k, v, stats, scale: float, tf32: bool):
     check_device(do, q, k, v)
     bsz, c, length = q.shape
     lv = v.shape[2]
-    delta = _delta(do, o)
+    prec = precision(q, tf32)
+    bst = _delta(do, q, k, v, stats, scale, prec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bm, bn = TILES["block_m"], TILES["block_n"]
     bk, bkv, bdl, bdv = chunk(length), chunk(lv), tile(length), tile(lv)
-    prec = precision(q, tf32)
     _bwd_dq_kernel[(triton.cdiv(c, bm), triton.cdiv(length, bdl), bsz)](
-        q, k, v, do, lse, delta, dq, c, length, lv, scale,
+        q, k, v, do, bst, dq, c, length, lv, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KV=bkv, BLOCK_DL=bdl,
         PRECISION=prec, num_warps=warps(bdl), num_stages=2,
     )  # fmt: skip
     n_tiles = max(triton.cdiv(length, bdl), triton.cdiv(lv, bdv))
     _bwd_dkdv_kernel[(triton.cdiv(c, bn), n_tiles, bsz)](
-        q, k, v, do, lse, delta, dk, dv, c, length, lv, scale,
+        q, k, v, do, bst, dk, dv, c, length, lv, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KV=bkv, BLOCK_DL=bdl, BLOCK_DV=bdv,
         PRECISION=prec, num_warps=warps(bdl, bdv), num_stages=2,
@@ -261,14 +325,14 @@ def _backward(do, q, k, v, o, lse, scale: float, tf32: bool):
     return dq, dk, dv
 
 
-def _backward_self(do, x, o, lse, scale: float, tf32: bool):
+def _backward_self(do, x, stats, scale: float, tf32: bool):
     check_device(do, x)
     bsz, c, length = x.shape
-    delta = _delta(do, o)
+    bst = _delta(do, x, x, x, stats, scale, precision(x, tf32))
     dx = torch.empty_like(x)
     bm, bn, bdl = TILES["block_m"], TILES["block_n"], tile(length)
     _bwd_self_kernel[(triton.cdiv(c, bn), triton.cdiv(length, bdl), bsz)](
-        x, do, lse, delta, dx, c, length, scale,
+        x, do, bst, dx, c, length, scale,
         *x.stride(), *do.stride(), *dx.stride(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=chunk(length), BLOCK_DL=bdl,
         PRECISION=precision(x, tf32), num_warps=warps(bdl), num_stages=2,
@@ -284,14 +348,14 @@ def _backward_self(do, x, o, lse, scale: float, tf32: bool):
 def channel_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, Lv) in v's dtype, lse (B, C) fp32)."""
+    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
     return _forward(q, k, v, scale, tf32)
 
 
 @channel_attention_fwd.register_fake
 def _(q, k, v, scale, tf32):
     bsz, c, _ = q.shape
-    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, c), dtype=torch.float32)
+    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
 
 
 @torch.library.custom_op("fgattn::channel_attention_bwd", mutates_args=())
@@ -300,29 +364,28 @@ def channel_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, scale, tf32)
+    return _backward(do, q, k, v, lse, scale, tf32)
 
 
 @channel_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, scale, tf32):
+def _(do, q, k, v, lse, scale, tf32):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, scale, tf32 = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse)
     ctx.scale, ctx.tf32 = scale, tf32
 
 
 def _grad(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = channel_attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.tf32)
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = channel_attention_bwd(do, q, k, v, lse, ctx.scale, ctx.tf32)
     return dq, dk, dv, None, None
 
 
@@ -333,39 +396,38 @@ channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
 def self_channel_attention_fwd(
     x: torch.Tensor, scale: float, tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, lse (B, C) fp32)."""
+    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
     return _forward(x, x, x, scale, tf32)
 
 
 @self_channel_attention_fwd.register_fake
 def _(x, scale, tf32):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        x.shape[:2], dtype=torch.float32
-    )
+    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
 
 
 @torch.library.custom_op("fgattn::self_channel_attention_bwd", mutates_args=())
 def self_channel_attention_bwd(
-    do: torch.Tensor, x: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float, tf32: bool
+    do: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, scale: float, tf32: bool
 ) -> torch.Tensor:
-    return _backward_self(do, x, o, lse, scale, tf32)
+    return _backward_self(do, x, lse, scale, tf32)
 
 
 @self_channel_attention_bwd.register_fake
-def _(do, x, o, lse, scale, tf32):
+def _(do, x, lse, scale, tf32):
     return torch.empty_like(x)
 
 
 def _setup_self(ctx, inputs, output):
     x, scale, tf32 = inputs
-    o, lse = output
-    ctx.save_for_backward(x, o, lse)
+    _, lse = output
+    ctx.save_for_backward(x, lse)
     ctx.scale, ctx.tf32 = scale, tf32
 
 
 def _grad_self(ctx, do, _dlse):
-    x, o, lse = ctx.saved_tensors
-    return self_channel_attention_bwd(do, x, o, lse, ctx.scale, ctx.tf32), None, None
+    x, lse = ctx.saved_tensors
+    return self_channel_attention_bwd(do, x, lse, ctx.scale, ctx.tf32), None, None
 
 
 self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
@@ -377,11 +439,13 @@ self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_se
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a and b are one tensor, or identical views of one base (functional.to_bcl makes a fresh
-    view per argument of a 4-D input), so one gradient for both is exact."""
+    view per argument of a 4-D input), so one gradient for both is exact. Under torch.compile
+    (no storage_offset in dynamo) only identity counts; the general kernels are exact anyway."""
     if a is b:
         return True
     return (
-        a._base is not None
+        not torch.compiler.is_compiling()
+        and a._base is not None
         and a._base is b._base
         and a.shape == b.shape
         and a.stride() == b.stride()
