@@ -49,10 +49,16 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+@torch.compiler.assume_constant_result
+def _importable(name: str) -> bool:
+    # Importing is not traceable: torch.compile runs this eagerly and keeps the answer.
+    return _load(name) is not None
+
+
 def is_available(name: str) -> bool:
     """Whether backend `name` can run here (it imports and its kernels are built)."""
     _check_name(name)
-    return name == "auto" or _load(name) is not None
+    return name == "auto" or _importable(name)
 
 
 def _check_name(name: str) -> None:
@@ -71,10 +77,10 @@ def resolve(backend: str, device: torch.device) -> str:
         else:
             if device.type == "cuda":
                 for name in _AUTO_ORDER_CUDA:
-                    if _load(name) is not None:
+                    if _importable(name):
                         return name
             return "torch"
-    if _load(backend) is None:
+    if not _importable(backend):
         raise RuntimeError(
             f"fgattn backend {backend!r} is not available: {_load_errors.get(backend, '')}"
         )
@@ -83,6 +89,8 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def get(backend: str, device: torch.device) -> ModuleType:
     """The module implementing the ops for `backend` on `device`."""
-    module = _load(resolve(backend, device))
+    name = resolve(backend, device)
+    _importable(name)  # imports it, eagerly under torch.compile
+    module = _loaded[name]
     assert module is not None
     return module

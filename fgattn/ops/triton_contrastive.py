@@ -3,8 +3,8 @@
 P_X = softmax(s · X Xᵀ) over channels, X_A, X_B: (B, C, L), η: (B,). Neither C x C matrix is
 written. The |·| sits between the softmax and the product, so the online-softmax rescaling trick
 does not apply: the forward is two passes, (1) the row log-sum-exp of both softmaxes, (2) the
-normalised P_A, P_B recomputed tile by tile and |P_A − η P_B| X_A accumulated. Only lse_A, lse_B
-(B, C) are kept for the backward.
+normalised P_A, P_B recomputed tile by tile and |P_A − η P_B| X_A accumulated. Only the row
+log-sum-exps of both (each as a (max, log Σ) pair, (B, 2, C)) are kept for the backward.
 
 Backward (g = dOut, rows i, j, k index channels, W = P_A − η P_B, G = sign(W) with sign(0) = 0,
 which is PyTorch's d|u|/du at 0):
@@ -47,6 +47,17 @@ def _sign(w):
 
 
 @triton.jit
+def _stats(S, b, offs, C):
+    """(max, log Σ) of rows `offs`: the lse kept as a pair so exp((s − max) − log Σ) stays exact
+    when |logits| ~ 1e4 (a single fp32 lse rounds log Σ to ~1e-3)."""
+    S += b * 2 * C
+    return (
+        tl.load(S + offs, mask=offs < C, other=0.0),
+        tl.load(S + C + offs, mask=offs < C, other=0.0),
+    )
+
+
+@triton.jit
 def _lse_kernel(
     X, LSE, C, L, scale, sxb, sxc, sxl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -66,7 +77,8 @@ def _lse_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
         m_i = m_new
-    tl.store(LSE + b * C + offs_m, m_i + tl.log(l_i), mask=offs_m < C)
+    tl.store(LSE + b * 2 * C + offs_m, m_i, mask=offs_m < C)
+    tl.store(LSE + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)
 
 
 @triton.jit
@@ -87,8 +99,8 @@ def _fwd_kernel(
     eta = tl.load(ETA + b).to(tl.float32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
-    lse_a = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
-    lse_b = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+    ma, la = _stats(LSEA, b, offs_m, C)
+    mb, lb = _stats(LSEB, b, offs_m, C)
     acc = tl.zeros((BLOCK_M, BLOCK_DL), dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -96,8 +108,10 @@ def _fwd_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
         s_b = dot_rows(XB, XB, offs_m, offs_n, C, L, sbc, sbl, sbc, sbl,
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
-        w = tl.exp(s_a - lse_a[:, None]) - eta * tl.exp(s_b - lse_b[:, None])
-        w = tl.where(offs_n[None, :] < C, tl.abs(w), 0.0)
+        valid = offs_n[None, :] < C  # padding columns: exp(0 − max) would overflow
+        p_a = tl.exp(tl.where(valid, (s_a - ma[:, None]) - la[:, None], float("-inf")))
+        p_b = tl.exp(tl.where(valid, (s_b - mb[:, None]) - lb[:, None], float("-inf")))
+        w = tl.abs(p_a - eta * p_b)
         a = load_tile(XA, offs_n, offs_d, C, L, sac, sal)
         acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
     store_tile(Out, acc, offs_m, offs_d, C, L, soc, sol)
@@ -119,8 +133,8 @@ def _bwd_rowsum_kernel(
     G += b * sgb
     eta = tl.load(ETA + b).to(tl.float32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    lse_a = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
-    lse_b = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+    ma, la = _stats(LSEA, b, offs_m, C)
+    mb, lb = _stats(LSEB, b, offs_m, C)
     delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
     eps = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
@@ -131,9 +145,10 @@ def _bwd_rowsum_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
         d = dot_rows(G, XA, offs_m, offs_n, C, L, sgc, sgl, sac, sal,
                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
-        p_a = tl.exp(s_a - lse_a[:, None])
-        p_b = tl.exp(s_b - lse_b[:, None])
-        gd = tl.where(offs_n[None, :] < C, _sign(p_a - eta * p_b) * d, 0.0)
+        valid = offs_n[None, :] < C  # padding columns: exp(0 − max) would overflow
+        p_a = tl.exp(tl.where(valid, (s_a - ma[:, None]) - la[:, None], float("-inf")))
+        p_b = tl.exp(tl.where(valid, (s_b - mb[:, None]) - lb[:, None], float("-inf")))
+        gd = _sign(p_a - eta * p_b) * d
         delta += tl.sum(p_a * gd, 1)
         eps += tl.sum(p_b * gd, 1)
     tl.store(DELTA + b * C + offs_m, delta, mask=offs_m < C)
@@ -162,8 +177,8 @@ def _bwd_kernel(
     eta = tl.load(ETA + b).to(tl.float32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_DL + tl.arange(0, BLOCK_DL)
-    lse_a_n = tl.load(LSEA + b * C + offs_n, mask=offs_n < C, other=0.0)
-    lse_b_n = tl.load(LSEB + b * C + offs_n, mask=offs_n < C, other=0.0)
+    ma_n, la_n = _stats(LSEA, b, offs_n, C)
+    mb_n, lb_n = _stats(LSEB, b, offs_n, C)
     delta_n = tl.load(DELTA + b * C + offs_n, mask=offs_n < C, other=0.0)
     eps_n = tl.load(EPS + b * C + offs_n, mask=offs_n < C, other=0.0)
 
@@ -171,9 +186,10 @@ def _bwd_kernel(
     acc_b = tl.zeros((BLOCK_N, BLOCK_DL), dtype=tl.float32)
     for m0 in range(0, C, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        valid_m = offs_m[None, :] < C
-        lse_a_m = tl.load(LSEA + b * C + offs_m, mask=offs_m < C, other=0.0)
-        lse_b_m = tl.load(LSEB + b * C + offs_m, mask=offs_m < C, other=0.0)
+        # Padding rows/columns would give exp(0 − lse) = inf with lse ≪ 0: mask both.
+        valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)
+        ma_m, la_m = _stats(LSEA, b, offs_m, C)
+        mb_m, lb_m = _stats(LSEB, b, offs_m, C)
         delta_m = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
         eps_m = tl.load(EPS + b * C + offs_m, mask=offs_m < C, other=0.0)
         s_a = dot_rows(XA, XA, offs_n, offs_m, C, L, sac, sal, sac, sal,
@@ -185,19 +201,19 @@ def _bwd_kernel(
         d_nm = dot_rows(G, XA, offs_n, offs_m, C, L, sgc, sgl, sac, sal,
                         BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # [n, m] = g_n · a_m  # fmt: skip
         # rows m
-        pa_mn = tl.exp(s_a - lse_a_m[None, :])
-        pb_mn = tl.exp(s_b - lse_b_m[None, :])
+        pa_mn = tl.exp(tl.where(valid, (s_a - ma_m[None, :]) - la_m[None, :], float("-inf")))
+        pb_mn = tl.exp(tl.where(valid, (s_b - mb_m[None, :]) - lb_m[None, :], float("-inf")))
         w_mn = pa_mn - eta * pb_mn
         gd_mn = _sign(w_mn) * d_mn
         # rows n
-        pa_nm = tl.exp(s_a - lse_a_n[:, None])
-        pb_nm = tl.exp(s_b - lse_b_n[:, None])
+        pa_nm = tl.exp(tl.where(valid, (s_a - ma_n[:, None]) - la_n[:, None], float("-inf")))
+        pb_nm = tl.exp(tl.where(valid, (s_b - mb_n[:, None]) - lb_n[:, None], float("-inf")))
         gd_nm = _sign(pa_nm - eta * pb_nm) * d_nm
         ds_a = pa_mn * (gd_mn - delta_m[None, :]) + pa_nm * (gd_nm - delta_n[:, None])
         ds_b = pb_mn * (gd_mn - eps_m[None, :]) + pb_nm * (gd_nm - eps_n[:, None])
-        ds_a = tl.where(valid_m, ds_a * scale, 0.0)
-        ds_b = tl.where(valid_m, ds_b * (-eta * scale), 0.0)
-        abs_w = tl.where(valid_m, tl.abs(w_mn), 0.0)
+        ds_a = ds_a * scale
+        ds_b = ds_b * (-eta * scale)
+        abs_w = tl.abs(w_mn)
         a = load_tile(XA, offs_m, offs_d, C, L, sac, sal)
         g = load_tile(G, offs_m, offs_d, C, L, sgc, sgl)
         xb = load_tile(XB, offs_m, offs_d, C, L, sbc, sbl)
@@ -214,7 +230,7 @@ def _bwd_kernel(
 
 def _lse(x, scale: float, prec: str):
     bsz, c, length = x.shape
-    lse = torch.empty((bsz, c), device=x.device, dtype=torch.float32)
+    lse = torch.empty((bsz, 2, c), device=x.device, dtype=torch.float32)  # [max, log Σ]
     bm = TILES["block_m"]
     _lse_kernel[(triton.cdiv(c, bm), bsz)](
         x, lse, c, length, scale, *x.stride(),
@@ -277,13 +293,13 @@ def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
 def contrastive_channel_attention_fwd(
     x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float, tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, C, L) in x_a's dtype, lse_A (B, C) fp32, lse_B (B, C) fp32)."""
+    """(out (B, C, L) in x_a's dtype, row stats of P_A and of P_B, (B, 2, C) fp32 each)."""
     return _forward(x_a, x_b, eta, scale, tf32)
 
 
 @contrastive_channel_attention_fwd.register_fake
 def _(x_a, x_b, eta, scale, tf32):
-    stats = x_a.new_empty(x_a.shape[:2], dtype=torch.float32)
+    stats = x_a.new_empty((x_a.shape[0], 2, x_a.shape[1]), dtype=torch.float32)
     return x_a.new_empty(x_a.shape), stats, torch.empty_like(stats)
 
 

@@ -1,0 +1,391 @@
+"""Fused Triton kernels against the PyTorch reference: outputs and every gradient.
+
+Without CUDA the kernels run in Triton's CPU interpreter, which must be switched on before the
+kernels are defined: this module sets TRITON_INTERPRET=1 before importing them. If another test
+module imported them earlier without it, the whole file is re-run in a fresh interpreter process
+(one test) and the in-process tests skip. With CUDA (compiled kernels) the same tests run on GPU.
+fp32 only: the interpreter's bf16 tl.dot is unreliable (bf16/fp16 are in test_triton_kernels_gpu).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction
+
+import fgattn
+from fgattn import backend as fb
+from fgattn import functional as F
+from fgattn.ops import _triton_common, reference
+from fgattn.ops import triton_channel_attention as tca
+from fgattn.ops import triton_contrastive as tcc
+
+INTERPRETED = isinstance(tca._fwd_kernel, InterpretedFunction)
+RERUN = not INTERPRETED and not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable(request):
+    if RERUN and request.node.name != "test_rerun_in_fresh_interpreter_process":
+        pytest.skip("kernels were compiled before TRITON_INTERPRET was set: ran in a subprocess")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # Compare exact fp32 products; TF32 has its own test.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+SMALL_TILES = {"block_m": 16, "block_n": 16, "max_tile": 16, "max_chunk": 16}
+
+
+@pytest.fixture(params=["default_tiles", "small_tiles"])
+def tiles(request, monkeypatch):
+    """Small tiles: several row blocks, column tiles and L chunks already at C = 40, L = 20."""
+    if request.param == "small_tiles":
+        monkeypatch.setattr(_triton_common, "TILES", dict(SMALL_TILES))
+        monkeypatch.setattr(tca, "TILES", _triton_common.TILES)
+        monkeypatch.setattr(tcc, "TILES", _triton_common.TILES)
+        monkeypatch.setattr(tcc, "BWD_TILES", {"block_m": 16, "block_n": 16, "max_tile": 16})
+    return request.param
+
+
+def randn(*shape, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).float().to(DEVICE)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def assert_close(actual, expected, tol=2e-5):
+    """Kernels in fp32 against the reference in fp64, relative to the expected magnitude."""
+    expected = expected.to(actual.device)
+    atol = tol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
+
+
+def check_attention(q, k, v, scale, fused_fn=None, tol=2e-5):
+    """Output and gradients of the fused op (via the triton backend) against fp64 reference."""
+    self_attention = k is None
+    if self_attention:
+        x = leaf(q)
+        out = (fused_fn or (lambda x: F.channel_attention(x, scale=scale, backend="triton")))(x)
+        g = randn(*out.shape)
+        (dx,) = torch.autograd.grad(out, x, g)
+        x64 = leaf(q.double())
+        x3 = x64.flatten(2)
+        ref = reference.channel_attention(x3, x3, x3, scale).reshape(x64.shape)
+        (rdx,) = torch.autograd.grad(ref, x64, g.double())
+        assert_close(out, ref, tol)
+        assert_close(dx, rdx, tol)
+        return
+    q, k, v = leaf(q), leaf(k), leaf(v)
+    out = F.channel_attention(q, k, v, scale=scale, backend="triton")
+    assert out.shape == v.shape and out.dtype == v.dtype
+    g = randn(*out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    ref = reference.channel_attention(q64, k64, v64, scale)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    assert_close(out, ref, tol)
+    for got, want in zip(grads, rgrads, strict=True):
+        assert_close(got, want, tol)
+
+
+def check_contrastive(x_a, x_b, eta, scale, tol=2e-5):
+    a, b, e = leaf(x_a), leaf(x_b), leaf(eta)
+    out = F.contrastive_channel_attention(a, b, e, scale=scale, backend="triton")
+    assert out.shape == a.shape and out.dtype == a.dtype
+    g = randn(*out.shape)
+    grads = torch.autograd.grad(out, (a, b, e), g)
+    a64, b64, e64 = (leaf(t.double()) for t in (x_a, x_b, eta))
+    ref = reference.contrastive_channel_attention(a64, b64, e64, scale)
+    rgrads = torch.autograd.grad(ref, (a64, b64, e64), g.double())
+    assert_close(out, ref, tol)
+    for got, want in zip(grads, rgrads, strict=True):
+        assert_close(got, want, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel attention
+
+
+@pytest.mark.parametrize(
+    "c, length, lv, scale",
+    [(40, 20, 20, -1.0), (33, 5, 10, -1.0), (64, 49, 98, 0.3), (17, 20, 45, -0.05)],
+)
+def test_cross_attention(tiles, c, length, lv, scale):
+    check_attention(randn(2, c, length), randn(2, c, length), randn(2, c, lv), scale)
+
+
+@pytest.mark.parametrize("c, length, scale", [(40, 20, -1.0), (64, 49, -1.0), (24, 5, 0.5)])
+def test_self_attention(tiles, c, length, scale):
+    check_attention(randn(2, c, length), None, None, scale)
+
+
+def test_self_attention_4d_uses_the_fused_self_op():
+    x = randn(2, 24, 4, 5)
+    x3 = [fgattn._shapes.to_bcl(x, "x") for _ in range(3)]
+    assert tca._same_tensor(x3[0], x3[1]) and x3[0] is not x3[1]
+    calls = []
+    orig = tca.self_channel_attention_fwd
+    try:
+        tca.self_channel_attention_fwd = lambda *a: calls.append(1) or orig(*a)
+        check_attention(x, None, None, -1.0)
+    finally:
+        tca.self_channel_attention_fwd = orig
+    assert calls, "q = k = v given as views of one 4-D tensor should take the SCI kernel"
+
+
+def test_views_with_different_offsets_are_not_the_same_tensor():
+    x = randn(2, 8, 10)
+    assert not tca._same_tensor(x[..., :5], x[..., 5:])
+    assert not tca._same_tensor(x, x.detach())
+
+
+def test_detached_key_gets_no_gradient_share():
+    # q and k share storage but only q is differentiable: the general path must be used.
+    x = leaf(randn(2, 24, 20))
+    out = F.channel_attention(x, x.detach(), x.detach(), backend="triton")
+    g = randn(*out.shape)
+    (dx,) = torch.autograd.grad(out, x, g)
+    x64 = leaf(x.double())
+    ref = reference.channel_attention(x64, x64.detach(), x64.detach(), -1.0)
+    (rdx,) = torch.autograd.grad(ref, x64, g.double())
+    assert_close(dx, rdx)
+
+
+def test_non_contiguous_inputs_and_expanded_grad():
+    base = randn(2, 30, 40)
+    q = randn(2, 20, 30).transpose(1, 2)  # (2, 30, 20), channel stride 1
+    k = base[:, :, ::2]  # L stride 2
+    v = randn(2, 30, 50)[:, :, 3:48]  # offset view, Lv = 45
+    check_attention(q, k, v, -1.0)
+    # out.sum() gives a stride-0 gradient
+    qq, kk, vv = leaf(q), leaf(k), leaf(v)
+    grads = torch.autograd.grad(
+        F.channel_attention(qq, kk, vv, backend="triton").sum(), (qq, kk, vv)
+    )
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    rgrads = torch.autograd.grad(
+        reference.channel_attention(q64, k64, v64, -1.0).sum(), (q64, k64, v64)
+    )
+    for got, want in zip(grads, rgrads, strict=True):
+        assert_close(got, want)
+    check_attention(randn(2, 20, 30).transpose(1, 2), None, None, -1.0)
+
+
+def test_dead_channels():
+    # Post-ReLU maps with all-zero channels: zero logits are the row max under scale −1.
+    x = randn(2, 40, 20).relu()
+    x[:, ::3] = 0
+    check_attention(x, None, None, -1.0)
+    q, k = x.clone(), randn(2, 40, 20).relu()
+    k[:, 5:9] = 0
+    check_attention(q, k, randn(2, 40, 40), -1.0)
+    check_attention(torch.zeros(1, 16, 5, device=DEVICE), None, None, -1.0)
+
+
+def _errors_vs_fp32_reference(fused, ref, inputs):
+    """Max errors of the fused op and of the fp32 reference, both against the fp64 reference,
+    for the output and each input's gradient."""
+    g = randn(*ref(*inputs).shape)
+    results = []
+    for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
+        xs = [leaf(t.to(cast)) for t in inputs]
+        out = fn(*xs)
+        results.append([out, *torch.autograd.grad(out, xs, g.to(cast))])
+    return [
+        (
+            (a.double() - c).abs().max().item(),
+            (b.double() - c).abs().max().item(),
+            c.abs().max().item(),
+        )
+        for a, b, c in zip(*results, strict=True)
+    ]
+
+
+def test_large_post_relu_magnitudes():
+    # |x| ≈ 30, L = 49: logits near −1e4, where fp32 itself is coarse (ulp ≈ 1e-3): the kernels
+    # must be about as accurate as the fp32 reference (both measured against fp64). Before the
+    # lse was kept as a (max, log Σ) pair and δ recomputed, the fused gradients were 30x worse.
+    x = randn(2, 32, 49, scale=30.0).relu()
+    x[:, ::5] = 0
+    q, k, v = x, randn(2, 32, 49, scale=30.0).relu(), randn(2, 32, 98, scale=30.0)
+    cases = [
+        (
+            lambda x: F.channel_attention(x, backend="triton"),
+            lambda x: reference.channel_attention(x, x, x, -1.0),
+            (x,),
+        ),
+        (
+            lambda q, k, v: F.channel_attention(q, k, v, backend="triton"),
+            lambda q, k, v: reference.channel_attention(q, k, v, -1.0),
+            (q, k, v),
+        ),
+        (
+            lambda a, b, e: F.contrastive_channel_attention(a, b, e, backend="triton"),
+            lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
+            (q, k, torch.tensor([0.5, 1.2], device=DEVICE)),
+        ),
+    ]
+    for fused, ref, inputs in cases:
+        for err, err_ref32, size in _errors_vs_fp32_reference(fused, ref, inputs):
+            # The contrastive dX_B is pure fp32 noise here (the fp32 reference's error equals its
+            # size); the kernel stays within 20x of that noise.
+            assert err <= 20 * err_ref32 + 1e-5 * size, (err, err_ref32, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive channel attention
+
+
+@pytest.mark.parametrize(
+    "c, length, scale", [(40, 20, -1.0), (40, 20, -0.05), (64, 49, 0.1), (33, 5, -0.2)]
+)
+def test_contrastive(tiles, c, length, scale):
+    check_contrastive(
+        randn(2, c, length), randn(2, c, length), torch.rand(2).to(DEVICE) * 1.5, scale
+    )
+
+
+def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
+    # η = 1, X_B = X_A: W = 0 exactly, and d|u|/du at 0 is 0 as in PyTorch.
+    x = randn(2, 24, 20)
+    check_contrastive(x, x.clone(), torch.ones(2, device=DEVICE), -1.0)
+    a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
+    out = F.contrastive_channel_attention(a, b, e, backend="triton")
+    assert out.abs().max() == 0
+    for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
+        assert grad.abs().max() == 0
+
+
+def test_contrastive_dead_channels_non_contiguous_and_eta_b1():
+    a = randn(2, 20, 36).transpose(1, 2).relu()  # (2, 36, 20), non-contiguous
+    b = randn(2, 36, 40)[:, :, ::2].relu()
+    a[:, :4] = 0
+    b[:, 10:12] = 0
+    check_contrastive(a, b, torch.tensor([0.3, 1.2], device=DEVICE), -1.0)
+    e = leaf(torch.tensor([[0.5], [2.0]], device=DEVICE))
+    out = F.contrastive_channel_attention(a, b, e, backend="triton")
+    ref = reference.contrastive_channel_attention(a.double(), b.double(), e.double().view(-1), -1.0)
+    assert_close(out, ref)
+    (de,) = torch.autograd.grad(out.sum(), e)
+    assert de.shape == e.shape
+
+
+def test_reference_contrastive_gradcheck_float64():
+    # The ground truth the kernels are compared to is itself right, η included.
+    a = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    eta = torch.tensor([0.4, 1.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -0.5), (a, b, eta)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, dispatch
+
+
+def _opcheck_cases():
+    def t(*shape):
+        return randn(*shape).requires_grad_()
+
+    eta = torch.tensor([0.5, 1.1], device=DEVICE, requires_grad=True)
+    return [
+        (tca.channel_attention_fwd, (t(2, 20, 5), t(2, 20, 5), t(2, 20, 9), -1.0, False)),
+        (tca.self_channel_attention_fwd, (t(2, 20, 5), -1.0, False)),
+        (tcc.contrastive_channel_attention_fwd, (t(2, 20, 5), t(2, 20, 5), eta, -1.0, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["attention", "self_attention", "contrastive"])
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+    # and the backward ops, with the saved tensors the forward produced
+    with torch.no_grad():
+        outs = op(*args)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    g = torch.randn_like(outs[0])
+    if op is tca.channel_attention_fwd:
+        bwd_args = (g, *args[:3], outs[1], -1.0, False)
+        torch.library.opcheck(tca.channel_attention_bwd, bwd_args)
+    elif op is tca.self_channel_attention_fwd:
+        torch.library.opcheck(tca.self_channel_attention_bwd, (g, args[0], outs[1], -1.0, False))
+    else:
+        bwd_args = (g, *args[:3], outs[1], outs[2], -1.0, False)
+        torch.library.opcheck(tcc.contrastive_channel_attention_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    x = leaf(randn(2, 24, 4, 5))
+    q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))
+    eta = leaf(torch.rand(2, device=DEVICE))
+
+    def loss(x, q, k, v, eta, backend):
+        y1 = F.channel_attention(x, backend=backend)
+        y2 = F.channel_attention(q, k, v, backend=backend)
+        y3 = F.contrastive_channel_attention(q, k, eta, backend=backend)
+        return (y1 * y1).sum() + (y2 * y2).sum() + (y3 * y3).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = (x, q, k, v, eta)
+    got = torch.autograd.grad(compiled(*inputs, "triton"), inputs)
+    want = torch.autograd.grad(loss(*inputs, "torch"), inputs)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 1e-4)
+
+
+def test_auto_never_picks_triton_for_cpu(monkeypatch):
+    monkeypatch.delenv(fb.ENV_VAR, raising=False)
+    assert fb.is_available("triton")
+    assert fb.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv(fb.ENV_VAR, "triton")
+    assert fb.resolve("auto", torch.device("cpu")) == "triton"
+
+
+def test_float64_falls_back_to_reference():
+    x = torch.randn(2, 8, 5, dtype=torch.float64, device=DEVICE)
+    out = F.channel_attention(x, backend="triton")
+    torch.testing.assert_close(out, reference.channel_attention(x, x, x, -1.0))
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        _triton_common.check_device(torch.zeros(1))
+
+
+def test_tf32_option_runs():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = randn(2, 24, 20)
+    check_attention(x, None, None, -1.0, tol=2e-2)
+
+
+def test_rerun_in_fresh_interpreter_process():
+    if not RERUN:
+        pytest.skip("kernels run in this process (interpreter active or CUDA present)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
