@@ -54,7 +54,7 @@ default_cfgs = generate_default_cfgs(
 def _create(
     variant: str,
     model_cls: type[nn.Module],
-    backbone: str,
+    default_backbone: str,
     pretrained: bool = False,
     pretrained_cfg: Any = None,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
@@ -62,7 +62,7 @@ def _create(
     **kwargs: Any,
 ) -> nn.Module:
     """Entrypoint body: timm.create_model's weight-source args go to the backbone."""
-    kwargs.setdefault("backbone", backbone)
+    kwargs.setdefault("backbone", default_backbone)
     if isinstance(kwargs["backbone"], str):
         if pretrained_cfg_overlay:
             kwargs["pretrained_cfg_overlay"] = pretrained_cfg_overlay
