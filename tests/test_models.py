@@ -292,6 +292,10 @@ def test_create_model_and_backbone_arguments():
     assert isinstance(model, CIN)
     assert model.backbone.model.patch_embed.img_size == (64, 64)  # img_size reached timm
     assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert model.pretrained_cfg["mean"] == model.backbone.pretrained_cfg["mean"] == (0.5,) * 3
+    registered = timm.create_model("cin_resnet50", backbone="test_vit", num_classes=K, img_size=64)
+    assert registered.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert registered.pretrained_cfg["mean"] == (0.5,) * 3  # the overriding backbone's
     via_timm = create_model("pcanet_resnet50", backbone="test_resnet", num_classes=K)
     assert isinstance(via_timm, PCANet) and via_timm.backbone.name == "test_resnet"
     ready = fgattn.TimmBackbone("test_convnext")

@@ -70,8 +70,8 @@ def _create(
             kwargs["cache_dir"] = cache_dir
     model = model_cls(pretrained=pretrained, **kwargs)
     cfg = timm.models.resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
-    if "img_size" in kwargs:
-        cfg.update(input_size=model.pretrained_cfg["input_size"])
+    # Input size (img_size) and normalisation (an overriding backbone's) follow the built model.
+    cfg.update({k: model.pretrained_cfg[k] for k in ("input_size", "mean", "std")})
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 
