@@ -1,0 +1,501 @@
+// Kernel bodies of fgattn's CUDA backend: channel attention softmax(scale · q kᵀ) v and contrastive
+// channel attention |softmax(s A Aᵀ) − η softmax(s B Bᵀ)| A, forward and backward.
+//
+// Layout: every tensor is (B, C, L); the softmax runs over the C axis (flash attention's "sequence")
+// and L is the reduction axis of the logits. A block (CTA) of kThreads threads owns kBM rows of the
+// output and kBD of its columns; it loops over the C axis in kBN-wide column blocks, so the C x C
+// matrix only ever exists as one kBM x kBN fp32 tile in shared memory.
+//
+// Arithmetic: inputs (fp32/fp16/bf16) are converted to fp32 when staged into shared memory; every
+// product, logit, softmax and accumulator is fp32 (plain FMA, no tensor cores in this version).
+// The row max is taken of the SCALED logits (scale is negative by default).
+//
+// The bodies are written once and compiled twice: by nvcc into __global__ kernels
+// (fgattn_cuda_kernels.cu), and by the host compiler into a CPU emulation (cpu_emulation.cpp) that
+// runs each block with kThreads std::threads and a barrier for __syncthreads, so the index math,
+// masking and synchronisation are tested without a GPU. Hence: no warp intrinsics, no assumptions
+// beyond "kThreads threads, barriers between phases", shared memory declared with FG_SHARED.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define FG_D __device__ __forceinline__
+#define FG_SHARED __shared__
+#define FG_SYNC(ctx) __syncthreads()
+#define FG_UNROLL _Pragma("unroll")
+#else
+#include <condition_variable>
+#include <mutex>
+#define FG_D inline
+// One block runs at a time in the emulation, so a function-local static is exactly "one copy per
+// block, visible to all its threads".
+#define FG_SHARED static
+#define FG_SYNC(ctx) (ctx).bar->wait()
+#define FG_UNROLL
+#endif
+
+namespace fgattn {
+
+constexpr int kBM = 64;  // output rows per block
+constexpr int kBN = 64;  // logit columns per loop step (must equal kBM: tile_dot shares loads)
+constexpr int kBK = 16;  // reduction chunk staged in shared memory
+constexpr int kBD = 64;  // output columns per block
+constexpr int kThreads = 256;
+// Thread t owns the 4 x 4 micro-tile rows tr + 16 i, columns tc + 16 j (i, j < 4) of every
+// 64 x 64 tile: strided so a warp reads distinct shared-memory banks.
+constexpr int kTR = 16;
+static_assert(kBM == kBN && kBM == kBD && kTR * kTR == kThreads && 4 * kTR == kBM, "tile shape");
+
+#ifndef __CUDACC__
+// A reusable barrier (generation counting) standing in for __syncthreads in the emulation.
+struct Barrier {
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_;
+  int count_ = 0;
+  long gen_ = 0;
+};
+#endif
+
+// Thread and block index of the running thread (threadIdx.x, blockIdx.{x,y,z} on the GPU).
+struct Ctx {
+  int tid, bx, by, bz;
+#ifndef __CUDACC__
+  Barrier* bar;
+#endif
+};
+
+// A strided (B, rows, cols) view. Reads outside (rows, cols) give 0.
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t sb, sr, sc;
+  int rows, cols;
+};
+
+template <typename T>
+FG_D float ld(const Mat<T>& m, int b, int r, int c) {
+  if (r >= m.rows || c >= m.cols) return 0.f;
+  return static_cast<float>(m.p[int64_t(b) * m.sb + int64_t(r) * m.sr + int64_t(c) * m.sc]);
+}
+
+FG_D float sign(float w) { return w > 0.f ? 1.f : (w < 0.f ? -1.f : 0.f); }  // d|w|/dw, 0 at 0
+
+// acc[i][j] = Σ_k A[a0 + r_i, k] B[b0 + c_j, k] over k < K (r_i = tr + 16 i, c_j = tc + 16 j).
+// Starts and ends with the block synchronised.
+template <typename T>
+FG_D void tile_dot(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0, int K,
+                   float acc[4][4]) {
+  FG_SHARED float As[kBM][kBK + 1];  // +1: row reads of a column land in distinct banks
+  FG_SHARED float Bs[kBN][kBK + 1];
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += kBK) {
+    for (int idx = ctx.tid; idx < kBM * kBK; idx += kThreads) {
+      const int r = idx / kBK, k = idx % kBK;
+      const bool in = k0 + k < K;
+      As[r][k] = in ? ld(A, b, a0 + r, k0 + k) : 0.f;
+      Bs[r][k] = in ? ld(B, b, b0 + r, k0 + k) : 0.f;
+    }
+    FG_SYNC(ctx);
+    FG_UNROLL
+    for (int k = 0; k < kBK; ++k) {
+      float a[4], bb[4];
+      for (int i = 0; i < 4; ++i) a[i] = As[tr + kTR * i][k];
+      for (int j = 0; j < 4; ++j) bb[j] = Bs[tc + kTR * j][k];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bb[j];
+    }
+    FG_SYNC(ctx);
+  }
+}
+
+// acc[i][j] += Σ_k P[r_i][k] M[n0 + k, d0 + c_j] over the kBN rows of the column block n0.
+// P must be written and synchronised before; ends with the block synchronised.
+template <typename T>
+FG_D void tile_pv(const Ctx& ctx, float (*P)[kBN + 1], const Mat<T>& M, int b, int n0, int d0,
+                  float acc[4][4]) {
+  FG_SHARED float Ms[kBN][kBD + 1];
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  for (int idx = ctx.tid; idx < kBN * kBD; idx += kThreads) {
+    const int r = idx / kBD, c = idx % kBD;  // consecutive threads: consecutive columns
+    Ms[r][c] = ld(M, b, n0 + r, d0 + c);
+  }
+  FG_SYNC(ctx);
+  FG_UNROLL
+  for (int k = 0; k < kBN; ++k) {
+    float p[4], m[4];
+    for (int i = 0; i < 4; ++i) p[i] = P[tr + kTR * i][k];
+    for (int j = 0; j < 4; ++j) m[j] = Ms[k][tc + kTR * j];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] += p[i] * m[j];
+  }
+  FG_SYNC(ctx);
+}
+
+// Writes the register tile t to P, then acc += P M[n0 : n0 + kBN, d0 : d0 + kBD] (tile_pv).
+template <typename T>
+FG_D void stage_pv(const Ctx& ctx, float (*P)[kBN + 1], const float t[4][4], const Mat<T>& M,
+                   int b, int n0, int d0, float acc[4][4]) {
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  FG_UNROLL
+  for (int i = 0; i < 4; ++i)
+    FG_UNROLL
+    for (int j = 0; j < 4; ++j) P[tr + kTR * i][tc + kTR * j] = t[i][j];
+  FG_SYNC(ctx);
+  tile_pv(ctx, P, M, b, n0, d0, acc);
+}
+
+// out[b, r0 + r_i, d0 + c_j] = acc[i][j] * mul for a contiguous (B, C, W) output, masked.
+template <typename T>
+FG_D void store_tile(const Ctx& ctx, T* out, int b, int r0, int d0, int C, int W,
+                     const float acc[4][4], float mul) {
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  for (int i = 0; i < 4; ++i) {
+    const int r = r0 + tr + kTR * i;
+    if (r >= C) continue;
+    for (int j = 0; j < 4; ++j) {
+      const int c = d0 + tc + kTR * j;
+      if (c < W) out[(int64_t(b) * C + r) * W + c] = static_cast<T>(acc[i][j] * mul);
+    }
+  }
+}
+
+// Loads v[b * C + r0 + t] (0 past C) into s[t] for t < kBM; the caller synchronises.
+FG_D void load_rows(const Ctx& ctx, float* s, const float* v, int b, int r0, int C) {
+  if (ctx.tid < kBM) {
+    const int r = r0 + ctx.tid;
+    s[ctx.tid] = r < C ? v[int64_t(b) * C + r] : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Channel attention. q, k: (B, C, L); v, g (= dOut): (B, C, Lv); lse, delta: (B, C) fp32.
+
+template <typename T>
+struct CaParams {
+  Mat<T> q, k, v, g;
+  T* out;   // fwd: out (B, C, Lv); bwd dq: dq (B, C, L); bwd dkdv: dk (B, C, L)
+  T* out2;  // bwd dkdv: dv (B, C, Lv)
+  float* lse_out;
+  const float* lse;
+  const float* delta;  // δ = rowsum(dOut ∘ out)
+  int C, L, Lv;
+  float scale;
+};
+
+// grid (⌈C/kBM⌉, ⌈Lv/kBD⌉, B). Online softmax over column blocks; out = Σ p v / l, lse = m + log l.
+template <typename T>
+FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
+  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED float m_s[kBM], l_s[kBM], alpha_s[kBM];
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  if (ctx.tid < kBM) {
+    m_s[ctx.tid] = -INFINITY;
+    l_s[ctx.tid] = 0.f;
+  }
+  float o[4][4] = {}, s[4][4];
+  for (int n0 = 0; n0 < p.C; n0 += kBN) {
+    tile_dot(ctx, p.q, p.k, b, m0, n0, p.L, s);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j)
+        P[tr + kTR * i][tc + kTR * j] = n0 + tc + kTR * j < p.C ? s[i][j] * p.scale : -INFINITY;
+    FG_SYNC(ctx);
+    if (ctx.tid < kBM) {
+      // Column n0 < C is always valid, so the block max and m_new are finite.
+      float* row = P[ctx.tid];
+      float mx = -INFINITY;
+      for (int c = 0; c < kBN; ++c) mx = fmaxf(mx, row[c]);
+      const float m_new = fmaxf(m_s[ctx.tid], mx);
+      float sum = 0.f;
+      for (int c = 0; c < kBN; ++c) {
+        row[c] = expf(row[c] - m_new);  // exp(−inf) = 0 for padding columns
+        sum += row[c];
+      }
+      const float alpha = expf(m_s[ctx.tid] - m_new);  // 0 on the first block (m_s = −inf)
+      l_s[ctx.tid] = l_s[ctx.tid] * alpha + sum;
+      m_s[ctx.tid] = m_new;
+      alpha_s[ctx.tid] = alpha;
+    }
+    FG_SYNC(ctx);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) o[i][j] *= alpha_s[tr + kTR * i];
+    tile_pv(ctx, P, p.v, b, n0, d0, o);
+  }
+  float inv[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) inv[i][j] = o[i][j] / l_s[tr + kTR * i];
+  store_tile(ctx, p.out, b, m0, d0, p.C, p.Lv, inv, 1.f);
+  if (ctx.by == 0 && ctx.tid < kBM && m0 + ctx.tid < p.C)
+    p.lse_out[int64_t(b) * p.C + m0 + ctx.tid] = m_s[ctx.tid] + logf(l_s[ctx.tid]);
+}
+
+// grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). dq = scale · ds k, ds = p ∘ (g vᵀ − δ), p = exp(scale q kᵀ − lse).
+template <typename T>
+FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
+  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED float lse_s[kBM], delta_s[kBM];
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  load_rows(ctx, lse_s, p.lse, b, m0, p.C);
+  load_rows(ctx, delta_s, p.delta, b, m0, p.C);
+  FG_SYNC(ctx);
+  float acc[4][4] = {}, s[4][4], dp[4][4];
+  for (int n0 = 0; n0 < p.C; n0 += kBN) {
+    tile_dot(ctx, p.q, p.k, b, m0, n0, p.L, s);
+    tile_dot(ctx, p.g, p.v, b, m0, n0, p.Lv, dp);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr + kTR * i, c = tc + kTR * j;
+        // Masked before the exp: exp(0 − lse) overflows when lse ≪ 0.
+        const bool valid = m0 + r < p.C && n0 + c < p.C;
+        const float pr = valid ? expf(s[i][j] * p.scale - lse_s[r]) : 0.f;
+        P[r][c] = pr * (dp[i][j] - delta_s[r]);
+      }
+    FG_SYNC(ctx);
+    tile_pv(ctx, P, p.k, b, n0, d0, acc);
+  }
+  store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, p.scale);
+}
+
+// grid (⌈C/kBN⌉, ⌈max(L, Lv)/kBD⌉, B). Rows n of dk and dv, in the transposed [n, m] layout:
+// pᵀ = exp(scale k_n q_mᵀ − lse_m), dv_n = Σ_m pᵀ g_m, dk_n = scale Σ_m pᵀ ∘ (v_n g_mᵀ − δ_m) q_m.
+template <typename T>
+FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
+  FG_SHARED float P[kBN][kBM + 1];
+  FG_SHARED float lse_s[kBM], delta_s[kBM];
+  const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  const bool want_dk = d0 < p.L, want_dv = d0 < p.Lv;  // uniform over the block
+  float acc_k[4][4] = {}, acc_v[4][4] = {}, st[4][4], pt[4][4], dpt[4][4];
+  for (int m0 = 0; m0 < p.C; m0 += kBM) {
+    load_rows(ctx, lse_s, p.lse, b, m0, p.C);
+    load_rows(ctx, delta_s, p.delta, b, m0, p.C);
+    FG_SYNC(ctx);
+    tile_dot(ctx, p.k, p.q, b, n0, m0, p.L, st);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr + kTR * i, c = tc + kTR * j;
+        const bool valid = n0 + r < p.C && m0 + c < p.C;
+        pt[i][j] = valid ? expf(st[i][j] * p.scale - lse_s[c]) : 0.f;
+      }
+    if (want_dv) {
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) P[tr + kTR * i][tc + kTR * j] = pt[i][j];
+      FG_SYNC(ctx);
+      tile_pv(ctx, P, p.g, b, m0, d0, acc_v);
+    }
+    if (want_dk) {
+      tile_dot(ctx, p.v, p.g, b, n0, m0, p.Lv, dpt);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const int c = tc + kTR * j;
+          P[tr + kTR * i][c] = pt[i][j] * (dpt[i][j] - delta_s[c]);
+        }
+      FG_SYNC(ctx);
+      tile_pv(ctx, P, p.q, b, m0, d0, acc_k);
+    }
+    FG_SYNC(ctx);  // lse_s / delta_s are reloaded next iteration
+  }
+  if (want_dk) store_tile(ctx, p.out, b, n0, d0, p.C, p.L, acc_k, p.scale);
+  if (want_dv) store_tile(ctx, p.out2, b, n0, d0, p.C, p.Lv, acc_v, 1.f);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Contrastive channel attention. a = X_A, xb = X_B, g = dOut: (B, C, L); eta (B,) fp32.
+
+template <typename T>
+struct CoParams {
+  Mat<T> a, xb, g;
+  const float* eta;
+  const float *lse_a, *lse_b, *delta, *eps;
+  float *lse_out_a, *lse_out_b, *delta_out, *eps_out;
+  T* out;   // fwd: out; bwd: dA
+  T* out2;  // bwd: dB
+  int C, L;
+  float scale;
+};
+
+// grid (⌈C/kBM⌉, 2, B): y = 0 gives lse of X_A, y = 1 of X_B. Row log-sum-exp of scale · X Xᵀ.
+template <typename T>
+FG_D void co_lse_body(const Ctx& ctx, const CoParams<T>& p) {
+  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED float m_s[kBM], l_s[kBM];
+  const int b = ctx.bz, m0 = ctx.bx * kBM;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  const Mat<T>& x = ctx.by == 0 ? p.a : p.xb;
+  float* lse = ctx.by == 0 ? p.lse_out_a : p.lse_out_b;
+  if (ctx.tid < kBM) {
+    m_s[ctx.tid] = -INFINITY;
+    l_s[ctx.tid] = 0.f;
+  }
+  float s[4][4];
+  for (int n0 = 0; n0 < p.C; n0 += kBN) {
+    tile_dot(ctx, x, x, b, m0, n0, p.L, s);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j)
+        P[tr + kTR * i][tc + kTR * j] = n0 + tc + kTR * j < p.C ? s[i][j] * p.scale : -INFINITY;
+    FG_SYNC(ctx);
+    if (ctx.tid < kBM) {
+      const float* row = P[ctx.tid];
+      float mx = -INFINITY;
+      for (int c = 0; c < kBN; ++c) mx = fmaxf(mx, row[c]);
+      const float m_new = fmaxf(m_s[ctx.tid], mx);
+      float sum = 0.f;
+      for (int c = 0; c < kBN; ++c) sum += expf(row[c] - m_new);
+      l_s[ctx.tid] = l_s[ctx.tid] * expf(m_s[ctx.tid] - m_new) + sum;
+      m_s[ctx.tid] = m_new;
+    }
+    FG_SYNC(ctx);
+  }
+  if (ctx.tid < kBM && m0 + ctx.tid < p.C)
+    lse[int64_t(b) * p.C + m0 + ctx.tid] = m_s[ctx.tid] + logf(l_s[ctx.tid]);
+}
+
+// grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). out = |P_A − η P_B| X_A with P recomputed from lse (second pass:
+// the |·| between softmax and product rules out the online rescaling).
+template <typename T>
+FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
+  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED float lse_a[kBM], lse_b[kBM];
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  const float eta = p.eta[b];
+  load_rows(ctx, lse_a, p.lse_a, b, m0, p.C);
+  load_rows(ctx, lse_b, p.lse_b, b, m0, p.C);
+  FG_SYNC(ctx);
+  float acc[4][4] = {}, sa[4][4], sb[4][4];
+  for (int n0 = 0; n0 < p.C; n0 += kBN) {
+    tile_dot(ctx, p.a, p.a, b, m0, n0, p.L, sa);
+    tile_dot(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr + kTR * i, c = tc + kTR * j;
+        const bool valid = m0 + r < p.C && n0 + c < p.C;
+        P[r][c] = valid ? fabsf(expf(sa[i][j] * p.scale - lse_a[r]) -
+                                eta * expf(sb[i][j] * p.scale - lse_b[r]))
+                        : 0.f;
+      }
+    FG_SYNC(ctx);
+    tile_pv(ctx, P, p.a, b, n0, d0, acc);
+  }
+  store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, 1.f);
+}
+
+// grid (⌈C/kBM⌉, 1, B). δ_i = Σ_k P_A,ik G_ik D_ik, ε_i = Σ_k P_B,ik G_ik D_ik with
+// D_ik = g_i · a_k and G = sign(P_A − η P_B).
+template <typename T>
+FG_D void co_rowsum_body(const Ctx& ctx, const CoParams<T>& p) {
+  FG_SHARED float lse_a[kBM], lse_b[kBM];
+  FG_SHARED float red_d[kBM][kTR + 1], red_e[kBM][kTR + 1];
+  const int b = ctx.bz, m0 = ctx.bx * kBM;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  const float eta = p.eta[b];
+  load_rows(ctx, lse_a, p.lse_a, b, m0, p.C);
+  load_rows(ctx, lse_b, p.lse_b, b, m0, p.C);
+  FG_SYNC(ctx);
+  float dpart[4] = {}, epart[4] = {}, sa[4][4], sb[4][4], d[4][4];
+  for (int n0 = 0; n0 < p.C; n0 += kBN) {
+    tile_dot(ctx, p.a, p.a, b, m0, n0, p.L, sa);
+    tile_dot(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
+    tile_dot(ctx, p.g, p.a, b, m0, n0, p.L, d);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr + kTR * i, c = tc + kTR * j;
+        if (m0 + r >= p.C || n0 + c >= p.C) continue;
+        const float pa = expf(sa[i][j] * p.scale - lse_a[r]);
+        const float pb = expf(sb[i][j] * p.scale - lse_b[r]);
+        const float gd = sign(pa - eta * pb) * d[i][j];
+        dpart[i] += pa * gd;
+        epart[i] += pb * gd;
+      }
+  }
+  for (int i = 0; i < 4; ++i) {
+    red_d[tr + kTR * i][tc] = dpart[i];
+    red_e[tr + kTR * i][tc] = epart[i];
+  }
+  FG_SYNC(ctx);
+  if (ctx.tid < kBM && m0 + ctx.tid < p.C) {
+    float sd = 0.f, se = 0.f;
+    for (int t = 0; t < kTR; ++t) {
+      sd += red_d[ctx.tid][t];
+      se += red_e[ctx.tid][t];
+    }
+    p.delta_out[int64_t(b) * p.C + m0 + ctx.tid] = sd;
+    p.eps_out[int64_t(b) * p.C + m0 + ctx.tid] = se;
+  }
+}
+
+// grid (⌈C/kBN⌉, ⌈L/kBD⌉, B). Rows n of dA and dB; [n, m] tiles, the logits being symmetric:
+//   dA_n = Σ_m |W_mn| g_m + scale Σ_m (dS_A,nm + dS_A,mn) a_m,   dB_n = scale Σ_m (dS_B..) b_m
+//   dS_A,ij = P_A,ij (G_ij D_ij − δ_i),   dS_B,ij = −η P_B,ij (G_ij D_ij − ε_i).
+template <typename T>
+FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
+  FG_SHARED float P[kBN][kBM + 1];
+  FG_SHARED float la_n[kBN], lb_n[kBN], de_n[kBN], ep_n[kBN];
+  FG_SHARED float la_m[kBM], lb_m[kBM], de_m[kBM], ep_m[kBM];
+  const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD;
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  const float eta = p.eta[b];
+  load_rows(ctx, la_n, p.lse_a, b, n0, p.C);
+  load_rows(ctx, lb_n, p.lse_b, b, n0, p.C);
+  load_rows(ctx, de_n, p.delta, b, n0, p.C);
+  load_rows(ctx, ep_n, p.eps, b, n0, p.C);
+  float acc_a[4][4] = {}, acc_b[4][4] = {};
+  float sa[4][4], sb[4][4], dmn[4][4], dnm[4][4];
+  for (int m0 = 0; m0 < p.C; m0 += kBM) {
+    load_rows(ctx, la_m, p.lse_a, b, m0, p.C);
+    load_rows(ctx, lb_m, p.lse_b, b, m0, p.C);
+    load_rows(ctx, de_m, p.delta, b, m0, p.C);
+    load_rows(ctx, ep_m, p.eps, b, m0, p.C);
+    FG_SYNC(ctx);
+    tile_dot(ctx, p.a, p.a, b, n0, m0, p.L, sa);    // [n, m] = a_n · a_m
+    tile_dot(ctx, p.xb, p.xb, b, n0, m0, p.L, sb);  // [n, m] = b_n · b_m
+    tile_dot(ctx, p.a, p.g, b, n0, m0, p.L, dmn);   // [n, m] = g_m · a_n = D_mn
+    tile_dot(ctx, p.g, p.a, b, n0, m0, p.L, dnm);   // [n, m] = g_n · a_m = D_nm
+    // Overwrite in place: sa <- dS_A, sb <- dS_B, dmn <- |W_mn|.
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr + kTR * i, c = tc + kTR * j;
+        if (n0 + r >= p.C || m0 + c >= p.C) {
+          sa[i][j] = sb[i][j] = dmn[i][j] = 0.f;
+          continue;
+        }
+        const float pa_mn = expf(sa[i][j] * p.scale - la_m[c]);
+        const float pb_mn = expf(sb[i][j] * p.scale - lb_m[c]);
+        const float pa_nm = expf(sa[i][j] * p.scale - la_n[r]);
+        const float pb_nm = expf(sb[i][j] * p.scale - lb_n[r]);
+        const float w_mn = pa_mn - eta * pb_mn;
+        const float gd_mn = sign(w_mn) * dmn[i][j];
+        const float gd_nm = sign(pa_nm - eta * pb_nm) * dnm[i][j];
+        sa[i][j] = p.scale * (pa_mn * (gd_mn - de_m[c]) + pa_nm * (gd_nm - de_n[r]));
+        sb[i][j] = -eta * p.scale * (pb_mn * (gd_mn - ep_m[c]) + pb_nm * (gd_nm - ep_n[r]));
+        dmn[i][j] = fabsf(w_mn);
+      }
+    stage_pv(ctx, P, dmn, p.g, b, m0, d0, acc_a);
+    stage_pv(ctx, P, sa, p.a, b, m0, d0, acc_a);
+    stage_pv(ctx, P, sb, p.xb, b, m0, d0, acc_b);
+  }
+  store_tile(ctx, p.out, b, n0, d0, p.C, p.L, acc_a, 1.f);
+  store_tile(ctx, p.out2, b, n0, d0, p.C, p.L, acc_b, 1.f);
+}
+
+}  // namespace fgattn
