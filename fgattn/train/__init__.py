@@ -7,12 +7,21 @@ run directory layout, resume and distributed behaviour, and `config` for every o
 
 from .checkpoint import load_checkpoint, save_atomic
 from .config import RECIPES, SYNTHETIC_PRESETS, TrainConfig, resolve_config
-from .engine import build_datasets, build_eval_loader, build_model, evaluate, main, train
+from .engine import (
+    build_dataset,
+    build_datasets,
+    build_eval_loader,
+    build_model,
+    evaluate,
+    main,
+    train,
+)
 
 __all__ = [
     "RECIPES",
     "SYNTHETIC_PRESETS",
     "TrainConfig",
+    "build_dataset",
     "build_datasets",
     "build_eval_loader",
     "build_model",

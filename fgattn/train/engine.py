@@ -47,26 +47,26 @@ def _print(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(train, test) datasets with the FGVC transforms of ``cfg``."""
-    kwargs: dict[str, Any] = {}
-    if cfg.dataset == "synthetic":
-        kwargs = dict(num_classes=cfg.synthetic_classes, image_size=cfg.resize, seed=cfg.seed)
-    elif cfg.dataset == "aircraft":
-        kwargs = dict(annotation_level=cfg.annotation_level, crop_banner=cfg.crop_banner)
-    out = []
-    for split, per_class in (
-        ("train", cfg.synthetic_train_per_class),
-        ("test", cfg.synthetic_test_per_class),
-    ):
+def build_dataset(cfg: TrainConfig, split: str, transform: Any = "auto"):
+    """The ``split`` ("train" / "test") dataset of ``cfg``, with its FGVC transform by default."""
+    if transform == "auto":
         transform = fgdata.create_transform(
             split == "train", cfg.image_size, cfg.resize, hflip=cfg.hflip
         )
-        extra = dict(images_per_class=per_class) if cfg.dataset == "synthetic" else {}
-        out.append(
-            fgdata.create_dataset(cfg.dataset, cfg.data_root, split, transform, **kwargs, **extra)
-        )
-    return out[0], out[1]
+    kwargs: dict[str, Any] = {}
+    if cfg.dataset == "synthetic":
+        train = split == "train"
+        per_class = cfg.synthetic_train_per_class if train else cfg.synthetic_test_per_class
+        kwargs = dict(num_classes=cfg.synthetic_classes, images_per_class=per_class,
+                      image_size=cfg.resize, seed=cfg.seed)  # fmt: skip
+    elif cfg.dataset == "aircraft":
+        kwargs = dict(annotation_level=cfg.annotation_level, crop_banner=cfg.crop_banner)
+    return fgdata.create_dataset(cfg.dataset, cfg.data_root, split, transform, **kwargs)
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(train, test) datasets with the FGVC transforms of ``cfg``."""
+    return build_dataset(cfg, "train"), build_dataset(cfg, "test")
 
 
 def build_sampler(cfg: TrainConfig, targets: list[int], rank: int, world: int):
