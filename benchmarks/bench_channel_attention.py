@@ -156,6 +156,19 @@ def main(argv=None) -> int:
             "fused": lambda a, b, e: fgF.contrastive_channel_attention(a, b, e, backend="triton"),
         },
     }
+    # --- CUDA C++ backend (fgattn/csrc; issue 6): rows "cuda", ratios still vs "fused" (Triton).
+    # An unbuilt extension is compiled here once, before any timing.
+    if fb.is_available("cuda"):
+        from fgattn.ops import cuda_backend
+
+        cuda_backend._ensure_loaded()
+        methods["attention"]["cuda"] = lambda x: fgF.channel_attention(x, backend="cuda")
+        methods["contrastive"]["cuda"] = lambda a, b, e: fgF.contrastive_channel_attention(
+            a, b, e, backend="cuda"
+        )
+    else:
+        print(f"bench_channel_attention: no cuda backend: {fb._load_errors.get('cuda')}")
+    # --- end CUDA C++ backend
     results = []
     header = f"{'op':12}{'dtype':6}{'B':>4}{'C':>6}{'L':>5} {'method':7}{'fwd ms':>9}{'f+b ms':>9}"
     header += f"{'peak MB':>10}{'fwd x':>7}{'f+b x':>7}{'mem x':>7}"

@@ -4,7 +4,8 @@ Backends:
 - ``"torch"``: plain PyTorch (`fgattn.ops.reference`), any device, the ground truth.
 - ``"triton"``: fused Triton kernels (`fgattn.ops.triton_*`), CUDA tensors (or CPU tensors under
   ``TRITON_INTERPRET=1``, for tests).
-- ``"cuda"``: the optional CUDA C++ extension (`fgattn/csrc`), CUDA tensors, built on request.
+- ``"cuda"``: the optional CUDA C++ extension (`fgattn/csrc`), CUDA tensors, built on request
+  (an explicit ``"cuda"`` may compile it on first use; ``"auto"`` takes it only once it is built).
 - ``"auto"`` (default): the environment variable ``FGATTN_BACKEND`` if set, otherwise the fastest
   available backend for the tensors' device, falling back to ``"torch"``.
 
@@ -55,6 +56,14 @@ def _importable(name: str) -> bool:
     return _load(name) is not None
 
 
+@torch.compiler.assume_constant_result
+def _ready(name: str) -> bool:
+    # `auto` only takes a backend that runs without a build step first (the CUDA extension's
+    # JIT compile takes minutes): its module's `ready()`, if it has one.
+    module = _load(name)
+    return module is not None and getattr(module, "ready", lambda: True)()
+
+
 def is_available(name: str) -> bool:
     """Whether backend `name` can run here (it imports and its kernels are built)."""
     _check_name(name)
@@ -77,7 +86,7 @@ def resolve(backend: str, device: torch.device) -> str:
         else:
             if device.type == "cuda":
                 for name in _AUTO_ORDER_CUDA:
-                    if _importable(name):
+                    if _ready(name):
                         return name
             return "torch"
     if not _importable(backend):
