@@ -6,6 +6,8 @@ Layout convention of every kernel: tensors are (B, C, L); the softmax runs over 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,11 @@ def check_device(*xs: torch.Tensor) -> None:
             "fgattn's Triton kernels need CUDA tensors; CPU tensors only run under the Triton "
             "interpreter (set TRITON_INTERPRET=1 before fgattn.ops.triton_backend is imported)"
         )
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on x's GPU (Triton uses the current device), not whatever device is current."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def precision(x: torch.Tensor, tf32: bool) -> str:

@@ -28,6 +28,7 @@ from ._triton_common import (
     TILES,
     check_device,
     chunk,
+    device_guard,
     dot_rows,
     load_tile,
     precision,
@@ -268,7 +269,7 @@ def _bwd_self_kernel(
 # Launchers (plain functions on real tensors)
 
 
-def _forward(q, k, v, scale: float, tf32: bool):
+def _forward_unguarded(q, k, v, scale: float, tf32: bool):
     check_device(q, k, v)
     bsz, c, length = q.shape
     lv = v.shape[2]
@@ -283,6 +284,11 @@ def _forward(q, k, v, scale: float, tf32: bool):
         PRECISION=precision(q, tf32), num_warps=warps(bdv), num_stages=2,
     )  # fmt: skip
     return o, stats
+
+
+def _forward(q, k, v, scale: float, tf32: bool):
+    with device_guard(q):
+        return _forward_unguarded(q, k, v, scale, tf32)
 
 
 def _delta(do, q, k, v, stats, scale: float, prec: str):
@@ -300,7 +306,7 @@ def _delta(do, q, k, v, stats, scale: float, prec: str):
     return bst
 
 
-def _backward(do, q, k, v, stats, scale: float, tf32: bool):
+def _backward_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
     check_device(do, q, k, v)
     bsz, c, length = q.shape
     lv = v.shape[2]
@@ -325,7 +331,12 @@ def _backward(do, q, k, v, stats, scale: float, tf32: bool):
     return dq, dk, dv
 
 
-def _backward_self(do, x, stats, scale: float, tf32: bool):
+def _backward(do, q, k, v, stats, scale: float, tf32: bool):
+    with device_guard(q):
+        return _backward_unguarded(do, q, k, v, stats, scale, tf32)
+
+
+def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
     check_device(do, x)
     bsz, c, length = x.shape
     bst = _delta(do, x, x, x, stats, scale, precision(x, tf32))
@@ -338,6 +349,11 @@ def _backward_self(do, x, stats, scale: float, tf32: bool):
         PRECISION=precision(x, tf32), num_warps=warps(bdl), num_stages=2,
     )  # fmt: skip
     return dx
+
+
+def _backward_self(do, x, stats, scale: float, tf32: bool):
+    with device_guard(x):
+        return _backward_self_unguarded(do, x, stats, scale, tf32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ._triton_common import (
     TILES,
     check_device,
     chunk,
+    device_guard,
     dot_rows,
     load_tile,
     precision,
@@ -240,7 +241,7 @@ def _lse(x, scale: float, prec: str):
     return lse
 
 
-def _forward(x_a, x_b, eta, scale: float, tf32: bool):
+def _forward_unguarded(x_a, x_b, eta, scale: float, tf32: bool):
     check_device(x_a, x_b, eta)
     bsz, c, length = x_a.shape
     prec = precision(x_a, tf32)
@@ -257,7 +258,12 @@ def _forward(x_a, x_b, eta, scale: float, tf32: bool):
     return out, lse_a, lse_b
 
 
-def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
+def _forward(x_a, x_b, eta, scale: float, tf32: bool):
+    with device_guard(x_a):
+        return _forward_unguarded(x_a, x_b, eta, scale, tf32)
+
+
+def _backward_unguarded(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
     check_device(g, x_a, x_b, eta)
     bsz, c, length = x_a.shape
     prec = precision(x_a, tf32)
@@ -283,6 +289,11 @@ def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
     )  # fmt: skip
     deta = (-eps.sum(dim=1)).to(eta.dtype)  # dη = −Σ_i ε_i
     return da, db, deta
+
+
+def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
+    with device_guard(x_a):
+        return _backward_unguarded(g, x_a, x_b, eta, lse_a, lse_b, scale, tf32)
 
 
 # ----------------------------------------------------------------------------------------------
