@@ -93,7 +93,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_()
 
 
-def _check_attention(ops, q, k, v, scale, dtype, same=False, tol=None, floor=1e-6):
+def _check_attention(ops, q, k, v, scale, dtype, same=False, tol=None, floor=1e-6, tf32=False):
     """Output and every gradient of the op against the reference (fp32 reference for low dtypes
     gets the same low-precision inputs)."""
     inputs = (q,) if same else (q, k, v)
@@ -101,7 +101,7 @@ def _check_attention(ops, q, k, v, scale, dtype, same=False, tol=None, floor=1e-
     ref_in = [_leaf(t) for t in inputs]
     qkv_got = got_in * 3 if same else got_in
     qkv_ref = ref_in * 3 if same else ref_in
-    out = cb.apply_channel_attention(ops, *qkv_got, scale)
+    out = cb.apply_channel_attention(ops, *qkv_got, scale, tf32)
     want = reference.channel_attention(*qkv_ref, scale)
     assert out.dtype == v.dtype
     _close(out, want, dtype, "out", tol, floor)
@@ -113,18 +113,18 @@ def _check_attention(ops, q, k, v, scale, dtype, same=False, tol=None, floor=1e-
         _close(g, w, dtype, name, tol, floor)
 
 
-def _check_contrastive(ops, x_a, x_b, eta, scale, dtype):
+def _check_contrastive(ops, x_a, x_b, eta, scale, dtype, tol=None, tf32=False):
     got_in = [_leaf(t) for t in (x_a, x_b, eta)]
     ref_in = [_leaf(t) for t in (x_a, x_b, eta)]
-    out = cb.apply_contrastive(ops, *got_in, scale)
+    out = cb.apply_contrastive(ops, *got_in, scale, tf32)
     want = reference.contrastive_channel_attention(*ref_in, scale)
     assert out.dtype == x_a.dtype
-    _close(out, want, dtype, "out")
+    _close(out, want, dtype, "out", tol)
     grad = torch.randn_like(want)
     got_g = torch.autograd.grad(out, got_in, grad)
     want_g = torch.autograd.grad(want, ref_in, grad)
     for name, g, w in zip(("dx_a", "dx_b", "deta"), got_g, want_g, strict=True):
-        _close(g, w, dtype if name != "deta" else torch.float32, name)
+        _close(g, w, dtype, name, tol)
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -161,6 +161,18 @@ def test_self_attention_one_tensor(impl, dtype):
     ops, dev = impl
     x = torch.randn(2, 70, 20, device=dev).relu().to(dtype)
     _check_attention(ops, x, x, x, -1.0 / 20, dtype, same=True)
+
+
+def test_fp32_tf32_tensor_cores(impl):
+    # fp32 on the TF32 path (allow_tf32): inputs and P rounded to 10 mantissa bits.
+    ops, dev = impl
+    q, k = (torch.randn(2, 70, 20, device=dev) for _ in range(2))
+    v = torch.randn(2, 70, 150, device=dev)
+    _check_attention(ops, q, k, v, -0.3, torch.float32, tol=5e-3, tf32=True)
+    _check_attention(ops, q, q, q, -0.3, torch.float32, same=True, tol=5e-3, tf32=True)
+    eta = torch.rand(2, device=dev)
+    # The contrastive backward amplifies it (dS ∘ sign(W), cancellations in G∘D − δ).
+    _check_contrastive(ops, q, k, eta, -0.3, torch.float32, tol=2e-2, tf32=True)
 
 
 def test_attention_non_contiguous(impl):
@@ -232,7 +244,7 @@ def test_contrastive_large_magnitudes_forward(impl):
 def test_lse_is_saved(impl):
     ops, dev = impl
     q, k, v = (torch.randn(2, 70, 20, device=dev) for _ in range(3))
-    _, lse = ops.channel_attention_fwd(q, k, v, -0.5)
+    _, lse = ops.channel_attention_fwd(q, k, v, -0.5, False)
     want = torch.logsumexp(-0.5 * q @ k.transpose(1, 2), dim=-1)
     torch.testing.assert_close(lse, want, rtol=1e-5, atol=1e-5)
 
@@ -241,10 +253,12 @@ def test_opcheck(impl):
     ops, dev = impl
     q, k = (torch.randn(2, 9, 5, device=dev, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 9, 7, device=dev, requires_grad=True)
-    torch.library.opcheck(ops.channel_attention_fwd.default, (q, k, v, -1.0))
+    torch.library.opcheck(ops.channel_attention_fwd.default, (q, k, v, -1.0, False))
     x_a, x_b = (torch.randn(2, 9, 5, device=dev, requires_grad=True) for _ in range(2))
     eta = torch.rand(2, device=dev, requires_grad=True)
-    torch.library.opcheck(ops.contrastive_channel_attention_fwd.default, (x_a, x_b, eta, -1.0))
+    torch.library.opcheck(
+        ops.contrastive_channel_attention_fwd.default, (x_a, x_b, eta, -1.0, False)
+    )
 
 
 def test_fake_shapes(impl):
@@ -254,13 +268,13 @@ def test_fake_shapes(impl):
     with FakeTensorMode():
         q = torch.empty(3, 10, 6, dtype=torch.bfloat16)
         v = torch.empty(3, 10, 13, dtype=torch.bfloat16)
-        out, lse = ops.channel_attention_fwd(q, q, v, -1.0)
+        out, lse = ops.channel_attention_fwd(q, q, v, -1.0, False)
         assert out.shape == (3, 10, 13) and out.dtype == torch.bfloat16
         assert lse.shape == (3, 10) and lse.dtype == torch.float32
-        grads = ops.channel_attention_bwd(out, q, q, v, out, lse, -1.0)
+        grads = ops.channel_attention_bwd(out, q, q, v, out, lse, -1.0, False)
         assert [g.shape for g in grads] == [q.shape, q.shape, v.shape]
         eta = torch.empty(3)
-        out, lse_a, lse_b = ops.contrastive_channel_attention_fwd(q, q, eta, -1.0)
+        out, lse_a, lse_b = ops.contrastive_channel_attention_fwd(q, q, eta, -1.0, False)
         assert out.shape == q.shape and lse_a.shape == lse_b.shape == (3, 10)
 
 
@@ -282,11 +296,11 @@ def test_kernel_checks(impl):
     ops, dev = impl
     q = torch.randn(2, 9, 5, device=dev)
     with pytest.raises(RuntimeError, match="one dtype per call"):
-        ops.channel_attention_fwd(q, q.double(), q, -1.0)
+        ops.channel_attention_fwd(q, q.double(), q, -1.0, False)
     with pytest.raises(RuntimeError, match="k must have q's length"):
-        ops.channel_attention_fwd(q, q[:, :, :4], q, -1.0)
+        ops.channel_attention_fwd(q, q[:, :, :4], q, -1.0, False)
     with pytest.raises(RuntimeError, match="eta must be"):
-        ops.contrastive_channel_attention_fwd(q, q, torch.rand(3, device=dev), -1.0)
+        ops.contrastive_channel_attention_fwd(q, q, torch.rand(3, device=dev), -1.0, False)
 
 
 # ----------------------------------------------------------------------------------------------

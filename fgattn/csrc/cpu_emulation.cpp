@@ -39,11 +39,8 @@ void emulate(int64_t gx, int64_t gy, int64_t gz, const Body& body) {
 #define FG_DEVICE_OK(t) ((t).is_cpu())
 #define FG_DEVICE_NAME "CPU (emulation)"
 #define FG_GUARD(t) (void)0
-#define FG_LAUNCH(NAME, T, GRID, P)                                                          \
-  do {                                                                                       \
-    const Grid g_ = GRID;                                                                    \
-    emulate(g_.x, g_.y, g_.z, [&](const Ctx& ctx_) { NAME##_body<T>(ctx_, P); });           \
-  } while (0)
+#define FG_LAUNCH1(NAME, T, TC, G, P) \
+  emulate(G.x, G.y, G.z, [&](const Ctx& ctx_) { NAME##_body<T, TC>(ctx_, P); })
 
 #include "ops_impl.h"
 

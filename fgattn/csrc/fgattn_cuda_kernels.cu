@@ -13,11 +13,11 @@
 namespace fgattn {
 
 #define FG_KERNEL(NAME)                                                                  \
-  template <typename T>                                                                  \
+  template <typename T, bool TC>                                                         \
   __global__ void __launch_bounds__(kThreads) NAME##_kernel(const __grid_constant__      \
                                                                 NAME##_params_t<T> p) {  \
     const Ctx ctx{int(threadIdx.x), int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)}; \
-    NAME##_body<T>(ctx, p);                                                              \
+    NAME##_body<T, TC>(ctx, p);                                                          \
   }
 
 template <typename T>
@@ -48,12 +48,11 @@ FG_KERNEL(co_bwd)
 #define FG_DEVICE_OK(t) ((t).is_cuda())
 #define FG_DEVICE_NAME "CUDA"
 #define FG_GUARD(t) const c10::cuda::OptionalCUDAGuard fg_guard_(device_of(t))
-#define FG_LAUNCH(NAME, T, GRID, P)                                                   \
-  do {                                                                                \
-    const Grid g_ = GRID;                                                             \
-    NAME##_kernel<T><<<dim3(unsigned(g_.x), unsigned(g_.y), unsigned(g_.z)), kThreads, 0, \
-                       c10::cuda::getCurrentCUDAStream()>>>(P);                        \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                   \
+#define FG_LAUNCH1(NAME, T, TC, G, P)                                                        \
+  do {                                                                                       \
+    NAME##_kernel<T, TC><<<dim3(unsigned(G.x), unsigned(G.y), unsigned(G.z)), kThreads, 0, \
+                           c10::cuda::getCurrentCUDAStream()>>>(P);                          \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                          \
   } while (0)
 
 #include "ops_impl.h"

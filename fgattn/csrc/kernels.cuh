@@ -6,23 +6,29 @@
 // output and kBD of its columns; it loops over the C axis in kBN-wide column blocks, so the C x C
 // matrix only ever exists as one kBM x kBN fp32 tile in shared memory.
 //
-// Arithmetic: inputs (fp32/fp16/bf16) are converted to fp32 when staged into shared memory; every
-// product, logit, softmax and accumulator is fp32 (plain FMA, no tensor cores in this version).
-// The row max is taken of the SCALED logits (scale is negative by default).
+// Arithmetic: inputs (fp32/fp16/bf16) are converted to fp32 when staged into shared memory; logits,
+// softmax statistics and accumulators are fp32. The two tile products (logits over L, P times a
+// value tile) run on TF32 tensor cores (WMMA m16n16k8, TC = true) for fp16/bf16 — exact products,
+// since TF32 holds their mantissas — and for fp32 when TF32 is allowed; otherwise (fp32 default)
+// on plain fp32 FMA (TC = false). The row max is taken of the SCALED logits (scale < 0 default).
 //
 // The bodies are written once and compiled twice: by nvcc into __global__ kernels
 // (fgattn_cuda_kernels.cu), and by the host compiler into a CPU emulation (cpu_emulation.cpp) that
 // runs each block with kThreads std::threads and a barrier for __syncthreads, so the index math,
 // masking and synchronisation are tested without a GPU. Hence: no warp intrinsics, no assumptions
-// beyond "kThreads threads, barriers between phases", shared memory declared with FG_SHARED.
+// beyond "kThreads threads, barriers between phases", shared memory declared with FG_SHARED; the
+// WMMA fragments have a host stand-in (whole fragment per lane, lane 0 stores).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
+#include <mma.h>
 #define FG_D __device__ __forceinline__
 #define FG_SHARED __shared__
+#define FG_SHARED_ALIGNED __shared__ __align__(32)
 #define FG_SYNC(ctx) __syncthreads()
 #define FG_UNROLL _Pragma("unroll")
 #else
@@ -32,6 +38,7 @@
 // One block runs at a time in the emulation, so a function-local static is exactly "one copy per
 // block, visible to all its threads".
 #define FG_SHARED static
+#define FG_SHARED_ALIGNED alignas(32) static
 #define FG_SYNC(ctx) (ctx).bar->wait()
 #define FG_UNROLL
 #endif
@@ -47,6 +54,15 @@ constexpr int kThreads = 256;
 // 64 x 64 tile: strided so a warp reads distinct shared-memory banks.
 constexpr int kTR = 16;
 static_assert(kBM == kBN && kBM == kBD && kTR * kTR == kThreads && 4 * kTR == kBM, "tile shape");
+// Leading dimensions of the shared tiles read by WMMA: multiples of 4 floats (16 bytes), and
+// 16-row / 8-column offsets stay 32-byte aligned.
+constexpr int kLdP = kBN + 4;  // probability / gradient tile P[kBM][kLdP]
+constexpr int kLdK = kBK + 4;  // staged operand chunks [kBM][kLdK] (tensor-core path)
+constexpr int kLdS = kBD + 4;  // staged value tile / fragment output [kBN][kLdS]
+// Tensor-core path scratch, shared by tile_dot_tc and tile_pv_tc (never live at the same time).
+constexpr int kScratch = (2 * kBM * kLdK > kBN * kLdS) ? 2 * kBM * kLdK : kBN * kLdS;
+constexpr int kWarps = kThreads / 32;
+static_assert(kWarps == 8 && kLdK % 8 == 4 && kLdS % 8 == 4, "fragment ownership / alignment");
 
 #ifndef __CUDACC__
 // A reusable barrier (generation counting) standing in for __syncthreads in the emulation.
@@ -100,7 +116,7 @@ FG_D float sign(float w) { return w > 0.f ? 1.f : (w < 0.f ? -1.f : 0.f); }  // 
 // acc[i][j] = Σ_k A[a0 + r_i, k] B[b0 + c_j, k] over k < K (r_i = tr + 16 i, c_j = tc + 16 j).
 // Starts and ends with the block synchronised.
 template <typename T>
-FG_D void tile_dot(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0, int K,
+FG_D void tile_dot_fma(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0, int K,
                    float acc[4][4]) {
   FG_SHARED float As[kBM][kBK + 1];  // +1: row reads of a column land in distinct banks
   FG_SHARED float Bs[kBN][kBK + 1];
@@ -130,7 +146,7 @@ FG_D void tile_dot(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int 
 // acc[i][j] += Σ_k P[r_i][k] M[n0 + k, d0 + c_j] over the kBN rows of the column block n0.
 // P must be written and synchronised before; ends with the block synchronised.
 template <typename T>
-FG_D void tile_pv(const Ctx& ctx, float (*P)[kBN + 1], const Mat<T>& M, int b, int n0, int d0,
+FG_D void tile_pv_fma(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, int b, int n0, int d0,
                   float acc[4][4]) {
   FG_SHARED float Ms[kBN][kBD + 1];
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -150,9 +166,184 @@ FG_D void tile_pv(const Ctx& ctx, float (*P)[kBN + 1], const Mat<T>& M, int b, i
   FG_SYNC(ctx);
 }
 
-// Writes the register tile t to P, then acc += P M[n0 : n0 + kBN, d0 : d0 + kBD] (tile_pv).
+// ------------------------------------------------------------------------------------------------
+// Tensor-core path: TF32 WMMA (m16n16k8), fp32 accumulation. TF32 keeps 10 mantissa bits, so
+// bf16/fp16 inputs are multiplied exactly; only P (probabilities, dS) is rounded to TF32. fp32
+// inputs take this path only when TF32 is allowed. The 64 x 64 result tile is 4 x 4 fragments;
+// warp w owns fragment row w / 2 and fragment columns 2 (w % 2) and 2 (w % 2) + 1. Results go
+// through shared memory into the per-thread micro-tile layout that the element-wise code uses.
+
+#ifdef __CUDACC__
+namespace wmma = nvcuda::wmma;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+FG_D void frag_load(const Ctx&, Frag& f, const float* ptr, int ld) {
+  wmma::load_matrix_sync(f, ptr, ld);
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
+}
+FG_D void frag_zero(FragC& c) { wmma::fill_fragment(c, 0.f); }
+template <typename FragB>
+FG_D void frag_mma(FragC& c, const FragA& a, const FragB& b) { wmma::mma_sync(c, a, b, c); }
+FG_D void frag_store(const Ctx&, float* ptr, const FragC& c, int ld) {
+  wmma::store_matrix_sync(ptr, c, ld, wmma::mem_row_major);
+}
+#else
+// Emulation: every lane holds the whole fragment (same values), lane 0 stores it.
+inline float to_tf32(float x) {  // cvt.rna.tf32.f32: round to nearest, ties away from zero
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+struct FragA {  // 16 x 8, row-major source
+  float x[16][8];
+};
+struct FragBCol {  // 8 x 16 from a column-major source: element (k, n) at ptr[n * ld + k]
+  float x[8][16];
+};
+struct FragBRow {  // 8 x 16 from a row-major source: element (k, n) at ptr[k * ld + n]
+  float x[8][16];
+};
+struct FragC {
+  float x[16][16];
+};
+inline void frag_load(const Ctx&, FragA& f, const float* ptr, int ld) {
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 8; ++k) f.x[r][k] = to_tf32(ptr[r * ld + k]);
+}
+inline void frag_load(const Ctx&, FragBCol& f, const float* ptr, int ld) {
+  for (int k = 0; k < 8; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k][n] = to_tf32(ptr[n * ld + k]);
+}
+inline void frag_load(const Ctx&, FragBRow& f, const float* ptr, int ld) {
+  for (int k = 0; k < 8; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k][n] = to_tf32(ptr[k * ld + n]);
+}
+inline void frag_zero(FragC& c) {
+  for (auto& row : c.x)
+    for (float& v : row) v = 0.f;
+}
+template <typename FragB>
+inline void frag_mma(FragC& c, const FragA& a, const FragB& b) {
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n)
+      for (int k = 0; k < 8; ++k) c.x[r][n] += a.x[r][k] * b.x[k][n];
+}
+inline void frag_store(const Ctx& ctx, float* ptr, const FragC& c, int ld) {
+  if (ctx.tid % 32 != 0) return;
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) ptr[r * ld + n] = c.x[r][n];
+}
+#endif
+
+FG_D float* tc_scratch() {
+  FG_SHARED_ALIGNED float scratch[kScratch];
+  return scratch;
+}
+
+// Stores the two fragments of this warp into the [kBM][kLdS] scratch tile, then copies them into
+// the per-thread micro-tile (acc = or += ). The scratch must be free (caller synchronised).
+template <bool kAdd>
+FG_D void frags_to_regs(const Ctx& ctx, float* S, const FragC c[2], float acc[4][4]) {
+  const int w = ctx.tid / 32, fr = w / 2, fc = 2 * (w % 2);
+  frag_store(ctx, S + 16 * fr * kLdS + 16 * fc, c[0], kLdS);
+  frag_store(ctx, S + 16 * fr * kLdS + 16 * (fc + 1), c[1], kLdS);
+  FG_SYNC(ctx);
+  const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const float v = S[(tr + kTR * i) * kLdS + tc + kTR * j];
+      acc[i][j] = kAdd ? acc[i][j] + v : v;
+    }
+  FG_SYNC(ctx);
+}
+
+// tile_dot on tensor cores (same contract as tile_dot_fma).
 template <typename T>
-FG_D void stage_pv(const Ctx& ctx, float (*P)[kBN + 1], const float t[4][4], const Mat<T>& M,
+FG_D void tile_dot_tc(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0,
+                      int K, float acc[4][4]) {
+  float* S = tc_scratch();
+  float* As = S;              // [kBM][kLdK]
+  float* Bs = S + kBM * kLdK;  // [kBN][kLdK]
+  const int w = ctx.tid / 32, fr = w / 2, fc = 2 * (w % 2);
+  FragC c[2];
+  frag_zero(c[0]);
+  frag_zero(c[1]);
+  for (int k0 = 0; k0 < K; k0 += kBK) {
+    for (int idx = ctx.tid; idx < kBM * kBK; idx += kThreads) {
+      const int r = idx / kBK, k = idx % kBK;
+      const bool in = k0 + k < K;
+      As[r * kLdK + k] = in ? ld(A, b, a0 + r, k0 + k) : 0.f;
+      Bs[r * kLdK + k] = in ? ld(B, b, b0 + r, k0 + k) : 0.f;
+    }
+    FG_SYNC(ctx);
+    for (int kk = 0; kk < kBK; kk += 8) {
+      FragA fa;
+      frag_load(ctx, fa, As + 16 * fr * kLdK + kk, kLdK);
+      for (int t = 0; t < 2; ++t) {
+        FragBCol fb;  // B[k][n] = Bs[n][k]: column-major
+        frag_load(ctx, fb, Bs + 16 * (fc + t) * kLdK + kk, kLdK);
+        frag_mma(c[t], fa, fb);
+      }
+    }
+    FG_SYNC(ctx);
+  }
+  frags_to_regs<false>(ctx, S, c, acc);
+}
+
+// tile_pv on tensor cores (same contract as tile_pv_fma).
+template <typename T>
+FG_D void tile_pv_tc(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, int b, int n0, int d0,
+                     float acc[4][4]) {
+  float* Ms = tc_scratch();  // [kBN][kLdS]
+  for (int idx = ctx.tid; idx < kBN * kBD; idx += kThreads) {
+    const int r = idx / kBD, c = idx % kBD;
+    Ms[r * kLdS + c] = ld(M, b, n0 + r, d0 + c);
+  }
+  FG_SYNC(ctx);
+  const int w = ctx.tid / 32, fr = w / 2, fc = 2 * (w % 2);
+  FragC c[2];
+  frag_zero(c[0]);
+  frag_zero(c[1]);
+  for (int kk = 0; kk < kBN; kk += 8) {
+    FragA fa;
+    frag_load(ctx, fa, &P[16 * fr][kk], kLdP);
+    for (int t = 0; t < 2; ++t) {
+      FragBRow fb;
+      frag_load(ctx, fb, Ms + kk * kLdS + 16 * (fc + t), kLdS);
+      frag_mma(c[t], fa, fb);
+    }
+  }
+  FG_SYNC(ctx);  // every warp is done with Ms before the results overwrite it
+  frags_to_regs<true>(ctx, Ms, c, acc);
+}
+
+template <bool TC, typename T>
+FG_D void tile_dot(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0, int K,
+                   float acc[4][4]) {
+  if constexpr (TC)
+    tile_dot_tc(ctx, A, B, b, a0, b0, K, acc);
+  else
+    tile_dot_fma(ctx, A, B, b, a0, b0, K, acc);
+}
+
+template <bool TC, typename T>
+FG_D void tile_pv(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, int b, int n0, int d0,
+                  float acc[4][4]) {
+  if constexpr (TC)
+    tile_pv_tc(ctx, P, M, b, n0, d0, acc);
+  else
+    tile_pv_fma(ctx, P, M, b, n0, d0, acc);
+}
+
+// Writes the register tile t to P, then acc += P M[n0 : n0 + kBN, d0 : d0 + kBD] (tile_pv).
+template <bool TC, typename T>
+FG_D void stage_pv(const Ctx& ctx, float (*P)[kLdP], const float t[4][4], const Mat<T>& M,
                    int b, int n0, int d0, float acc[4][4]) {
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
   FG_UNROLL
@@ -160,7 +351,7 @@ FG_D void stage_pv(const Ctx& ctx, float (*P)[kBN + 1], const float t[4][4], con
     FG_UNROLL
     for (int j = 0; j < 4; ++j) P[tr + kTR * i][tc + kTR * j] = t[i][j];
   FG_SYNC(ctx);
-  tile_pv(ctx, P, M, b, n0, d0, acc);
+  tile_pv<TC>(ctx, P, M, b, n0, d0, acc);
 }
 
 // out[b, r0 + r_i, d0 + c_j] = acc[i][j] * mul for a contiguous (B, C, W) output, masked.
@@ -202,9 +393,9 @@ struct CaParams {
 };
 
 // grid (⌈C/kBM⌉, ⌈Lv/kBD⌉, B). Online softmax over column blocks; out = Σ p v / l, lse = m + log l.
-template <typename T>
+template <typename T, bool TC>
 FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
-  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float m_s[kBM], l_s[kBM], alpha_s[kBM];
   const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -214,7 +405,7 @@ FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
   }
   float o[4][4] = {}, s[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
-    tile_dot(ctx, p.q, p.k, b, m0, n0, p.L, s);
+    tile_dot<TC>(ctx, p.q, p.k, b, m0, n0, p.L, s);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j)
         P[tr + kTR * i][tc + kTR * j] = n0 + tc + kTR * j < p.C ? s[i][j] * p.scale : -INFINITY;
@@ -238,7 +429,7 @@ FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
     FG_SYNC(ctx);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) o[i][j] *= alpha_s[tr + kTR * i];
-    tile_pv(ctx, P, p.v, b, n0, d0, o);
+    tile_pv<TC>(ctx, P, p.v, b, n0, d0, o);
   }
   float inv[4][4];
   for (int i = 0; i < 4; ++i)
@@ -249,9 +440,9 @@ FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
 }
 
 // grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). dq = scale · ds k, ds = p ∘ (g vᵀ − δ), p = exp(scale q kᵀ − lse).
-template <typename T>
+template <typename T, bool TC>
 FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
-  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float lse_s[kBM], delta_s[kBM];
   const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -260,8 +451,8 @@ FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
   FG_SYNC(ctx);
   float acc[4][4] = {}, s[4][4], dp[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
-    tile_dot(ctx, p.q, p.k, b, m0, n0, p.L, s);
-    tile_dot(ctx, p.g, p.v, b, m0, n0, p.Lv, dp);
+    tile_dot<TC>(ctx, p.q, p.k, b, m0, n0, p.L, s);
+    tile_dot<TC>(ctx, p.g, p.v, b, m0, n0, p.Lv, dp);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int r = tr + kTR * i, c = tc + kTR * j;
@@ -271,16 +462,16 @@ FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
         P[r][c] = pr * (dp[i][j] - delta_s[r]);
       }
     FG_SYNC(ctx);
-    tile_pv(ctx, P, p.k, b, n0, d0, acc);
+    tile_pv<TC>(ctx, P, p.k, b, n0, d0, acc);
   }
   store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, p.scale);
 }
 
 // grid (⌈C/kBN⌉, ⌈max(L, Lv)/kBD⌉, B). Rows n of dk and dv, in the transposed [n, m] layout:
 // pᵀ = exp(scale k_n q_mᵀ − lse_m), dv_n = Σ_m pᵀ g_m, dk_n = scale Σ_m pᵀ ∘ (v_n g_mᵀ − δ_m) q_m.
-template <typename T>
+template <typename T, bool TC>
 FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
-  FG_SHARED float P[kBN][kBM + 1];
+  FG_SHARED_ALIGNED float P[kBN][kLdP];
   FG_SHARED float lse_s[kBM], delta_s[kBM];
   const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -290,7 +481,7 @@ FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
     load_rows(ctx, lse_s, p.lse, b, m0, p.C);
     load_rows(ctx, delta_s, p.delta, b, m0, p.C);
     FG_SYNC(ctx);
-    tile_dot(ctx, p.k, p.q, b, n0, m0, p.L, st);
+    tile_dot<TC>(ctx, p.k, p.q, b, n0, m0, p.L, st);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int r = tr + kTR * i, c = tc + kTR * j;
@@ -301,17 +492,17 @@ FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) P[tr + kTR * i][tc + kTR * j] = pt[i][j];
       FG_SYNC(ctx);
-      tile_pv(ctx, P, p.g, b, m0, d0, acc_v);
+      tile_pv<TC>(ctx, P, p.g, b, m0, d0, acc_v);
     }
     if (want_dk) {
-      tile_dot(ctx, p.v, p.g, b, n0, m0, p.Lv, dpt);
+      tile_dot<TC>(ctx, p.v, p.g, b, n0, m0, p.Lv, dpt);
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
           const int c = tc + kTR * j;
           P[tr + kTR * i][c] = pt[i][j] * (dpt[i][j] - delta_s[c]);
         }
       FG_SYNC(ctx);
-      tile_pv(ctx, P, p.q, b, m0, d0, acc_k);
+      tile_pv<TC>(ctx, P, p.q, b, m0, d0, acc_k);
     }
     FG_SYNC(ctx);  // lse_s / delta_s are reloaded next iteration
   }
@@ -335,9 +526,9 @@ struct CoParams {
 };
 
 // grid (⌈C/kBM⌉, 2, B): y = 0 gives lse of X_A, y = 1 of X_B. Row log-sum-exp of scale · X Xᵀ.
-template <typename T>
+template <typename T, bool TC>
 FG_D void co_lse_body(const Ctx& ctx, const CoParams<T>& p) {
-  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float m_s[kBM], l_s[kBM];
   const int b = ctx.bz, m0 = ctx.bx * kBM;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -349,7 +540,7 @@ FG_D void co_lse_body(const Ctx& ctx, const CoParams<T>& p) {
   }
   float s[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
-    tile_dot(ctx, x, x, b, m0, n0, p.L, s);
+    tile_dot<TC>(ctx, x, x, b, m0, n0, p.L, s);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j)
         P[tr + kTR * i][tc + kTR * j] = n0 + tc + kTR * j < p.C ? s[i][j] * p.scale : -INFINITY;
@@ -372,9 +563,9 @@ FG_D void co_lse_body(const Ctx& ctx, const CoParams<T>& p) {
 
 // grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). out = |P_A − η P_B| X_A with P recomputed from lse (second pass:
 // the |·| between softmax and product rules out the online rescaling).
-template <typename T>
+template <typename T, bool TC>
 FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
-  FG_SHARED float P[kBM][kBN + 1];
+  FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float lse_a[kBM], lse_b[kBM];
   const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
@@ -384,8 +575,8 @@ FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
   FG_SYNC(ctx);
   float acc[4][4] = {}, sa[4][4], sb[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
-    tile_dot(ctx, p.a, p.a, b, m0, n0, p.L, sa);
-    tile_dot(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
+    tile_dot<TC>(ctx, p.a, p.a, b, m0, n0, p.L, sa);
+    tile_dot<TC>(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int r = tr + kTR * i, c = tc + kTR * j;
@@ -395,14 +586,14 @@ FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
                         : 0.f;
       }
     FG_SYNC(ctx);
-    tile_pv(ctx, P, p.a, b, n0, d0, acc);
+    tile_pv<TC>(ctx, P, p.a, b, n0, d0, acc);
   }
   store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, 1.f);
 }
 
 // grid (⌈C/kBM⌉, 1, B). δ_i = Σ_k P_A,ik G_ik D_ik, ε_i = Σ_k P_B,ik G_ik D_ik with
 // D_ik = g_i · a_k and G = sign(P_A − η P_B).
-template <typename T>
+template <typename T, bool TC>
 FG_D void co_rowsum_body(const Ctx& ctx, const CoParams<T>& p) {
   FG_SHARED float lse_a[kBM], lse_b[kBM];
   FG_SHARED float red_d[kBM][kTR + 1], red_e[kBM][kTR + 1];
@@ -414,9 +605,9 @@ FG_D void co_rowsum_body(const Ctx& ctx, const CoParams<T>& p) {
   FG_SYNC(ctx);
   float dpart[4] = {}, epart[4] = {}, sa[4][4], sb[4][4], d[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
-    tile_dot(ctx, p.a, p.a, b, m0, n0, p.L, sa);
-    tile_dot(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
-    tile_dot(ctx, p.g, p.a, b, m0, n0, p.L, d);
+    tile_dot<TC>(ctx, p.a, p.a, b, m0, n0, p.L, sa);
+    tile_dot<TC>(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
+    tile_dot<TC>(ctx, p.g, p.a, b, m0, n0, p.L, d);
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int r = tr + kTR * i, c = tc + kTR * j;
@@ -447,9 +638,9 @@ FG_D void co_rowsum_body(const Ctx& ctx, const CoParams<T>& p) {
 // grid (⌈C/kBN⌉, ⌈L/kBD⌉, B). Rows n of dA and dB; [n, m] tiles, the logits being symmetric:
 //   dA_n = Σ_m |W_mn| g_m + scale Σ_m (dS_A,nm + dS_A,mn) a_m,   dB_n = scale Σ_m (dS_B..) b_m
 //   dS_A,ij = P_A,ij (G_ij D_ij − δ_i),   dS_B,ij = −η P_B,ij (G_ij D_ij − ε_i).
-template <typename T>
+template <typename T, bool TC>
 FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
-  FG_SHARED float P[kBN][kBM + 1];
+  FG_SHARED_ALIGNED float P[kBN][kLdP];
   FG_SHARED float la_n[kBN], lb_n[kBN], de_n[kBN], ep_n[kBN];
   FG_SHARED float la_m[kBM], lb_m[kBM], de_m[kBM], ep_m[kBM];
   const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD;
@@ -467,10 +658,10 @@ FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
     load_rows(ctx, de_m, p.delta, b, m0, p.C);
     load_rows(ctx, ep_m, p.eps, b, m0, p.C);
     FG_SYNC(ctx);
-    tile_dot(ctx, p.a, p.a, b, n0, m0, p.L, sa);    // [n, m] = a_n · a_m
-    tile_dot(ctx, p.xb, p.xb, b, n0, m0, p.L, sb);  // [n, m] = b_n · b_m
-    tile_dot(ctx, p.a, p.g, b, n0, m0, p.L, dmn);   // [n, m] = g_m · a_n = D_mn
-    tile_dot(ctx, p.g, p.a, b, n0, m0, p.L, dnm);   // [n, m] = g_n · a_m = D_nm
+    tile_dot<TC>(ctx, p.a, p.a, b, n0, m0, p.L, sa);    // [n, m] = a_n · a_m
+    tile_dot<TC>(ctx, p.xb, p.xb, b, n0, m0, p.L, sb);  // [n, m] = b_n · b_m
+    tile_dot<TC>(ctx, p.a, p.g, b, n0, m0, p.L, dmn);   // [n, m] = g_m · a_n = D_mn
+    tile_dot<TC>(ctx, p.g, p.a, b, n0, m0, p.L, dnm);   // [n, m] = g_n · a_m = D_nm
     // Overwrite in place: sa <- dS_A, sb <- dS_B, dmn <- |W_mn|.
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
@@ -490,9 +681,9 @@ FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
         sb[i][j] = -eta * p.scale * (pb_mn * (gd_mn - ep_m[c]) + pb_nm * (gd_nm - ep_n[r]));
         dmn[i][j] = fabsf(w_mn);
       }
-    stage_pv(ctx, P, dmn, p.g, b, m0, d0, acc_a);
-    stage_pv(ctx, P, sa, p.a, b, m0, d0, acc_a);
-    stage_pv(ctx, P, sb, p.xb, b, m0, d0, acc_b);
+    stage_pv<TC>(ctx, P, dmn, p.g, b, m0, d0, acc_a);
+    stage_pv<TC>(ctx, P, sa, p.a, b, m0, d0, acc_a);
+    stage_pv<TC>(ctx, P, sb, p.xb, b, m0, d0, acc_b);
   }
   store_tile(ctx, p.out, b, n0, d0, p.C, p.L, acc_a, 1.f);
   store_tile(ctx, p.out2, b, n0, d0, p.C, p.L, acc_b, 1.f);

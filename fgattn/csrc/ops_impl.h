@@ -1,12 +1,13 @@
 // Host-side implementations of the ops declared in schema.h: checks, allocation, launches.
 // Included by fgattn_cuda_kernels.cu (launches real kernels) and by cpu_emulation.cpp (runs the
-// same kernel bodies on CPU threads); the includer defines FG_LAUNCH, FG_DEVICE_OK and FG_GUARD.
+// same kernel bodies on CPU threads); the includer defines FG_LAUNCH1, FG_DEVICE_OK, FG_GUARD.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "kernels.cuh"
 
@@ -19,6 +20,24 @@ struct Grid {
 };
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Kernel NAME for scalar type T on the grid: tensor cores (TC) for fp16/bf16 always, for fp32
+// only when TF32 is allowed (the plain-FMA fp32 instantiation keeps exact fp32 products). The
+// generic lambda makes `if constexpr` discard the <fp16/bf16, FMA> branch (the dispatch lambda
+// around it is not a template, where a discarded branch would still be instantiated).
+#define FG_LAUNCH(NAME, T, GRID, P, TF32)             \
+  [&](auto type_tag_) {                               \
+    using T_ = typename decltype(type_tag_)::type;    \
+    const Grid g_ = GRID;                             \
+    if constexpr (std::is_same_v<T_, float>) {        \
+      if (TF32)                                       \
+        FG_LAUNCH1(NAME, T_, true, g_, P);            \
+      else                                            \
+        FG_LAUNCH1(NAME, T_, false, g_, P);           \
+    } else {                                          \
+      FG_LAUNCH1(NAME, T_, true, g_, P);              \
+    }                                                 \
+  }(std::type_identity<T>{})
 
 // One switch for the three dtypes the kernels support; float64 goes to the reference in Python.
 #define FG_DISPATCH(TYPE, NAME, ...)                                                   \
@@ -55,7 +74,8 @@ inline Tensor rows_f32(const Tensor& t, const Tensor& like, const char* name) {
 }
 
 inline std::tuple<Tensor, Tensor> channel_attention_fwd(const Tensor& q, const Tensor& k,
-                                                        const Tensor& v, double scale) {
+                                                        const Tensor& v, double scale,
+                                                        bool tf32) {
   check_bcl(q, "q", q);
   check_bcl(k, "k", q);
   check_bcl(v, "v", q);
@@ -76,7 +96,7 @@ inline std::tuple<Tensor, Tensor> channel_attention_fwd(const Tensor& q, const T
     p.L = int(q.size(2));
     p.Lv = int(Lv);
     p.scale = float(scale);
-    FG_LAUNCH(ca_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(Lv, kBD), B}), p);
+    FG_LAUNCH(ca_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(Lv, kBD), B}), p, tf32);
   });
   return {out, lse};
 }
@@ -84,7 +104,8 @@ inline std::tuple<Tensor, Tensor> channel_attention_fwd(const Tensor& q, const T
 inline std::tuple<Tensor, Tensor, Tensor> channel_attention_bwd(const Tensor& grad,
                                                                 const Tensor& q, const Tensor& k,
                                                                 const Tensor& v, const Tensor& out,
-                                                                const Tensor& lse, double scale) {
+                                                                const Tensor& lse, double scale,
+                                                                bool tf32) {
   check_bcl(q, "q", q);
   check_bcl(k, "k", q);
   check_bcl(v, "v", q);
@@ -113,10 +134,11 @@ inline std::tuple<Tensor, Tensor, Tensor> channel_attention_bwd(const Tensor& gr
     p.Lv = int(Lv);
     p.scale = float(scale);
     p.out = dq.data_ptr<scalar_t>();
-    FG_LAUNCH(ca_bwd_dq, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p);
+    FG_LAUNCH(ca_bwd_dq, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p, tf32);
     p.out = dk.data_ptr<scalar_t>();
     p.out2 = dv.data_ptr<scalar_t>();
-    FG_LAUNCH(ca_bwd_dkdv, scalar_t, (Grid{cdiv(C, kBN), cdiv(std::max(L, Lv), kBD), B}), p);
+    const int64_t tiles = cdiv(std::max(L, Lv), kBD);
+    FG_LAUNCH(ca_bwd_dkdv, scalar_t, (Grid{cdiv(C, kBN), tiles, B}), p, tf32);
   });
   return {dq, dk, dv};
 }
@@ -131,7 +153,8 @@ inline Tensor eta_f32(const Tensor& eta, const Tensor& x_a) {
 inline std::tuple<Tensor, Tensor, Tensor> contrastive_channel_attention_fwd(const Tensor& x_a,
                                                                             const Tensor& x_b,
                                                                             const Tensor& eta,
-                                                                            double scale) {
+                                                                            double scale,
+                                                                            bool tf32) {
   check_bcl(x_a, "x_a", x_a);
   check_bcl(x_b, "x_b", x_a);
   TORCH_CHECK(x_b.size(2) == x_a.size(2), "fgattn cuda: x_b must have x_a's shape");
@@ -151,18 +174,18 @@ inline std::tuple<Tensor, Tensor, Tensor> contrastive_channel_attention_fwd(cons
     p.scale = float(scale);
     p.lse_out_a = lse_a.data_ptr<float>();
     p.lse_out_b = lse_b.data_ptr<float>();
-    FG_LAUNCH(co_lse, scalar_t, (Grid{cdiv(C, kBM), 2, B}), p);
+    FG_LAUNCH(co_lse, scalar_t, (Grid{cdiv(C, kBM), 2, B}), p, tf32);
     p.lse_a = lse_a.data_ptr<float>();
     p.lse_b = lse_b.data_ptr<float>();
     p.out = out.data_ptr<scalar_t>();
-    FG_LAUNCH(co_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p);
+    FG_LAUNCH(co_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p, tf32);
   });
   return {out, lse_a, lse_b};
 }
 
 inline std::tuple<Tensor, Tensor, Tensor> contrastive_channel_attention_bwd(
     const Tensor& grad, const Tensor& x_a, const Tensor& x_b, const Tensor& eta,
-    const Tensor& lse_a, const Tensor& lse_b, double scale) {
+    const Tensor& lse_a, const Tensor& lse_b, double scale, bool tf32) {
   check_bcl(x_a, "x_a", x_a);
   check_bcl(x_b, "x_b", x_a);
   TORCH_CHECK(grad.sizes() == x_a.sizes() && x_b.sizes() == x_a.sizes(),
@@ -189,12 +212,12 @@ inline std::tuple<Tensor, Tensor, Tensor> contrastive_channel_attention_bwd(
     p.scale = float(scale);
     p.delta_out = delta.data_ptr<float>();
     p.eps_out = eps.data_ptr<float>();
-    FG_LAUNCH(co_rowsum, scalar_t, (Grid{cdiv(C, kBM), 1, B}), p);
+    FG_LAUNCH(co_rowsum, scalar_t, (Grid{cdiv(C, kBM), 1, B}), p, tf32);
     p.delta = delta.data_ptr<float>();
     p.eps = eps.data_ptr<float>();
     p.out = da.data_ptr<scalar_t>();
     p.out2 = db.data_ptr<scalar_t>();
-    FG_LAUNCH(co_bwd, scalar_t, (Grid{cdiv(C, kBN), cdiv(L, kBD), B}), p);
+    FG_LAUNCH(co_bwd, scalar_t, (Grid{cdiv(C, kBN), cdiv(L, kBD), B}), p, tf32);
   });
   Tensor deta = (-eps.sum(1)).to(eta.scalar_type());  // dη = −Σ_i ε_i
   return {da, db, deta};

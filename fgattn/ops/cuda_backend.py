@@ -224,50 +224,50 @@ def _register(ns: str) -> None:
     ops = getattr(torch.ops, ns)
 
     @torch.library.register_fake(f"{ns}::channel_attention_fwd")
-    def _(q, k, v, scale):
+    def _(q, k, v, scale, tf32):
         bsz, c, _ = q.shape
         return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, c), dtype=torch.float32)
 
     @torch.library.register_fake(f"{ns}::channel_attention_bwd")
-    def _(grad, q, k, v, out, lse, scale):
+    def _(grad, q, k, v, out, lse, scale, tf32):
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
     @torch.library.register_fake(f"{ns}::contrastive_channel_attention_fwd")
-    def _(x_a, x_b, eta, scale):
+    def _(x_a, x_b, eta, scale, tf32):
         stats = x_a.new_empty(x_a.shape[:2], dtype=torch.float32)
         return x_a.new_empty(x_a.shape), stats, torch.empty_like(stats)
 
     @torch.library.register_fake(f"{ns}::contrastive_channel_attention_bwd")
-    def _(grad, x_a, x_b, eta, lse_a, lse_b, scale):
+    def _(grad, x_a, x_b, eta, lse_a, lse_b, scale, tf32):
         return x_a.new_empty(x_a.shape), x_a.new_empty(x_b.shape), torch.empty_like(eta)
 
     def ca_setup(ctx, inputs, output):
-        q, k, v, scale = inputs
+        q, k, v, scale, tf32 = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.tf32 = scale, tf32
 
     def ca_backward(ctx, grad, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.channel_attention_bwd(grad, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = ops.channel_attention_bwd(grad, q, k, v, out, lse, ctx.scale, ctx.tf32)
+        return dq, dk, dv, None, None
 
     torch.library.register_autograd(
         f"{ns}::channel_attention_fwd", ca_backward, setup_context=ca_setup
     )
 
     def co_setup(ctx, inputs, output):
-        x_a, x_b, eta, scale = inputs
+        x_a, x_b, eta, scale, tf32 = inputs
         _, lse_a, lse_b = output
         ctx.save_for_backward(x_a, x_b, eta, lse_a, lse_b)
-        ctx.scale = scale
+        ctx.scale, ctx.tf32 = scale, tf32
 
     def co_backward(ctx, grad, _grad_lse_a, _grad_lse_b):
         x_a, x_b, eta, lse_a, lse_b = ctx.saved_tensors
         da, db, deta = ops.contrastive_channel_attention_bwd(
-            grad, x_a, x_b, eta, lse_a, lse_b, ctx.scale
+            grad, x_a, x_b, eta, lse_a, lse_b, ctx.scale, ctx.tf32
         )
-        return da, db, deta, None
+        return da, db, deta, None, None
 
     torch.library.register_autograd(
         f"{ns}::contrastive_channel_attention_fwd", co_backward, setup_context=co_setup
@@ -292,21 +292,28 @@ def _check_cuda(*xs: torch.Tensor) -> None:
         )
 
 
-def apply_channel_attention(ops, q, k, v, scale: float) -> torch.Tensor:
-    """Run the ops of namespace object `ops` (torch.ops.fgattn_cuda, or the emulation in tests)."""
+def _tf32() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def apply_channel_attention(ops, q, k, v, scale: float, tf32: bool = False) -> torch.Tensor:
+    """Run the ops of namespace object `ops` (torch.ops.fgattn_cuda, or the emulation in tests).
+
+    tf32 lets fp32 inputs use the TF32 tensor cores; fp16/bf16 always use them (exact products).
+    """
     dtype = v.dtype
     if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
         common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
         q, k, v = q.to(common), k.to(common), v.to(common)
-    return ops.channel_attention_fwd(q, k, v, float(scale))[0].to(dtype)
+    return ops.channel_attention_fwd(q, k, v, float(scale), tf32)[0].to(dtype)
 
 
-def apply_contrastive(ops, x_a, x_b, eta, scale: float) -> torch.Tensor:
+def apply_contrastive(ops, x_a, x_b, eta, scale: float, tf32: bool = False) -> torch.Tensor:
     dtype = x_a.dtype
     if x_a.dtype != x_b.dtype:
         common = torch.promote_types(x_a.dtype, x_b.dtype)
         x_a, x_b = x_a.to(common), x_b.to(common)
-    return ops.contrastive_channel_attention_fwd(x_a, x_b, eta, float(scale))[0].to(dtype)
+    return ops.contrastive_channel_attention_fwd(x_a, x_b, eta, float(scale), tf32)[0].to(dtype)
 
 
 def channel_attention(
@@ -317,7 +324,7 @@ def channel_attention(
     if _use_reference(q, k, v):
         return reference.channel_attention(q, k, v, scale)
     _ensure_loaded()
-    return apply_channel_attention(getattr(torch.ops, NAMESPACE), q, k, v, scale)
+    return apply_channel_attention(getattr(torch.ops, NAMESPACE), q, k, v, scale, _tf32())
 
 
 def contrastive_channel_attention(
@@ -328,7 +335,7 @@ def contrastive_channel_attention(
     if _use_reference(x_a, x_b):
         return reference.contrastive_channel_attention(x_a, x_b, eta, scale)
     _ensure_loaded()
-    return apply_contrastive(getattr(torch.ops, NAMESPACE), x_a, x_b, eta, scale)
+    return apply_contrastive(getattr(torch.ops, NAMESPACE), x_a, x_b, eta, scale, _tf32())
 
 
 # ----------------------------------------------------------------------------------------------
