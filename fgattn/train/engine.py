@@ -454,7 +454,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
             row.update(_reduce_sums(sums, device))
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics = evaluate(eval_model, test_loader, device, cfg)
-                row.update({f"test_{k}": v for k, v in metrics.items() if k != "count"})
+                row.update({f"test_{k}": v for k, v in metrics.items()})
                 if ema is not None:
                     ema_metrics = evaluate(ema.module, test_loader, device, cfg, "test (EMA)")
                     row.update({f"ema_test_{k}": v for k, v in ema_metrics.items() if k != "count"})

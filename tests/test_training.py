@@ -1,0 +1,278 @@
+"""End-to-end training: both scripts, every dataset layout, DDP, resume, signals, evaluation.
+
+All runs use the real fgattn models on timm's tiny ``test_resnet`` at 64 px for one short epoch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _fgvc_trees import KINDS, make_tree
+
+from fgattn.train import TrainConfig, load_checkpoint, main, resolve_config, save_atomic
+from fgattn.train import engine as E
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY = [
+    "--backbone", "test_resnet", "--image-size", "64", "--resize", "72",
+    "--synthetic-classes", "4", "--synthetic-train-per-class", "6",
+    "--synthetic-test-per-class", "3", "--batch-size", "4", "--pk-classes", "2",
+    "--pk-images", "3", "--eval-batch-size", "8", "--workers", "0", "--epochs", "1",
+    "--no-progress", "--no-plots", "--lr", "0.01", "--no-pretrained",
+]  # fmt: skip
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _history(ckpt: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in ckpt["history"]]
+
+
+# ----------------------------------------------------------------------------- scripts
+@pytest.mark.parametrize("arch", ["pcanet", "cin"])
+def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
+    """The example script itself, as a user runs it (with tiny settings)."""
+    cmd = [sys.executable, str(EXAMPLES / f"train_{arch}.py"), *TINY, "--plots",
+           "--output", str(tmp_path), "--name", "run"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "epoch 1 |" in proc.stdout and "test_top1" in proc.stdout
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert len(rows) == 2
+    header = rows[0].split(",")
+    extra = "train_loss_cont" if arch == "cin" else "train_loss_center"
+    assert {"train_loss", "train_loss_cls", extra, "test_top1", "test_top5"} <= set(header)
+    ckpt = torch.load(run / "last.pth", weights_only=True)  # loads safely
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0 and ckpt["config"]["arch"] == arch
+    assert torch.load(run / "best.pth", weights_only=True)["model"].keys() == ckpt["model"].keys()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["backbone"] == "test_resnet" and saved["dataset"] == "synthetic"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run / "loss.png").stat().st_size > 0 and (run / "accuracy.png").stat().st_size > 0
+    if arch == "cin":  # positive pairs exist, so the contrastive term is live (not ≡ 0)
+        row = dict(zip(header, rows[1].split(","), strict=True))
+        assert float(row["train_loss_cont"]) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_epoch_on_each_official_layout(tmp_path, kind):
+    root = make_tree(kind, tmp_path / "data", num_classes=4, train=6, test=3, size=80)
+    arch = "pcanet" if kind in ("cub", "cars") else "cin"
+    extra = ["--crop-banner"] if kind == "aircraft" else []
+    result = main(arch, [*TINY, "--dataset", kind, "--data-root", str(root), *extra,
+                         "--output", str(tmp_path), "--name", kind])  # fmt: skip
+    assert result["status"] == "finished"
+    ckpt = load_checkpoint(tmp_path / kind / "last.pth")
+    assert ckpt["classes"] == E.build_dataset(TrainConfig(**ckpt["config"]), "test").classes
+    assert ckpt["model"]["fc.weight"].shape[0] == 4
+    assert 0 <= result["test_top1"] <= 100 and result["test_top5"] == 100.0  # 4 classes < 5
+
+
+def test_amp_channels_last_ema_and_eval_every(tmp_path):
+    result = main("pcanet", [*TINY, "--amp", "bf16", "--channels-last", "--ema",
+                             "--ema-decay", "0.5", "--epochs", "2", "--eval-every", "2",
+                             "--output", str(tmp_path), "--name", "amp"])  # fmt: skip
+    ckpt = load_checkpoint(tmp_path / "amp" / "last.pth")
+    assert ckpt["ema"] is not None and "ema_test_top1" in result
+    assert "test_top1" not in ckpt["history"][0] and "test_top1" in ckpt["history"][1]
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_precedence_yaml_and_flags(tmp_path):
+    cfg = resolve_config("cin", [])
+    assert (cfg.dataset, cfg.backbone, cfg.image_size) == ("synthetic", "resnet10t", 64)
+    paper = resolve_config("cin", ["--dataset", "cub", "--data-root", "/x"])
+    assert (paper.lr, paper.lr_step, paper.lr_gamma, paper.weight_decay) == (0.001, 20, 0.5, 2e-4)
+    assert (paper.pk_classes, paper.pk_images, paper.epochs, paper.image_size) == (4, 5, 100, 448)
+    assert (paper.backbone, paper.pretrained) == ("resnet50", True)
+    pca = resolve_config("pcanet", ["--dataset", "cars", "--data-root", "/x"])
+    assert (pca.lr, pca.lr_step, pca.lr_gamma, pca.weight_decay, pca.batch_size, pca.epochs) == (
+        0.01, 2, 0.9, 1e-5, 16, 180)  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: cub\ndata_root: /y\nlr: 0.5\nepochs: 3\nmodel_kwargs: {alpha: 1}\n")
+    cfg = resolve_config("cin", ["--config", str(path), "--epochs", "7"])
+    assert (cfg.lr, cfg.epochs, cfg.data_root, cfg.model_kwargs) == (0.5, 7, "/y", {"alpha": 1})
+    assert cfg.image_size == 448  # a YAML naming a real dataset gets the paper settings
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        resolve_config("cin", ["--config", str(path)])
+    with pytest.raises(ValueError, match="data_root"):
+        resolve_config("cin", ["--dataset", "cub"])
+    with pytest.raises(SystemExit):
+        resolve_config("cin", ["--dataset", "imagenet"])
+
+
+def test_missing_dataset_error_reaches_the_user(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CUB-200-2011"):
+        main("pcanet", [*TINY, "--dataset", "cub", "--data-root", str(tmp_path),
+                        "--output", str(tmp_path), "--name", "x"])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_is_exact_at_epoch_and_mid_epoch(tmp_path, monkeypatch):
+    common = [*TINY, "--epochs", "2", "--output", str(tmp_path)]
+    main("cin", [*common, "--name", "full"])
+    full = load_checkpoint(tmp_path / "full" / "last.pth")
+
+    main("cin", [*common, "--epochs", "1", "--name", "split"])  # stop after epoch 1
+    main("cin", ["--resume", str(tmp_path / "split" / "last.pth"), "--epochs", "2"])
+    split = load_checkpoint(tmp_path / "split" / "last.pth")
+    assert _weights_equal(full["model"], split["model"])
+    assert _history(full) == _history(split)
+
+    # A stop request (SIGTERM) after step 2 of epoch 2: saves mid-epoch, then resumes exactly.
+    calls = {"n": 0}
+    steps = 4 * 6 // (2 * 3)  # 24 synthetic images, batches of P × K = 2 × 3
+
+    def agreed(self, device):
+        calls["n"] += 1  # one call per step and one at the end of each epoch
+        return calls["n"] == steps + 1 + 2  # after step 2 of epoch 2
+
+    monkeypatch.setattr(E._StopFlag, "agreed", agreed)
+    result = main("cin", [*common, "--name", "mid"])
+    assert result["status"] == "interrupted"
+    mid = load_checkpoint(tmp_path / "mid" / "last.pth")
+    assert (mid["epoch"], mid["step"]) == (1, 2)
+    monkeypatch.undo()
+    result = main("cin", ["--resume", str(tmp_path / "mid" / "last.pth")])
+    assert result["status"] == "finished"
+    mid = load_checkpoint(tmp_path / "mid" / "last.pth")
+    assert _weights_equal(full["model"], mid["model"])
+    assert _weights_equal(full["optimizer"]["state"][0], mid["optimizer"]["state"][0])
+    assert _history(full) == _history(mid)
+
+
+def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
+    cmd = [sys.executable, str(EXAMPLES / "train_pcanet.py"), *TINY, "--epochs", "40",
+           "--output", str(tmp_path), "--name", "sig"]  # fmt: skip
+    last = tmp_path / "sig" / "last.pth"
+
+    def start_and_wait_for_checkpoint():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        deadline = time.time() + 240
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), proc.communicate()[1][-3000:]
+        return proc
+
+    proc = start_and_wait_for_checkpoint()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert b"stop requested" in out
+    ckpt = torch.load(last, weights_only=True)
+    assert 1 <= ckpt["epoch"] < 40 and len(ckpt["history"]) == ckpt["epoch"]
+
+    last.unlink()
+    proc = start_and_wait_for_checkpoint()
+    proc.kill()  # SIGKILL: no chance to save; the atomic last.pth must still be loadable
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(last, weights_only=True)
+    resumed_from = ckpt["epoch"]
+    result = main("pcanet", ["--resume", str(last), "--epochs", str(resumed_from + 1)])
+    assert result["status"] == "finished" and result["epoch"] == resumed_from + 1
+    assert len(load_checkpoint(last)["history"]) == resumed_from + 1
+
+
+def test_atomic_save_keeps_old_file_when_a_save_fails(tmp_path):
+    path = tmp_path / "ck.pth"
+    save_atomic({"model": {"w": torch.ones(2)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"model": {"w": torch.zeros(2)}, "bad": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temp file left behind
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+        main("cin", ["--resume", str(tmp_path / "nope.pth")])
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not an fgattn training checkpoint"):
+        main("cin", ["--resume", str(tmp_path / "other.pth")])
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(E, "_warned_matplotlib", False)
+    assert E.write_plots([{"epoch": 1, "train_loss": 1.0, "test_top1": 5.0}], tmp_path) is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
+    """torchrun, 2 CPU processes (gloo): training runs, and the distributed test metrics (sharded,
+    15 images: no even split) equal a single-process evaluation of the same weights."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", str(EXAMPLES / "train_cin.py"), *TINY,
+           "--synthetic-test-per-class", "3", "--synthetic-classes", "5", "--pk-classes", "2",
+           "--output", str(tmp_path), "--name", "ddp"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world size 2" in proc.stdout
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pth")
+    assert len(ckpt["rng"]) == 2  # both ranks' RNG states, for exact resume
+    logged = ckpt["history"][-1]
+    single = _example("evaluate").main([str(tmp_path / "ddp" / "last.pth"), "--device", "cpu"])
+    assert single["count"] == 15
+    assert single["top1"] == pytest.approx(logged["test_top1"], abs=1e-9)
+    assert single["top5"] == pytest.approx(logged["test_top5"], abs=1e-9)
+    assert logged["test_count"] == 15  # every test image once: no padding, no duplicates
+    # Logits agree to float rounding only (conv kernels depend on batch shape and threads).
+    assert single["loss"] == pytest.approx(logged["test_loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- evaluate / vis
+@pytest.mark.parametrize("arch", ["pcanet", "cin"])
+def test_evaluate_and_visualize(tmp_path, arch):
+    main(arch, [*TINY, "--output", str(tmp_path), "--name", "r"])
+    best = tmp_path / "r" / "best.pth"
+    evaluate = _example("evaluate")
+    plain = evaluate.main([str(best), "--json", str(tmp_path / "m.json")])
+    flip = evaluate.main([str(best), "--flip"])
+    assert plain["count"] == flip["count"] == 12
+    assert plain["loss"] != flip["loss"]  # the mirrored view changes the averaged logits
+    logged = load_checkpoint(tmp_path / "r" / "last.pth")["history"][-1]
+    assert plain["top1"] == pytest.approx(logged["test_top1"])
+    with pytest.raises(ValueError, match="EMA"):
+        evaluate.main([str(best), "--ema"])
+    files = _example("visualize").main([str(best), "--out", str(tmp_path / "vis"),
+                                        "--num-pairs", "2"])  # fmt: skip
+    expected = 4 if arch == "cin" else 2
+    assert len(files) == expected and all(f.stat().st_size > 0 for f in files)
+    from torchvision.io import read_image
+
+    grid = read_image(str(files[0]))
+    assert grid.shape[0] == 3 and grid.shape[1] > 2 * 64 and grid.shape[2] > 4 * 64
