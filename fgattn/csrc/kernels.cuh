@@ -173,6 +173,14 @@ FG_D void tile_pv_fma(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, i
 // warp w owns fragment row w / 2 and fragment columns 2 (w % 2) and 2 (w % 2) + 1. Results go
 // through shared memory into the per-thread micro-tile layout that the element-wise code uses.
 
+// TF32 WMMA needs sm_80+; a build for an older GPU compiles the FMA path only (TC is ignored).
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FG_TF32_MMA 0
+#else
+#define FG_TF32_MMA 1
+#endif
+
+#if FG_TF32_MMA
 #ifdef __CUDACC__
 namespace wmma = nvcuda::wmma;
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
@@ -322,22 +330,28 @@ FG_D void tile_pv_tc(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, in
   FG_SYNC(ctx);  // every warp is done with Ms before the results overwrite it
   frags_to_regs<true>(ctx, Ms, c, acc);
 }
+#endif  // FG_TF32_MMA
 
+// The tile products used by the kernels: tensor cores when TC (and the GPU has them), else FMA.
 template <bool TC, typename T>
 FG_D void tile_dot(const Ctx& ctx, const Mat<T>& A, const Mat<T>& B, int b, int a0, int b0, int K,
                    float acc[4][4]) {
+#if FG_TF32_MMA
   if constexpr (TC)
     tile_dot_tc(ctx, A, B, b, a0, b0, K, acc);
-  else
+  else  // discarded branches of `if constexpr` are not instantiated: no unused shared memory
+#endif
     tile_dot_fma(ctx, A, B, b, a0, b0, K, acc);
 }
 
 template <bool TC, typename T>
 FG_D void tile_pv(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, int b, int n0, int d0,
                   float acc[4][4]) {
+#if FG_TF32_MMA
   if constexpr (TC)
     tile_pv_tc(ctx, P, M, b, n0, d0, acc);
-  else
+  else  // discarded branches of `if constexpr` are not instantiated: no unused shared memory
+#endif
     tile_pv_fma(ctx, P, M, b, n0, d0, acc);
 }
 
@@ -662,14 +676,14 @@ FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
     tile_dot<TC>(ctx, p.xb, p.xb, b, n0, m0, p.L, sb);  // [n, m] = b_n · b_m
     tile_dot<TC>(ctx, p.a, p.g, b, n0, m0, p.L, dmn);   // [n, m] = g_m · a_n = D_mn
     tile_dot<TC>(ctx, p.g, p.a, b, n0, m0, p.L, dnm);   // [n, m] = g_n · a_m = D_nm
-    // Overwrite in place: sa <- dS_A, sb <- dS_B, dmn <- |W_mn|.
+    // Overwrite in place: sa <- dS_A, sb <- dS_B, dmn <- |W_mn| (fully unrolled, so the
+    // register arrays stay in registers).
+    FG_UNROLL
     for (int i = 0; i < 4; ++i)
+      FG_UNROLL
       for (int j = 0; j < 4; ++j) {
         const int r = tr + kTR * i, c = tc + kTR * j;
-        if (n0 + r >= p.C || m0 + c >= p.C) {
-          sa[i][j] = sb[i][j] = dmn[i][j] = 0.f;
-          continue;
-        }
+        const bool valid = n0 + r < p.C && m0 + c < p.C;
         const float pa_mn = expf(sa[i][j] * p.scale - la_m[c]);
         const float pb_mn = expf(sb[i][j] * p.scale - lb_m[c]);
         const float pa_nm = expf(sa[i][j] * p.scale - la_n[r]);
@@ -677,9 +691,11 @@ FG_D void co_bwd_body(const Ctx& ctx, const CoParams<T>& p) {
         const float w_mn = pa_mn - eta * pb_mn;
         const float gd_mn = sign(w_mn) * dmn[i][j];
         const float gd_nm = sign(pa_nm - eta * pb_nm) * dnm[i][j];
-        sa[i][j] = p.scale * (pa_mn * (gd_mn - de_m[c]) + pa_nm * (gd_nm - de_n[r]));
-        sb[i][j] = -eta * p.scale * (pb_mn * (gd_mn - ep_m[c]) + pb_nm * (gd_nm - ep_n[r]));
-        dmn[i][j] = fabsf(w_mn);
+        // Selects, not multiplies: exp(0 − lse) of padding can be inf.
+        sa[i][j] = valid ? p.scale * (pa_mn * (gd_mn - de_m[c]) + pa_nm * (gd_nm - de_n[r])) : 0.f;
+        sb[i][j] =
+            valid ? -eta * p.scale * (pb_mn * (gd_mn - ep_m[c]) + pb_nm * (gd_nm - ep_n[r])) : 0.f;
+        dmn[i][j] = valid ? fabsf(w_mn) : 0.f;
       }
     stage_pv<TC>(ctx, P, dmn, p.g, b, m0, d0, acc_a);
     stage_pv<TC>(ctx, P, sa, p.a, b, m0, d0, acc_a);
