@@ -235,8 +235,8 @@ def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
 def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
     """torchrun, 2 CPU processes (gloo): training runs, and the distributed test metrics (sharded,
     15 images: no even split) equal a single-process evaluation of the same weights."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", str(EXAMPLES / "train_cin.py"), *TINY,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(EXAMPLES / "train_cin.py"), *TINY,
            "--synthetic-test-per-class", "3", "--synthetic-classes", "5", "--pk-classes", "2",
            "--output", str(tmp_path), "--name", "ddp"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)

@@ -310,7 +310,8 @@ class ImageFolder(_ImageListDataset):
 
     Args:
         root: the tree's root.
-        split: the sub-folder to read ("train", "test", "val", ...).
+        split: the sub-folder to read ("train", "test", "val", ...); "test" falls back to "val"
+            when the tree has no test folder.
         transform: applied to the PIL image.
     """
 
@@ -319,6 +320,8 @@ class ImageFolder(_ImageListDataset):
 
         super().__init__(transform)
         folder = Path(root).expanduser() / split
+        if split == "test" and not folder.exists() and (folder.parent / "val").is_dir():
+            folder = folder.parent / "val"  # many trees name their held-out split "val"
         _require(folder, "ImageFolder split folder", str(Path(root).expanduser()),
                  IMAGEFOLDER_SOURCE)  # fmt: skip
         try:

@@ -320,6 +320,11 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.is_initialized():
+        if device.type != "cuda":
+            raise ValueError(
+                f"sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU), got "
+                f"device {device}; drop --sync-bn"
+            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import StepLRScheduler
