@@ -155,6 +155,18 @@ def test_attention_wide_v(impl, dtype):
     _check_attention(ops, q, k, v[:, :, :7], -0.3, dtype)  # and narrower than L
 
 
+def test_attention_many_column_tiles(impl):
+    # L, Lv > 256: several column tiles per grid row in every kernel (forward 256 columns per
+    # block, dq 256, dk/dv 128), the last ones partly masked.
+    ops, dev = impl
+    q, k = (torch.randn(1, 70, 300, device=dev) / 4 for _ in range(2))
+    v = torch.randn(1, 70, 530, device=dev)
+    _check_attention(ops, q, k, v, -0.3, torch.float32)
+    _check_attention(ops, q.bfloat16(), k.bfloat16(), v.bfloat16(), -0.3, torch.bfloat16)
+    eta = torch.rand(1, device=dev)
+    _check_contrastive(ops, q, k, eta, -0.3, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_self_attention_one_tensor(impl, dtype):
     # SCI: q = k = v = X, one tensor; its gradient sums the three paths.

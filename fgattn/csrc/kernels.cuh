@@ -50,6 +50,12 @@ constexpr int kBN = 64;  // logit columns per loop step (must equal kBM: tile_do
 constexpr int kBK = 16;  // reduction chunk staged in shared memory
 constexpr int kBD = 64;  // output columns per block
 constexpr int kThreads = 256;
+// Output column pieces (kBD wide) per block: a block computes each logit tile once and applies it
+// to NP pieces held in registers (16 floats each per thread), instead of one block per piece
+// recomputing the logits. Fewer pieces where a kernel keeps more tiles live.
+constexpr int kNPFwd = 4;   // ca_fwd, co_fwd: 256 output columns
+constexpr int kNPDq = 4;    // ca_bwd_dq: 256 columns of dq
+constexpr int kNPDkdv = 2;  // ca_bwd_dkdv: 128 columns of dk and of dv
 // Thread t owns the 4 x 4 micro-tile rows tr + 16 i, columns tc + 16 j (i, j < 4) of every
 // 64 x 64 tile: strided so a warp reads distinct shared-memory banks.
 constexpr int kTR = 16;
@@ -368,6 +374,16 @@ FG_D void stage_pv(const Ctx& ctx, float (*P)[kLdP], const float t[4][4], const 
   tile_pv<TC>(ctx, P, M, b, n0, d0, acc);
 }
 
+// acc[q] += P M[n0 : n0 + kBN, d0 + q kBD : ...] for the pieces q that start before column W
+// (the condition is uniform over the block, as tile_pv's barriers require).
+template <bool TC, int NP, typename T>
+FG_D void tile_pv_pieces(const Ctx& ctx, const float (*P)[kLdP], const Mat<T>& M, int b, int n0,
+                         int d0, int W, float acc[NP][4][4]) {
+  FG_UNROLL
+  for (int q = 0; q < NP; ++q)
+    if (d0 + q * kBD < W) tile_pv<TC>(ctx, P, M, b, n0, d0 + q * kBD, acc[q]);
+}
+
 // out[b, r0 + r_i, d0 + c_j] = acc[i][j] * mul for a contiguous (B, C, W) output, masked.
 template <typename T>
 FG_D void store_tile(const Ctx& ctx, T* out, int b, int r0, int d0, int C, int W,
@@ -406,18 +422,19 @@ struct CaParams {
   float scale;
 };
 
-// grid (⌈C/kBM⌉, ⌈Lv/kBD⌉, B). Online softmax over column blocks; out = Σ p v / l, lse = m + log l.
+// grid (⌈C/kBM⌉, ⌈Lv/(kNPFwd kBD)⌉, B). Online softmax over column blocks; out = Σ p v / l, lse = m + log l.
 template <typename T, bool TC>
 FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
   FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float m_s[kBM], l_s[kBM], alpha_s[kBM];
-  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  constexpr int NP = kNPFwd;
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD * NP;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
   if (ctx.tid < kBM) {
     m_s[ctx.tid] = -INFINITY;
     l_s[ctx.tid] = 0.f;
   }
-  float o[4][4] = {}, s[4][4];
+  float o[NP][4][4] = {}, s[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
     tile_dot<TC>(ctx, p.q, p.k, b, m0, n0, p.L, s);
     for (int i = 0; i < 4; ++i)
@@ -441,29 +458,34 @@ FG_D void ca_fwd_body(const Ctx& ctx, const CaParams<T>& p) {
       alpha_s[ctx.tid] = alpha;
     }
     FG_SYNC(ctx);
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) o[i][j] *= alpha_s[tr + kTR * i];
-    tile_pv<TC>(ctx, P, p.v, b, n0, d0, o);
+    FG_UNROLL
+    for (int q = 0; q < NP; ++q)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) o[q][i][j] *= alpha_s[tr + kTR * i];
+    tile_pv_pieces<TC, NP>(ctx, P, p.v, b, n0, d0, p.Lv, o);
   }
-  float inv[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) inv[i][j] = o[i][j] / l_s[tr + kTR * i];
-  store_tile(ctx, p.out, b, m0, d0, p.C, p.Lv, inv, 1.f);
+  FG_UNROLL
+  for (int q = 0; q < NP; ++q) {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) o[q][i][j] /= l_s[tr + kTR * i];
+    store_tile(ctx, p.out, b, m0, d0 + q * kBD, p.C, p.Lv, o[q], 1.f);  // masks columns >= Lv
+  }
   if (ctx.by == 0 && ctx.tid < kBM && m0 + ctx.tid < p.C)
     p.lse_out[int64_t(b) * p.C + m0 + ctx.tid] = m_s[ctx.tid] + logf(l_s[ctx.tid]);
 }
 
-// grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). dq = scale · ds k, ds = p ∘ (g vᵀ − δ), p = exp(scale q kᵀ − lse).
+// grid (⌈C/kBM⌉, ⌈L/(kNPDq kBD)⌉, B). dq = scale · ds k, ds = p ∘ (g vᵀ − δ), p = exp(scale q kᵀ − lse).
 template <typename T, bool TC>
 FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
   FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float lse_s[kBM], delta_s[kBM];
-  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  constexpr int NP = kNPDq;
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD * NP;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
   load_rows(ctx, lse_s, p.lse, b, m0, p.C);
   load_rows(ctx, delta_s, p.delta, b, m0, p.C);
   FG_SYNC(ctx);
-  float acc[4][4] = {}, s[4][4], dp[4][4];
+  float acc[NP][4][4] = {}, s[4][4], dp[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
     tile_dot<TC>(ctx, p.q, p.k, b, m0, n0, p.L, s);
     tile_dot<TC>(ctx, p.g, p.v, b, m0, n0, p.Lv, dp);
@@ -476,21 +498,24 @@ FG_D void ca_bwd_dq_body(const Ctx& ctx, const CaParams<T>& p) {
         P[r][c] = pr * (dp[i][j] - delta_s[r]);
       }
     FG_SYNC(ctx);
-    tile_pv<TC>(ctx, P, p.k, b, n0, d0, acc);
+    tile_pv_pieces<TC, NP>(ctx, P, p.k, b, n0, d0, p.L, acc);
   }
-  store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, p.scale);
+  FG_UNROLL
+  for (int q = 0; q < NP; ++q)
+    store_tile(ctx, p.out, b, m0, d0 + q * kBD, p.C, p.L, acc[q], p.scale);
 }
 
-// grid (⌈C/kBN⌉, ⌈max(L, Lv)/kBD⌉, B). Rows n of dk and dv, in the transposed [n, m] layout:
+// grid (⌈C/kBN⌉, ⌈max(L, Lv)/(kNPDkdv kBD)⌉, B). Rows n of dk and dv, in the transposed [n, m] layout:
 // pᵀ = exp(scale k_n q_mᵀ − lse_m), dv_n = Σ_m pᵀ g_m, dk_n = scale Σ_m pᵀ ∘ (v_n g_mᵀ − δ_m) q_m.
 template <typename T, bool TC>
 FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
   FG_SHARED_ALIGNED float P[kBN][kLdP];
   FG_SHARED float lse_s[kBM], delta_s[kBM];
-  const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD;
+  constexpr int NP = kNPDkdv;
+  const int b = ctx.bz, n0 = ctx.bx * kBN, d0 = ctx.by * kBD * NP;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
   const bool want_dk = d0 < p.L, want_dv = d0 < p.Lv;  // uniform over the block
-  float acc_k[4][4] = {}, acc_v[4][4] = {}, st[4][4], pt[4][4], dpt[4][4];
+  float acc_k[NP][4][4] = {}, acc_v[NP][4][4] = {}, st[4][4], pt[4][4], dpt[4][4];
   for (int m0 = 0; m0 < p.C; m0 += kBM) {
     load_rows(ctx, lse_s, p.lse, b, m0, p.C);
     load_rows(ctx, delta_s, p.delta, b, m0, p.C);
@@ -506,7 +531,7 @@ FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) P[tr + kTR * i][tc + kTR * j] = pt[i][j];
       FG_SYNC(ctx);
-      tile_pv<TC>(ctx, P, p.g, b, m0, d0, acc_v);
+      tile_pv_pieces<TC, NP>(ctx, P, p.g, b, m0, d0, p.Lv, acc_v);
     }
     if (want_dk) {
       tile_dot<TC>(ctx, p.v, p.g, b, n0, m0, p.Lv, dpt);
@@ -516,12 +541,15 @@ FG_D void ca_bwd_dkdv_body(const Ctx& ctx, const CaParams<T>& p) {
           P[tr + kTR * i][c] = pt[i][j] * (dpt[i][j] - delta_s[c]);
         }
       FG_SYNC(ctx);
-      tile_pv<TC>(ctx, P, p.q, b, m0, d0, acc_k);
+      tile_pv_pieces<TC, NP>(ctx, P, p.q, b, m0, d0, p.L, acc_k);
     }
     FG_SYNC(ctx);  // lse_s / delta_s are reloaded next iteration
   }
-  if (want_dk) store_tile(ctx, p.out, b, n0, d0, p.C, p.L, acc_k, p.scale);
-  if (want_dv) store_tile(ctx, p.out2, b, n0, d0, p.C, p.Lv, acc_v, 1.f);
+  FG_UNROLL
+  for (int q = 0; q < NP; ++q) {
+    store_tile(ctx, p.out, b, n0, d0 + q * kBD, p.C, p.L, acc_k[q], p.scale);
+    store_tile(ctx, p.out2, b, n0, d0 + q * kBD, p.C, p.Lv, acc_v[q], 1.f);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -575,19 +603,20 @@ FG_D void co_lse_body(const Ctx& ctx, const CoParams<T>& p) {
     lse[int64_t(b) * p.C + m0 + ctx.tid] = m_s[ctx.tid] + logf(l_s[ctx.tid]);
 }
 
-// grid (⌈C/kBM⌉, ⌈L/kBD⌉, B). out = |P_A − η P_B| X_A with P recomputed from lse (second pass:
+// grid (⌈C/kBM⌉, ⌈L/(kNPFwd kBD)⌉, B). out = |P_A − η P_B| X_A with P recomputed from lse (second pass:
 // the |·| between softmax and product rules out the online rescaling).
 template <typename T, bool TC>
 FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
   FG_SHARED_ALIGNED float P[kBM][kLdP];
   FG_SHARED float lse_a[kBM], lse_b[kBM];
-  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD;
+  constexpr int NP = kNPFwd;
+  const int b = ctx.bz, m0 = ctx.bx * kBM, d0 = ctx.by * kBD * NP;
   const int tr = ctx.tid / kTR, tc = ctx.tid % kTR;
   const float eta = p.eta[b];
   load_rows(ctx, lse_a, p.lse_a, b, m0, p.C);
   load_rows(ctx, lse_b, p.lse_b, b, m0, p.C);
   FG_SYNC(ctx);
-  float acc[4][4] = {}, sa[4][4], sb[4][4];
+  float acc[NP][4][4] = {}, sa[4][4], sb[4][4];
   for (int n0 = 0; n0 < p.C; n0 += kBN) {
     tile_dot<TC>(ctx, p.a, p.a, b, m0, n0, p.L, sa);
     tile_dot<TC>(ctx, p.xb, p.xb, b, m0, n0, p.L, sb);
@@ -600,9 +629,11 @@ FG_D void co_fwd_body(const Ctx& ctx, const CoParams<T>& p) {
                         : 0.f;
       }
     FG_SYNC(ctx);
-    tile_pv<TC>(ctx, P, p.a, b, n0, d0, acc);
+    tile_pv_pieces<TC, NP>(ctx, P, p.a, b, n0, d0, p.L, acc);
   }
-  store_tile(ctx, p.out, b, m0, d0, p.C, p.L, acc, 1.f);
+  FG_UNROLL
+  for (int q = 0; q < NP; ++q)
+    store_tile(ctx, p.out, b, m0, d0 + q * kBD, p.C, p.L, acc[q], 1.f);
 }
 
 // grid (⌈C/kBM⌉, 1, B). δ_i = Σ_k P_A,ik G_ik D_ik, ε_i = Σ_k P_B,ik G_ik D_ik with

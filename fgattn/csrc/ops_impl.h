@@ -96,7 +96,7 @@ inline std::tuple<Tensor, Tensor> channel_attention_fwd(const Tensor& q, const T
     p.L = int(q.size(2));
     p.Lv = int(Lv);
     p.scale = float(scale);
-    FG_LAUNCH(ca_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(Lv, kBD), B}), p, tf32);
+    FG_LAUNCH(ca_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(Lv, kBD * kNPFwd), B}), p, tf32);
   });
   return {out, lse};
 }
@@ -134,10 +134,10 @@ inline std::tuple<Tensor, Tensor, Tensor> channel_attention_bwd(const Tensor& gr
     p.Lv = int(Lv);
     p.scale = float(scale);
     p.out = dq.data_ptr<scalar_t>();
-    FG_LAUNCH(ca_bwd_dq, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p, tf32);
+    FG_LAUNCH(ca_bwd_dq, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD * kNPDq), B}), p, tf32);
     p.out = dk.data_ptr<scalar_t>();
     p.out2 = dv.data_ptr<scalar_t>();
-    const int64_t tiles = cdiv(std::max(L, Lv), kBD);
+    const int64_t tiles = cdiv(std::max(L, Lv), kBD * kNPDkdv);
     FG_LAUNCH(ca_bwd_dkdv, scalar_t, (Grid{cdiv(C, kBN), tiles, B}), p, tf32);
   });
   return {dq, dk, dv};
@@ -178,7 +178,7 @@ inline std::tuple<Tensor, Tensor, Tensor> contrastive_channel_attention_fwd(cons
     p.lse_a = lse_a.data_ptr<float>();
     p.lse_b = lse_b.data_ptr<float>();
     p.out = out.data_ptr<scalar_t>();
-    FG_LAUNCH(co_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD), B}), p, tf32);
+    FG_LAUNCH(co_fwd, scalar_t, (Grid{cdiv(C, kBM), cdiv(L, kBD * kNPFwd), B}), p, tf32);
   });
   return {out, lse_a, lse_b};
 }

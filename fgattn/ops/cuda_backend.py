@@ -348,8 +348,11 @@ def build_check() -> int:
     Returns 0 on success or when nvcc is absent (skip, with the reason printed), 1 on failure.
     """
     home = cuda_home()
-    if home is None:
-        print("fgattn build-check: SKIPPED: nvcc not found (no CUDA toolkit); nothing to check.")
+    if home is None or not (Path(home) / "bin" / "nvcc").exists():
+        print(
+            f"fgattn build-check: SKIPPED: nvcc not found (CUDA_HOME={home}, no nvcc on PATH or "
+            f"in /usr/local/cuda); nothing to check."
+        )
         return 0
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CI_ARCH_LIST)
     print(
