@@ -114,6 +114,11 @@ def test_config_precedence_yaml_and_flags(tmp_path):
     pca = resolve_config("pcanet", ["--dataset", "cars", "--data-root", "/x"])
     assert (pca.lr, pca.lr_step, pca.lr_gamma, pca.weight_decay, pca.batch_size, pca.epochs) == (
         0.01, 2, 0.9, 1e-5, 16, 180)  # fmt: skip
+    for arch in ("pcanet", "cin"):  # the example YAMLs spell out exactly the paper recipes
+        from_yaml = resolve_config(arch, ["--config", str(EXAMPLES / f"configs/{arch}_cub.yaml")])
+        flags = resolve_config(arch, ["--dataset", "cub", "--data-root", "data/cub",
+                                      "--workers", "8"])  # fmt: skip
+        assert from_yaml.to_dict() == {**flags.to_dict(), "model_kwargs": from_yaml.model_kwargs}
     path = tmp_path / "c.yaml"
     path.write_text("dataset: cub\ndata_root: /y\nlr: 0.5\nepochs: 3\nmodel_kwargs: {alpha: 1}\n")
     cfg = resolve_config("cin", ["--config", str(path), "--epochs", "7"])
