@@ -97,6 +97,7 @@ def test_one_epoch_on_each_official_layout(tmp_path, kind):
 def test_amp_channels_last_ema_and_eval_every(tmp_path):
     result = main("pcanet", [*TINY, "--amp", "bf16", "--channels-last", "--ema",
                              "--ema-decay", "0.5", "--epochs", "2", "--eval-every", "2",
+                             "--max-steps-per-epoch", "2",
                              "--output", str(tmp_path), "--name", "amp"])  # fmt: skip
     ckpt = load_checkpoint(tmp_path / "amp" / "last.pth")
     assert ckpt["ema"] is not None and "ema_test_top1" in result
