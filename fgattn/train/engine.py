@@ -458,6 +458,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
             row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row.update(_reduce_sums(sums, device))
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                _sync_buffers(model_without_ddp)
                 metrics = evaluate(eval_model, test_loader, device, cfg)
                 row.update({f"test_{k}": v for k, v in metrics.items()})
                 if ema is not None:
@@ -492,6 +493,18 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
     result["epoch"] = cfg.epochs
     result["best_top1"] = best
     return result
+
+
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics, class centres).
+
+    DDP broadcasts buffers at the start of each forward, so after the last step every rank holds
+    its own update; evaluating with rank 0's copy makes the sharded evaluation measure exactly
+    the weights that are checkpointed.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
