@@ -1,7 +1,5 @@
-"""Build script. The metadata lives in setup.cfg; this file only adds what setup.cfg cannot:
-
-- the kernel sources as package data (for the JIT build of `fgattn.ops.cuda_backend`);
-- the optional CUDA extension ``fgattn._cuda_ext``, built only when FGATTN_BUILD_CUDA=1:
+"""Build script. The metadata lives in setup.cfg; this file only adds what setup.cfg cannot: the
+optional CUDA extension ``fgattn._cuda_ext``, built only when FGATTN_BUILD_CUDA=1:
 
       FGATTN_BUILD_CUDA=1 pip install --no-build-isolation -e .
 
@@ -63,7 +61,4 @@ def _cuda_extension():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(
-    package_data={"fgattn": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},
-    **_cuda_extension(),
-)
+setup(**_cuda_extension())

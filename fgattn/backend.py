@@ -30,8 +30,9 @@ _MODULES = {
     "triton": "fgattn.ops.triton_backend",
     "cuda": "fgattn.ops.cuda_backend",
 }
-# Preference of `auto` on CUDA tensors, fastest first.
-_AUTO_ORDER_CUDA = ("cuda", "triton")
+# Preference of `auto` on CUDA tensors, fastest first. Triton leads until the CUDA extension has
+# been measured faster on a GPU (benchmarks/README.md); neither has run on hardware yet.
+_AUTO_ORDER_CUDA = ("triton", "cuda")
 
 _loaded: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
