@@ -140,8 +140,8 @@ SYNTHETIC_PRESETS: dict[str, dict[str, Any]] = {
     # From scratch, CIN's contrastive term starts near 30 and its η is unbounded: without
     # clipping the first steps can diverge, so the preset clips gradients.
     "cin": dict(
-        backbone="resnet10t", pretrained=False, image_size=64, resize=72, epochs=6, lr=0.02,
-        lr_step=2, lr_gamma=0.7, pk_classes=4, pk_images=5, workers=0, eval_batch_size=64,
+        backbone="resnet10t", pretrained=False, image_size=64, resize=72, epochs=15, lr=0.02,
+        lr_step=5, lr_gamma=0.7, pk_classes=4, pk_images=5, workers=0, eval_batch_size=64,
         grad_clip=5.0, synthetic_train_per_class=48,
     ),
 }  # fmt: skip
