@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import functional as F
 from .._shapes import check_image_batch, split_pairs
+from .sci import logit_scale
 
 
 class CCI(nn.Module):
@@ -51,9 +52,6 @@ class CCI(nn.Module):
         self.phi = phi if phi is not None else nn.Conv2d(channels, channels, 3, padding=1)
         self.psi = nn.Linear(2 * channels, 1)
 
-    def _scale(self, x: torch.Tensor) -> float:
-        return self.scale / (x.shape[-2] * x.shape[-1]) if self.length_normalized else self.scale
-
     def weights(self, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """η = ψ([Y_A, Y_B]) and γ = ψ([Y_B, Y_A]), each (N,)."""
         pooled_a = reduce(y_a, "n c h w -> n c", "mean")
@@ -85,7 +83,7 @@ class CCI(nn.Module):
                 f"x_a must have {self.channels} channels, got shape {tuple(x_a.shape)} "
                 f"(wanted (N, {self.channels}, H, W))"
             )
-        scale = self._scale(x_a)
+        scale = logit_scale(self.scale, self.length_normalized, x_a)
         if y_a is None or y_b is None:
             y_a = F.channel_attention(x_a, scale=scale, backend=self.backend)
             y_b = F.channel_attention(x_b, scale=scale, backend=self.backend)

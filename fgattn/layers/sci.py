@@ -9,6 +9,11 @@ from .. import functional as F
 from .._shapes import check_image_batch
 
 
+def logit_scale(scale: float, length_normalized: bool, x: torch.Tensor) -> float:
+    """scale, or scale / (H·W) for x (B, C, H, W) when length-normalised (Hawkeye's variant)."""
+    return scale / (x.shape[-2] * x.shape[-1]) if length_normalized else scale
+
+
 class SCI(nn.Module):
     """Self-channel interaction: Z = φ(W X) + X with W = softmax(scale · X Xᵀ) over channels.
 
@@ -44,7 +49,7 @@ class SCI(nn.Module):
 
     def effective_scale(self, x: torch.Tensor) -> float:
         """The logit scale used for input x (scale, or scale / (H·W) when length-normalised)."""
-        return self.scale / (x.shape[-2] * x.shape[-1]) if self.length_normalized else self.scale
+        return logit_scale(self.scale, self.length_normalized, x)
 
     def interaction(self, x: torch.Tensor) -> torch.Tensor:
         """Y = W X (CIN eq. 1), same shape as x."""

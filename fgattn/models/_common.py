@@ -1,4 +1,4 @@
-"""Pieces shared by the assembled models: paired-batch checks and the FGVC data config."""
+"""Pieces shared by the assembled models: timm interface, paired-batch checks, FGVC data config."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ from .._shapes import check_image_batch
 # The FGVC protocol of both papers: Resize(512) + crop 448.
 FGVC_IMG_SIZE = 448
 FGVC_CROP_PCT = 448 / 512
+
+
+class TimmModelMixin:
+    """timm's model interface where CIN and PCANet agree: a `backbone` and a classifier `fc`."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
 
 def check_paired_batch(x: torch.Tensor, target: torch.Tensor) -> int:

@@ -13,12 +13,12 @@ from torch import nn
 from ..backbone import resolve_backbone
 from ..layers import CCI, SCI
 from ..losses import ContrastiveLoss
-from ._common import check_paired_batch, fgvc_pretrained_cfg
+from ._common import TimmModelMixin, check_paired_batch, fgvc_pretrained_cfg
 
 __all__ = ["CIN"]
 
 
-class CIN(nn.Module):
+class CIN(TimmModelMixin, nn.Module):
     """CIN: backbone -> SCI -> pooling -> classifier, plus CCI and a contrastive loss on pairs.
 
     Inference (eval, or no target): logits = fc(GAP(Z)), Z = φ(W X) + X (SCI, CIN eq. 1–3); CCI is
@@ -107,15 +107,6 @@ class CIN(nn.Module):
         )
 
     # timm model interface
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(self.backbone, "set_grad_checkpointing"):
-            self.backbone.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes

@@ -12,7 +12,7 @@ from torch import nn
 from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from ..losses import CenterLoss
-from ._common import check_paired_batch, fgvc_pretrained_cfg
+from ._common import TimmModelMixin, check_paired_batch, fgvc_pretrained_cfg
 
 __all__ = ["BilinearHead", "PCANet"]
 
@@ -70,7 +70,7 @@ class BilinearHead(nn.Module):
         return self.pool(f, self.attention(x))
 
 
-class PCANet(nn.Module):
+class PCANet(TimmModelMixin, nn.Module):
     """PCA-Net: co-attention and attention erase on same-class pairs, bilinear classification.
 
     Inference (eval, or no target): logits = fc(pool(F_O)), F_O = backbone(x) — no co-attention,
@@ -178,15 +178,6 @@ class PCANet(nn.Module):
         )
 
     # timm model interface
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(self.backbone, "set_grad_checkpointing"):
-            self.backbone.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New classifier (and class centres) for num_classes; pooling is fixed (bilinear)."""
