@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from _timing import cuda_time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,20 +51,6 @@ def fmt(v) -> str:
     return f"{v:9.3f}" if v is not None else f"{'oom':>9}"
 
 
-def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def peak_extra_bytes(fn) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -80,7 +66,7 @@ def measure(make_inputs, forward, args) -> dict:
     try:
         inputs = make_inputs()
         with torch.no_grad():
-            fwd = time_ms(lambda: forward(*inputs), args.warmup, args.iters)
+            fwd = cuda_time_ms(lambda: forward(*inputs), args.warmup, args.iters)
         grad = torch.randn_like(forward(*inputs))
 
         def fwd_bwd():
@@ -88,7 +74,7 @@ def measure(make_inputs, forward, args) -> dict:
             for t in inputs:
                 t.grad = None
 
-        both = time_ms(fwd_bwd, args.warmup, args.iters)
+        both = cuda_time_ms(fwd_bwd, args.warmup, args.iters)
         mem = peak_extra_bytes(fwd_bwd)
         return {"fwd_ms": fwd, "fwd_bwd_ms": both, "peak_mb": mem / 2**20}
     except torch.cuda.OutOfMemoryError:

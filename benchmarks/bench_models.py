@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn.functional as TF
+from _timing import cuda_time_ms
 from torch import nn
 
 import fgattn
@@ -64,22 +63,6 @@ def build(name: str, args: argparse.Namespace) -> nn.Module:
     return fgattn.create_model(
         name, backbone=args.backbone, num_classes=args.num_classes, backend=args.backend
     )
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median wall time of fn in ms, each call bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:

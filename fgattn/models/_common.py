@@ -16,7 +16,16 @@ FGVC_CROP_PCT = 448 / 512
 
 
 class TimmModelMixin:
-    """timm's model interface where CIN and PCANet agree: a `backbone` and a classifier `fc`."""
+    """timm's model interface where CIN and PCANet agree: a `backbone`, a classifier `fc`, and a
+    forward that trains on paired batches and otherwise runs the single-image path."""
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Training with a target: dict of logits and losses (`forward_train`); else logits."""
+        if self.training and target is not None:
+            return self.forward_train(x, target)
+        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

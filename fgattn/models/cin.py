@@ -155,10 +155,3 @@ class CIN(TimmModelMixin, nn.Module):
             pair_labels=pair_labels,
         )
         return out
-
-    def forward(
-        self, x: torch.Tensor, target: torch.Tensor | None = None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.training and target is not None:
-            return self.forward_train(x, target)
-        return self.forward_head(self.forward_features(x))

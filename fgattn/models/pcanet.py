@@ -234,10 +234,3 @@ class PCANet(TimmModelMixin, nn.Module):
             erase_mask=mask,
         )
         return out
-
-    def forward(
-        self, x: torch.Tensor, target: torch.Tensor | None = None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.training and target is not None:
-            return self.forward_train(x, target)
-        return self.forward_head(self.forward_features(x))
