@@ -371,6 +371,25 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
         _triton_common.check_device(torch.zeros(1))
 
 
+@pytest.mark.parametrize(
+    ("limit", "dtype", "want"),
+    [
+        (None, torch.float32, 256),  # off the GPU: no limit
+        (227 * 1024, torch.float32, 256),  # sm_90
+        (163 * 1024, torch.float32, 256),  # sm_80
+        (99 * 1024, torch.float32, 128),  # sm_86 / sm_89
+        (99 * 1024, torch.bfloat16, 256),
+        (64 * 1024, torch.float16, 128),  # sm_75
+        (64 * 1024, torch.float32, 64),
+    ],
+)
+def test_tile_shrinks_to_fit_shared_memory(monkeypatch, limit, dtype, want):
+    monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
+    x = torch.empty(0, dtype=dtype)
+    assert _triton_common.tile(196, x) == want
+    assert _triton_common.tile(40, x) == 64  # a narrow row is never widened
+
+
 def test_tf32_option_runs():
     torch.backends.cuda.matmul.allow_tf32 = True
     x = randn(2, 24, 20)

@@ -7,6 +7,7 @@ Layout convention of every kernel: tensors are (B, C, L); the softmax runs over 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -61,9 +62,36 @@ def chunk(width: int) -> int:
     return next(c for c in options if padded[c] == least)
 
 
-def tile(width: int, max_tile: int | None = None) -> int:
-    """Width of an output accumulator tile: the whole row up to `max_tile`, else grid-split."""
+# Shared memory a program stages per unit of (tile width x itemsize), measured on the largest kernel
+# (the SCI backward stages two BLOCK_N x tile operands): 144 KiB at tile 256 in fp32 on sm_80/sm_90.
+# benchmarks/kernel_resources.py compiles every kernel per architecture and checks the rule holds.
+SMEM_PER_TILE_BYTE = 144
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def shared_memory_limit(x: torch.Tensor) -> int | None:
+    """Shared memory one program may use on x's GPU (bytes); None (no limit) off the GPU."""
+    if x.device.type != "cuda":
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _device_shared_memory(index)
+
+
+def tile(width: int, like: torch.Tensor, max_tile: int | None = None) -> int:
+    """Width of an output accumulator tile over `width` columns of tensors like `like`.
+
+    The whole row up to `max_tile` (else the grid splits it), halved until the operand tiles fit the
+    GPU's shared memory: 256 fits sm_80/sm_90 in every dtype, while sm_86/sm_89 (~99 KiB per
+    block) take 128 in fp32 and sm_75 (64 KiB) less still.
+    """
     cap = max_tile or TILES["max_tile"]
+    limit = shared_memory_limit(like)
+    while limit is not None and cap > 16 and SMEM_PER_TILE_BYTE * cap * like.element_size() > limit:
+        cap //= 2
     return max(16, min(triton.next_power_of_2(width), cap))
 
 

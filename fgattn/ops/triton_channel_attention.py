@@ -275,7 +275,7 @@ def _forward_unguarded(q, k, v, scale: float, tf32: bool):
     lv = v.shape[2]
     o = torch.empty((bsz, c, lv), device=v.device, dtype=v.dtype)
     stats = torch.empty((bsz, 2, c), device=q.device, dtype=torch.float32)
-    bm, bn, bdv = TILES["block_m"], TILES["block_n"], tile(lv)
+    bm, bn, bdv = TILES["block_m"], TILES["block_n"], tile(lv, v)
     grid = (triton.cdiv(c, bm), triton.cdiv(lv, bdv), bsz)
     _fwd_kernel[grid](
         q, k, v, o, stats, c, length, lv, scale,
@@ -314,7 +314,7 @@ def _backward_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
     bst = _delta(do, q, k, v, stats, scale, prec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bm, bn = TILES["block_m"], TILES["block_n"]
-    bk, bkv, bdl, bdv = chunk(length), chunk(lv), tile(length), tile(lv)
+    bk, bkv, bdl, bdv = chunk(length), chunk(lv), tile(length, q), tile(lv, v)
     _bwd_dq_kernel[(triton.cdiv(c, bm), triton.cdiv(length, bdl), bsz)](
         q, k, v, do, bst, dq, c, length, lv, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -341,7 +341,7 @@ def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
     bsz, c, length = x.shape
     bst = _delta(do, x, x, x, stats, scale, precision(x, tf32))
     dx = torch.empty_like(x)
-    bm, bn, bdl = TILES["block_m"], TILES["block_n"], tile(length)
+    bm, bn, bdl = TILES["block_m"], TILES["block_n"], tile(length, x)
     _bwd_self_kernel[(triton.cdiv(c, bn), triton.cdiv(length, bdl), bsz)](
         x, do, bst, dx, c, length, scale,
         *x.stride(), *do.stride(), *dx.stride(),

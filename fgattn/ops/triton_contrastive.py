@@ -248,7 +248,7 @@ def _forward_unguarded(x_a, x_b, eta, scale: float, tf32: bool):
     eta32 = eta.float().contiguous()
     lse_a, lse_b = _lse(x_a, scale, prec), _lse(x_b, scale, prec)
     out = torch.empty((bsz, c, length), device=x_a.device, dtype=x_a.dtype)
-    bm, bdl = TILES["block_m"], tile(length)
+    bm, bdl = TILES["block_m"], tile(length, x_a)
     _fwd_kernel[(triton.cdiv(c, bm), triton.cdiv(length, bdl), bsz)](
         x_a, x_b, eta32, lse_a, lse_b, out, c, length, scale,
         *x_a.stride(), *x_b.stride(), *out.stride(),
@@ -280,7 +280,7 @@ def _backward_unguarded(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool
     )  # fmt: skip
     da, db = torch.empty_like(x_a), torch.empty_like(x_b)
     bm, bn = BWD_TILES["block_m"], BWD_TILES["block_n"]
-    bdl = tile(length, BWD_TILES["max_tile"])
+    bdl = tile(length, x_a, BWD_TILES["max_tile"])
     _bwd_kernel[(triton.cdiv(c, bn), triton.cdiv(length, bdl), bsz)](
         x_a, x_b, g, eta32, lse_a, lse_b, delta, eps, da, db, c, length, scale,
         *x_a.stride(), *x_b.stride(), *g.stride(), *da.stride(), *db.stride(),

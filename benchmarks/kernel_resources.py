@@ -1,0 +1,272 @@
+"""Compile every fused Triton kernel for a GPU architecture, with no GPU, and report its resources.
+
+Runs fgattn's own launchers on CPU tensors of the real shapes with the kernels swapped for a
+recorder: each launch becomes `JITFunction.warmup` against a stub driver that names the target
+(sm_80, sm_90, ...). So every kernel goes through Triton's real NVIDIA pipeline (TTIR -> TTGIR ->
+LLVM -> PTX -> ptxas) with the block sizes, warps, stages and argument specialisations the launchers
+would pick on that GPU, which the CPU interpreter used by the tests never exercises. For each
+compiled kernel it prints shared memory, registers per thread, spilled (local) bytes, and the
+resident blocks per SM these allow; shared memory over the architecture's per-block limit would
+fail at launch ("out of resources") and is flagged.
+
+    python benchmarks/kernel_resources.py                      # sm_80 and sm_90, B=32, C=2048
+    python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --length 196 --json res.json
+    python benchmarks/kernel_resources.py --check              # exit 1 on any compile/limit failure
+
+Needs Triton's NVIDIA backend (ships with the `triton` wheel, ptxas included); no CUDA driver.
+Must run without TRITON_INTERPRET (the kernels have to be real JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+# Per-block shared memory a kernel may opt into, and per-SM register file / shared memory.
+ARCH_LIMITS = {
+    75: {"smem_block": 65536, "smem_sm": 65536, "regs_sm": 65536},  # T4 (no bf16)
+    80: {"smem_block": 166912, "smem_sm": 167936, "regs_sm": 65536},  # A100
+    86: {"smem_block": 101376, "smem_sm": 102400, "regs_sm": 65536},  # RTX 3090, A10
+    89: {"smem_block": 101376, "smem_sm": 102400, "regs_sm": 65536},  # RTX 4090, L4, L40
+    90: {"smem_block": 232448, "smem_sm": 233472, "regs_sm": 65536},  # H100 / H200
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KERNEL_MODULES = ("fgattn.ops.triton_channel_attention", "fgattn.ops.triton_contrastive")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCH_LIMITS), default=[80, 90])
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16", "fp16"])
+    p.add_argument("--tf32", action="store_true", help="also compile the fp32 kernels with TF32")
+    p.add_argument("--batch", type=int, default=32, help="only sets the grid that is printed")
+    p.add_argument("--channels", type=int, default=2048)
+    p.add_argument("--length", type=int, nargs="+", default=[49, 196, 784])
+    p.add_argument("--json", help="write every compiled kernel's record here")
+    p.add_argument("--check", action="store_true", help="exit 1 if a limit is exceeded")
+    return p.parse_args(argv)
+
+
+class StubDriver:
+    """Just enough of triton.runtime.driver for JITFunction.warmup to compile for `target`."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+class Recorder:
+    """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            start = time.perf_counter()
+            compiled = self.fn.warmup(*args, grid=grid, **kwargs)
+            self.log.append((self.fn, grid, kwargs, compiled, time.perf_counter() - start))
+
+        return launch
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local (spill) bytes of a cubin, via the cuobjdump Triton ships."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    return {
+        "regs": int(re.search(r"REG:(\d+)", text).group(1)),
+        "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1)),
+    }
+
+
+def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
+    """(label, callable) pairs that run the launchers the way the functional API does."""
+    from fgattn.ops import triton_channel_attention as tca
+    from fgattn.ops import triton_contrastive as tcc
+
+    def x_like(width=length, channels_last=False):
+        if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
+            x = torch.randn(batch, 1, width, channels).to(dtype)
+            return x.permute(0, 3, 1, 2)[:, :, 0]
+        return torch.randn(batch, channels, width).to(dtype)
+
+    def self_attention(channels_last=False):
+        x = x_like(channels_last=channels_last)
+        _, stats = tca._forward_unguarded(x, x, x, -1.0, tf32)
+        tca._backward_self_unguarded(x, x, stats, -1.0, tf32)
+
+    def co_attention():  # q = k = X_A, v = [X_A | X_B]: one W, two outputs
+        q, v = x_like(), x_like(2 * length)
+        _, stats = tca._forward_unguarded(q, q, v, -1.0, tf32)
+        tca._backward_unguarded(v, q, q, v, stats, -1.0, tf32)
+
+    def contrastive():
+        a, b, eta = x_like(), x_like(), torch.rand(batch)
+        _, lse_a, lse_b = tcc._forward_unguarded(a, b, eta, -1.0, tf32)
+        tcc._backward_unguarded(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
+
+    return [
+        ("self", self_attention),
+        ("self channels_last", lambda: self_attention(channels_last=True)),
+        ("co-attention", co_attention),
+        ("contrastive", contrastive),
+    ]
+
+
+def find_kernels() -> dict:
+    """{(module, name): JITFunction} of every kernel the Triton backend launches."""
+    import importlib
+
+    import triton
+
+    found = {}
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                found[(module, name)] = obj
+    return found
+
+
+def qualified(fn) -> str:
+    """'triton_contrastive._fwd_kernel': two modules both have a _fwd_kernel."""
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
+def compile_all(args) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    if triton.knobs.runtime.interpret:
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (kernels must be JIT functions)")
+    from fgattn.ops import _triton_common
+
+    kernels = find_kernels()
+    modules = {module for module, _ in kernels}
+    smem_limit = _triton_common.shared_memory_limit
+    checks = {module: module.check_device for module in modules}
+    log, records, seen = [], [], set()
+    previous_driver = driver._active  # None until first use; reset_active() needs a real GPU
+    try:
+        for module in modules:
+            module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
+        for (module, name), fn in kernels.items():
+            setattr(module, name, Recorder(fn, log))
+        for arch in args.arch:
+            driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
+            limit = ARCH_LIMITS[arch]["smem_block"]
+            _triton_common.shared_memory_limit = lambda x, limit=limit: limit  # tiles as there
+            for fn in kernels.values():  # binders and caches hold the target: start afresh
+                fn.device_caches = defaultdict(fn.create_binder)
+            variants = [(d, False) for d in args.dtype if not (arch < 80 and d == "bf16")]
+            if args.tf32 and "fp32" in args.dtype:
+                variants.append(("fp32", True))
+            for dname, tf32 in variants:
+                for length in args.length:
+                    for label, run in workloads(
+                        DTYPES[dname], tf32, length, args.channels, args.batch
+                    ):
+                        run()
+                        for fn, grid, kwargs, compiled, secs in log:
+                            if (arch, id(compiled)) in seen:  # same specialisation, cached
+                                continue
+                            seen.add((arch, id(compiled)))
+                            records.append(
+                                describe(compiled, fn, grid, kwargs, secs)
+                                | {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
+                                | {"L": length, "workload": label}
+                            )
+                        log.clear()
+    finally:
+        for (module, name), fn in kernels.items():
+            setattr(module, name, fn)
+        for module, check in checks.items():
+            module.check_device = check
+        driver._active = previous_driver
+        _triton_common.shared_memory_limit = smem_limit
+    return records
+
+
+def describe(compiled, fn, grid, kwargs, secs) -> dict:
+    arch = compiled.metadata.target.arch
+    limits = ARCH_LIMITS[arch]
+    usage = resource_usage(compiled.asm["cubin"])
+    warps = compiled.metadata.num_warps
+    shared = compiled.metadata.shared
+    by_regs = limits["regs_sm"] // (usage["regs"] * 32 * warps)
+    by_smem = limits["smem_sm"] // shared if shared else by_regs
+    return {
+        "kernel": qualified(fn),
+        "grid": list(grid),
+        "blocks": {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")},
+        "precision": kwargs.get("PRECISION"),
+        "num_warps": warps,
+        "num_stages": compiled.metadata.num_stages,
+        "shared_bytes": shared,
+        **usage,
+        "blocks_per_sm": min(by_regs, by_smem),
+        "smem_ok": shared <= limits["smem_block"],
+        "compile_s": round(secs, 2),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    records = compile_all(args)
+    print(
+        f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
+        f"{'warps':>5}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}"
+    )
+    for r in records:
+        blocks = "x".join(str(v) for v in r["blocks"].values())
+        print(
+            f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
+            f"{blocks:24}{r['num_warps']:>5}{r['shared_bytes'] / 1024:8.1f}{r['regs']:>5}"
+            f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}{'' if r['smem_ok'] else '  SMEM!'}"
+        )
+    names = sorted({qualified(fn) for fn in find_kernels().values()})
+    compiled = sorted({r["kernel"] for r in records})
+    print(f"\n{len(records)} kernels compiled for sm_{args.arch}; kernels: {', '.join(compiled)}")
+    if args.json:
+        meta = {"triton": __import__("triton").__version__, "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "kernels": names, "records": records}, f, indent=1)
+    bad = [r for r in records if not r["smem_ok"]]
+    if args.check and (bad or compiled != names):
+        print(f"kernel_resources: {len(bad)} over the shared-memory limit; "
+              f"not launched: {sorted(set(names) - set(compiled))}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
