@@ -220,6 +220,10 @@ def describe(compiled, fn, grid, kwargs, secs) -> dict:
     arch = compiled.metadata.target.arch
     limits = ARCH_LIMITS[arch]
     usage = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    # Which matrix instructions ptxas got: Hopper's warpgroup MMA, Ampere-style mma.sync, or
+    # none (exact-fp32 tl.dot runs on FMA units).
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
     warps = compiled.metadata.num_warps
     shared = compiled.metadata.shared
     by_regs = limits["regs_sm"] // (usage["regs"] * 32 * warps)
@@ -233,6 +237,7 @@ def describe(compiled, fn, grid, kwargs, secs) -> dict:
         "num_stages": compiled.metadata.num_stages,
         "shared_bytes": shared,
         **usage,
+        "mma": mma,
         "blocks_per_sm": min(by_regs, by_smem),
         "smem_ok": shared <= limits["smem_block"],
         "compile_s": round(secs, 2),
@@ -244,14 +249,15 @@ def main(argv=None) -> int:
     records = compile_all(args)
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
-        f"{'warps':>5}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}"
+        f"{'warps':>5}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
     )
     for r in records:
         blocks = "x".join(str(v) for v in r["blocks"].values())
         print(
             f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
             f"{blocks:24}{r['num_warps']:>5}{r['shared_bytes'] / 1024:8.1f}{r['regs']:>5}"
-            f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}{'' if r['smem_ok'] else '  SMEM!'}"
+            f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
+            f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
     names = sorted({qualified(fn) for fn in find_kernels().values()})
     compiled = sorted({r["kernel"] for r in records})
