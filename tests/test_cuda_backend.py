@@ -428,3 +428,27 @@ def test_cache_dir_names_source_hash(monkeypatch, tmp_path):
 def test_kernel_sources_are_package_data():
     for name in cb.SOURCES + cb.HEADERS:
         assert (cb.CSRC / name).is_file(), name
+
+
+def test_parse_resource_usage():
+    """The build check's per-kernel report, from (abridged) real cuobjdump output."""
+    text = """
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:224
+ Function _ZN6fgattn13co_bwd_kernelIN3c108BFloat16ELb1EEEvNS_8CoParamsIT_EE:
+  REG:206 STACK:0 SHARED:37888 LOCAL:0 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _ZN6fgattn13ca_fwd_kernelIfLb0EEEvNS_8CaParamsIT_EE:
+  REG:236 STACK:0 SHARED:44544 LOCAL:16 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    lines = cb.parse_resource_usage(text)
+    assert len(lines) == 2
+    assert lines[0].split()[:4] == ["sm_90", "co_bwd_kernel", "bf16", "wmma-tf32"]
+    assert "regs 206" in lines[0] and "smem  37.0 KiB" in lines[0] and "spill 0 B" in lines[0]
+    assert lines[1].split()[:4] == ["sm_90", "ca_fwd_kernel", "fp32", "fma"]
+    assert "spill 16 B" in lines[1]

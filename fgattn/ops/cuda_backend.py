@@ -24,7 +24,9 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -383,8 +385,59 @@ def build_check() -> int:
         if missing:
             print(f"fgattn build-check: FAILED: no CUDA kernel registered for {missing}")
             return 1
-    print(f"fgattn build-check: OK ({path}) in {time.monotonic() - start:.0f}s")
+        print(f"fgattn build-check: OK ({path}) in {time.monotonic() - start:.0f}s")
+        for line in resource_report(Path(tmp).glob("*.cuda.o")):
+            print(f"fgattn build-check: {line}")
     return 0
+
+
+_DTYPE_CODES = {"f": "fp32", "N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16"}
+
+
+def resource_report(objects) -> list[str]:
+    """Registers, static shared memory and spilled bytes of each compiled kernel, per arch.
+
+    Read from the objects with cuobjdump (the CUDA toolkit's, else the one Triton ships); an empty
+    report where neither exists.
+    """
+    home = cuda_home()
+    tools = [Path(home) / "bin" / "cuobjdump"] if home else []
+    try:
+        import triton
+
+        tools.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    tool = next((t for t in tools if t.exists()), None)
+    if tool is None:
+        return []
+    lines = []
+    for obj in objects:
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", str(obj)], capture_output=True, text=True
+        ).stdout
+        lines += parse_resource_usage(text)
+    return sorted(lines)
+
+
+def parse_resource_usage(text: str) -> list[str]:
+    """One line per kernel of `cuobjdump --dump-resource-usage` output."""
+    lines, arch = [], None
+    for header, body in re.findall(r"(arch = sm_\d+|Function \S+:)\n?\s*(.*)", text):
+        if header.startswith("arch"):
+            arch = header.split()[-1]
+            continue
+        kernel = re.match(r"Function _ZN6fgattn\d+(\w+?)I(.+?)Lb([01])E", header)
+        usage = dict(re.findall(r"(\w+):(\d+)", body))
+        if kernel is None or "REG" not in usage:
+            continue
+        dtype = _DTYPE_CODES.get(kernel.group(2), kernel.group(2))
+        mma = "wmma-tf32" if kernel.group(3) == "1" else "fma"
+        lines.append(
+            f"{arch} {kernel.group(1):20} {dtype:5} {mma:10} regs {usage['REG']:>3}  "
+            f"smem {int(usage['SHARED']) / 1024:5.1f} KiB  spill {usage['LOCAL']} B"
+        )
+    return lines
 
 
 if __name__ == "__main__":
