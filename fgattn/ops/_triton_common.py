@@ -136,6 +136,14 @@ def dot_rows(
 
 
 @triton.jit
+def probs(s, m, log_sum, valid):
+    """Softmax probabilities exp((s − max) − log Σ) of scaled logits from their rows' kept
+    (max, log Σ) pair, broadcast to s; 0 where not `valid` (a padding row or column would give
+    exp(0 − lse) = inf when lse ≪ 0)."""
+    return tl.exp(tl.where(valid, (s - m) - log_sum, float("-inf")))
+
+
+@triton.jit
 def load_tile(ptr, offs_c, offs_l, C, L, stride_c, stride_l):
     """ptr[offs_c, offs_l], zero outside (C, L)."""
     return tl.load(

@@ -32,6 +32,7 @@ from ._triton_common import (
     dot_rows,
     load_tile,
     precision,
+    probs,
     store_tile,
     tile,
     warps,
@@ -124,7 +125,7 @@ def _bwd_delta_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = dot_rows(Q, K, offs_m, offs_n, C, L, sqc, sql, skc, skl,
                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
-        p = tl.exp(tl.where(offs_n[None, :] < C, (s - m_i[:, None]) - lo[:, None], float("-inf")))
+        p = probs(s, m_i[:, None], lo[:, None], offs_n[None, :] < C)
         dp = dot_rows(DO, V, offs_m, offs_n, C, LV, sdc, sdl, svc, svl,
                       BLOCK_M, BLOCK_N, BLOCK_KV, PRECISION)  # fmt: skip
         num += tl.sum(p * dp, 1)
@@ -161,7 +162,7 @@ def _bwd_dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = dot_rows(Q, K, offs_m, offs_n, C, L, sqc, sql, skc, skl,
                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
-        p = tl.exp(tl.where(offs_n[None, :] < C, (s - m_i[:, None]) - lo[:, None], float("-inf")))
+        p = probs(s, m_i[:, None], lo[:, None], offs_n[None, :] < C)
         dp = dot_rows(DO, V, offs_m, offs_n, C, LV, sdc, sdl, svc, svl,
                       BLOCK_M, BLOCK_N, BLOCK_KV, PRECISION)  # fmt: skip
         ds = p * (dp - delta[:, None])
@@ -206,7 +207,7 @@ def _bwd_dkdv_kernel(
         st = dot_rows(K, Q, offs_n, offs_m, C, L, skc, skl, sqc, sql,
                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
         valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)  # padding: exp(0 − lse) = inf
-        pt = tl.exp(tl.where(valid, (st - m_m[None, :]) - lo_m[None, :], float("-inf")))
+        pt = probs(st, m_m[None, :], lo_m[None, :], valid)
         if want_dv:
             do = load_tile(DO, offs_m, offs_dv, C, LV, sdc, sdl)
             acc_dv = tl.dot(pt.to(do.dtype), do, acc_dv, input_precision=PRECISION)
@@ -251,8 +252,8 @@ def _bwd_self_kernel(
         m_m, lo_m, delta_m = row_stats(BST + b * 3 * C, offs_m, C)
         st = dot_rows(X, X, offs_n, offs_m, C, L, sxc, sxl, sxc, sxl,
                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION) * scale  # fmt: skip
-        pt = tl.exp(tl.where(valid, (st - m_m[None, :]) - lo_m[None, :], float("-inf")))
-        p = tl.exp(tl.where(valid, (st - m_n[:, None]) - lo_n[:, None], float("-inf")))
+        pt = probs(st, m_m[None, :], lo_m[None, :], valid)
+        p = probs(st, m_n[:, None], lo_n[:, None], valid)
         dpt = dot_rows(X, DO, offs_n, offs_m, C, L, sxc, sxl, sdc, sdl,
                        BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # fmt: skip
         dp = dot_rows(DO, X, offs_n, offs_m, C, L, sdc, sdl, sxc, sxl,

@@ -34,6 +34,7 @@ from ._triton_common import (
     dot_rows,
     load_tile,
     precision,
+    probs,
     store_tile,
     tile,
 )
@@ -110,8 +111,8 @@ def _fwd_kernel(
         s_b = dot_rows(XB, XB, offs_m, offs_n, C, L, sbc, sbl, sbc, sbl,
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * scale  # fmt: skip
         valid = offs_n[None, :] < C  # padding columns: exp(0 − max) would overflow
-        p_a = tl.exp(tl.where(valid, (s_a - ma[:, None]) - la[:, None], float("-inf")))
-        p_b = tl.exp(tl.where(valid, (s_b - mb[:, None]) - lb[:, None], float("-inf")))
+        p_a = probs(s_a, ma[:, None], la[:, None], valid)
+        p_b = probs(s_b, mb[:, None], lb[:, None], valid)
         w = tl.abs(p_a - eta * p_b)
         a = load_tile(XA, offs_n, offs_d, C, L, sac, sal)
         acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
@@ -147,8 +148,8 @@ def _bwd_rowsum_kernel(
         d = dot_rows(G, XA, offs_m, offs_n, C, L, sgc, sgl, sac, sal,
                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         valid = offs_n[None, :] < C  # padding columns: exp(0 − max) would overflow
-        p_a = tl.exp(tl.where(valid, (s_a - ma[:, None]) - la[:, None], float("-inf")))
-        p_b = tl.exp(tl.where(valid, (s_b - mb[:, None]) - lb[:, None], float("-inf")))
+        p_a = probs(s_a, ma[:, None], la[:, None], valid)
+        p_b = probs(s_b, mb[:, None], lb[:, None], valid)
         gd = _sign(p_a - eta * p_b) * d
         delta += tl.sum(p_a * gd, 1)
         eps += tl.sum(p_b * gd, 1)
@@ -202,13 +203,13 @@ def _bwd_kernel(
         d_nm = dot_rows(G, XA, offs_n, offs_m, C, L, sgc, sgl, sac, sal,
                         BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)  # [n, m] = g_n · a_m  # fmt: skip
         # rows m
-        pa_mn = tl.exp(tl.where(valid, (s_a - ma_m[None, :]) - la_m[None, :], float("-inf")))
-        pb_mn = tl.exp(tl.where(valid, (s_b - mb_m[None, :]) - lb_m[None, :], float("-inf")))
+        pa_mn = probs(s_a, ma_m[None, :], la_m[None, :], valid)
+        pb_mn = probs(s_b, mb_m[None, :], lb_m[None, :], valid)
         w_mn = pa_mn - eta * pb_mn
         gd_mn = _sign(w_mn) * d_mn
         # rows n
-        pa_nm = tl.exp(tl.where(valid, (s_a - ma_n[:, None]) - la_n[:, None], float("-inf")))
-        pb_nm = tl.exp(tl.where(valid, (s_b - mb_n[:, None]) - lb_n[:, None], float("-inf")))
+        pa_nm = probs(s_a, ma_n[:, None], la_n[:, None], valid)
+        pb_nm = probs(s_b, mb_n[:, None], lb_n[:, None], valid)
         gd_nm = _sign(pa_nm - eta * pb_nm) * d_nm
         ds_a = pa_mn * (gd_mn - delta_m[None, :]) + pa_nm * (gd_nm - delta_n[:, None])
         ds_b = pb_mn * (gd_mn - eps_m[None, :]) + pb_nm * (gd_nm - eps_n[:, None])
