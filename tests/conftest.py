@@ -12,3 +12,13 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # Kernels are compared with the reference's exact fp32 products (on a GPU its bmm must not use
+    # TF32); a test that wants TF32 turns it on, and it is turned off again after.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -71,15 +71,6 @@ def impl(request):
     return request.getfixturevalue("cuda_ops"), "cuda"
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    # The reference's fp32 bmm must not use TF32 on the GPU.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _close(got, want, dtype: torch.dtype, what: str, tol: float | None = None, floor=1e-6):
     assert got.shape == want.shape, what
     assert torch.isfinite(got).all(), f"{what}: non-finite values"

@@ -39,15 +39,6 @@ def _kernels_runnable(request):
         pytest.skip("kernels were compiled before TRITON_INTERPRET was set: ran in a subprocess")
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    # Compare exact fp32 products; TF32 has its own test.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 SMALL_TILES = {"block_m": 16, "block_n": 16, "max_tile": 16, "max_chunk": 16}
 
 
