@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,20 +88,17 @@ class Recorder:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers per thread and local (spill) bytes of a cubin, via the cuobjdump Triton ships."""
-    import triton
+    """Registers per thread and local (spill) bytes of a cubin, read with cuobjdump."""
+    from fgattn.ops.cuda_backend import cubin_resources
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run(
-            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    return {
-        "regs": int(re.search(r"REG:(\d+)", text).group(1)),
-        "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1)),
-    }
+        records = cubin_resources(f.name)
+    if not records:
+        raise SystemExit("kernel_resources: no cuobjdump (neither the CUDA toolkit's nor Triton's)")
+    (record,) = records  # one kernel per Triton cubin
+    return {"regs": record["regs"], "local_bytes": record["local"]}
 
 
 def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):

@@ -437,7 +437,7 @@ Resource usage:
  Function _ZN6fgattn13ca_fwd_kernelIfLb0EEEvNS_8CaParamsIT_EE:
   REG:236 STACK:0 SHARED:44544 LOCAL:16 CONSTANT[0]:576 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
-    lines = cb.parse_resource_usage(text)
+    lines = cb.describe_kernels(cb.usage_records(text))
     assert len(lines) == 2
     assert lines[0].split()[:4] == ["sm_90", "co_bwd_kernel", "bf16", "wmma-tf32"]
     assert "regs 206" in lines[0] and "smem  37.0 KiB" in lines[0] and "spill 0 B" in lines[0]

@@ -394,12 +394,9 @@ def build_check() -> int:
 _DTYPE_CODES = {"f": "fp32", "N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16"}
 
 
-def resource_report(objects) -> list[str]:
-    """Registers, static shared memory and spilled bytes of each compiled kernel, per arch.
-
-    Read from the objects with cuobjdump (the CUDA toolkit's, else the one Triton ships); an empty
-    report where neither exists.
-    """
+def cubin_resources(path: str | os.PathLike) -> list[dict] | None:
+    """`usage_records` of a cubin or object file, read with cuobjdump (the CUDA toolkit's, else
+    the one Triton ships); None where neither exists."""
     home = cuda_home()
     tools = [Path(home) / "bin" / "cuobjdump"] if home else []
     try:
@@ -410,34 +407,60 @@ def resource_report(objects) -> list[str]:
         pass
     tool = next((t for t in tools if t.exists()), None)
     if tool is None:
-        return []
-    lines = []
-    for obj in objects:
-        text = subprocess.run(
-            [str(tool), "--dump-resource-usage", str(obj)], capture_output=True, text=True
-        ).stdout
-        lines += parse_resource_usage(text)
-    return sorted(lines)
+        return None
+    text = subprocess.run(
+        [str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return usage_records(text)
 
 
-def parse_resource_usage(text: str) -> list[str]:
-    """One line per kernel of `cuobjdump --dump-resource-usage` output."""
-    lines, arch = [], None
+def usage_records(text: str) -> list[dict]:
+    """Per kernel of `cuobjdump --dump-resource-usage` output: arch, (mangled) function, registers
+    per thread, static shared bytes and local (spill) bytes."""
+    records, arch = [], None
     for header, body in re.findall(r"(arch = sm_\d+|Function \S+:)\n?\s*(.*)", text):
         if header.startswith("arch"):
             arch = header.split()[-1]
             continue
-        kernel = re.match(r"Function _ZN6fgattn\d+(\w+?)I(.+?)Lb([01])E", header)
         usage = dict(re.findall(r"(\w+):(\d+)", body))
-        if kernel is None or "REG" not in usage:
+        if "REG" in usage:
+            records.append(
+                {
+                    "arch": arch,
+                    "function": header.removeprefix("Function ").removesuffix(":"),
+                    "regs": int(usage["REG"]),
+                    "shared": int(usage["SHARED"]),
+                    "local": int(usage["LOCAL"]),
+                }
+            )
+    return records
+
+
+def describe_kernels(records: list[dict]) -> list[str]:
+    """One line per fgattn kernel among `usage_records`: name, dtype, MMA path and resources."""
+    lines = []
+    for r in records:
+        kernel = re.match(r"_ZN6fgattn\d+(\w+?)I(.+?)Lb([01])E", r["function"])
+        if kernel is None:
             continue
         dtype = _DTYPE_CODES.get(kernel.group(2), kernel.group(2))
         mma = "wmma-tf32" if kernel.group(3) == "1" else "fma"
         lines.append(
-            f"{arch} {kernel.group(1):20} {dtype:5} {mma:10} regs {usage['REG']:>3}  "
-            f"smem {int(usage['SHARED']) / 1024:5.1f} KiB  spill {usage['LOCAL']} B"
+            f"{r['arch']} {kernel.group(1):20} {dtype:5} {mma:10} regs {r['regs']:>3}  "
+            f"smem {r['shared'] / 1024:5.1f} KiB  spill {r['local']} B"
         )
     return lines
+
+
+def resource_report(objects) -> list[str]:
+    """`describe_kernels` of every object, sorted; empty where no cuobjdump exists."""
+    lines = []
+    for obj in objects:
+        records = cubin_resources(obj)
+        if records is None:
+            return []
+        lines += describe_kernels(records)
+    return sorted(lines)
 
 
 if __name__ == "__main__":
