@@ -4,7 +4,7 @@ Layers from CIN (Gao et al., AAAI 2020) and PCA-Net (Zhang et al., ICME 2021), w
 for the channel-bilinear softmax behind `fgattn.functional`.
 """
 
-from . import backend, data, functional, models
+from . import backends, data, functional, models
 from .backbone import TimmBackbone
 from .functional import channel_attention, channel_attention_weights, contrastive_channel_attention
 from .layers import CCI, SCI, AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
@@ -23,7 +23,7 @@ __all__ = [
     "CoAttention",
     "ContrastiveLoss",
     "TimmBackbone",
-    "backend",
+    "backends",
     "channel_attention",
     "channel_attention_weights",
     "contrastive_channel_attention",

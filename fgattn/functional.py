@@ -1,26 +1,35 @@
 """Functional channel-bilinear attention ops.
 
-Each op takes (B, C, L) or (B, C, H, W) feature maps, checks them, and runs on the backend that
-`fgattn.backend` picks (``backend="auto"``: fused kernels on GPU, plain PyTorch otherwise).
+Each op takes (B, C, L) or (B, C, H, W) feature maps, checks them, and runs on the implementation
+that `fgattn.ops.dispatch` chooses: the fastest correct one for the call (see `fgattn.backends`).
 Logits are accumulated and normalised in fp32 whatever the input dtype, also under autocast; the
 result comes back in the input dtype.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import backend as _backend
 from ._shapes import check_float, check_same, like_layout, to_bcl
+from .backends import check_backend
+from .ops import dispatch
 from .ops import reference as _reference
 
 __all__ = ["channel_attention", "channel_attention_weights", "contrastive_channel_attention"]
 
 
 def _check_scale(scale: float) -> float:
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a Python float, got {type(scale).__name__}")
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float (the papers use -1.0), got {scale}")
     return float(scale)
+
+
+def _check_backend(backend: str | None) -> str | None:
+    return None if backend is None else check_backend(backend)
 
 
 def channel_attention(
@@ -29,7 +38,7 @@ def channel_attention(
     v: torch.Tensor | None = None,
     *,
     scale: float = -1.0,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Channel attention softmax(scale · q kᵀ) v, the softmax taken over channels.
 
@@ -41,21 +50,26 @@ def channel_attention(
         k: keys of q's shape; defaults to q.
         v: (B, C, Lv) or (B, C, Hv, Wv) values, any Lv; defaults to k.
         scale: multiplies the logits q kᵀ; the papers use −1.
-        backend: "auto", "torch", "triton" or "cuda" (see `fgattn.backend`).
+        backend: run this implementation (see `fgattn.backends`); None follows the global
+            setting, which by default picks the fastest correct one.
+
+    With k and v both None this is self attention (SCI), whose fused paths compute one gradient
+    for q = k = v.
 
     Returns:
         softmax(scale · q kᵀ) v with v's shape, dtype and memory format.
     """
     scale = _check_scale(scale)
+    backend = _check_backend(backend)
+    if k is None and v is None:
+        out = dispatch.run("self", [to_bcl(q, "q")], scale, backend)
+        return like_layout(out, q)
     k = q if k is None else k
     v = k if v is None else v
-    # Defaulted k/v stay the same object as q, so backends can spot self-attention (SCI).
-    q3 = to_bcl(q, "q")
-    k3 = q3 if k is q else to_bcl(k, "k")
-    v3 = k3 if v is k else to_bcl(v, "v")
+    q3, k3, v3 = to_bcl(q, "q"), to_bcl(k, "k"), to_bcl(v, "v")
     check_same(q3, "q", k3, "k", (0, 1, 2), "batch, channels and length")
     check_same(q3, "q", v3, "v", (0, 1), "batch and channels")
-    out = _backend.get(backend, v.device).channel_attention(q3, k3, v3, scale)
+    out = dispatch.run("cross", [q3, k3, v3], scale, backend)
     return like_layout(out, v)
 
 
@@ -85,7 +99,7 @@ def contrastive_channel_attention(
     eta: torch.Tensor,
     *,
     scale: float = -1.0,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Contrastive channel attention |W_A − η W_B| X_A (CIN eq. 5 and Y'_A of eq. 6).
 
@@ -96,11 +110,14 @@ def contrastive_channel_attention(
         x_a: (B, C, L) or (B, C, H, W) features of the first image of each pair.
         x_b: features of the partner images, same shape as x_a.
         eta: (B,) or (B, 1) weight of the partner's matrix, one per pair.
+        scale: multiplies the logits X Xᵀ; the paper uses −1.
+        backend: run this implementation (see `fgattn.backends`); None: the global setting.
 
     Returns:
         Y'_A with x_a's shape, dtype and memory format.
     """
     scale = _check_scale(scale)
+    backend = _check_backend(backend)
     a3, b3 = to_bcl(x_a, "x_a"), to_bcl(x_b, "x_b")
     check_same(a3, "x_a", b3, "x_b", (0, 1, 2), "batch, channels and length")
     check_float(eta, "eta")
@@ -110,5 +127,5 @@ def contrastive_channel_attention(
             f"{a3.shape[0]} pairs, got shape {tuple(eta.shape)}"
         )
     eta = eta.reshape(-1)
-    out = _backend.get(backend, x_a.device).contrastive_channel_attention(a3, b3, eta, scale)
+    out = dispatch.run("contrastive", [a3, b3, eta], scale, backend)
     return like_layout(out, x_a)

@@ -27,7 +27,6 @@ class CCI(nn.Module):
         scale: logit scale of the SCI matrices (paper: −1).
         length_normalized: divide the scale by H·W (Hawkeye's variant), see `SCI`.
         phi: the 3×3 convolution φ; pass ``sci.phi`` to share it with SCI. A new one if None.
-        backend: kernel backend (see `fgattn.backend`).
 
     Shapes:
         forward(x_a, x_b, y_a=None, y_b=None): x_a, x_b (N, C, H, W) feature maps of the pairs;
@@ -42,13 +41,11 @@ class CCI(nn.Module):
         scale: float = -1.0,
         length_normalized: bool = False,
         phi: nn.Module | None = None,
-        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.channels = channels
         self.scale = scale
         self.length_normalized = length_normalized
-        self.backend = backend
         self.phi = phi if phi is not None else nn.Conv2d(channels, channels, 3, padding=1)
         self.psi = nn.Linear(2 * channels, 1)
 
@@ -85,12 +82,12 @@ class CCI(nn.Module):
             )
         scale = logit_scale(self.scale, self.length_normalized, x_a)
         if y_a is None or y_b is None:
-            y_a = F.channel_attention(x_a, scale=scale, backend=self.backend)
-            y_b = F.channel_attention(x_b, scale=scale, backend=self.backend)
+            y_a = F.channel_attention(x_a, scale=scale)
+            y_b = F.channel_attention(x_b, scale=scale)
         eta, gamma = self.weights(y_a, y_b)
-        y_ab = F.contrastive_channel_attention(x_a, x_b, eta, scale=scale, backend=self.backend)
-        y_ba = F.contrastive_channel_attention(x_b, x_a, gamma, scale=scale, backend=self.backend)
+        y_ab = F.contrastive_channel_attention(x_a, x_b, eta, scale=scale)
+        y_ba = F.contrastive_channel_attention(x_b, x_a, gamma, scale=scale)
         return self.phi(y_ab) + x_a, self.phi(y_ba) + x_b, eta, gamma
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, scale={self.scale}, backend={self.backend!r}"
+        return f"channels={self.channels}, scale={self.scale}"

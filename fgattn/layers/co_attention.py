@@ -22,7 +22,6 @@ class CoAttention(nn.Module):
         shared_weights: True (paper) uses one W for both images. False follows the official code:
             F_W1 = softmax(scale · F1 F2ᵀ) F1, F_W2 = softmax(scale · F2 F1ᵀ) F2.
         residual: add the input back (F_W + F), as the official code does. Off in the paper.
-        backend: kernel backend (see `fgattn.backend`).
 
     Shapes:
         forward(f1, f2): two (N, C, H, W) maps -> (F_W1, F_W2), each (N, C, H, W).
@@ -35,13 +34,11 @@ class CoAttention(nn.Module):
         scale: float = -1.0,
         shared_weights: bool = True,
         residual: bool = False,
-        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.scale = scale
         self.shared_weights = shared_weights
         self.residual = residual
-        self.backend = backend
 
     def forward(
         self, f1: torch.Tensor, f2: torch.Tensor | None = None
@@ -59,19 +56,16 @@ class CoAttention(nn.Module):
         if self.shared_weights:
             # One W, both images as values: [F1 | F2] along the flattened spatial axis.
             both = torch.cat([rearrange(f, "n c h w -> n c (h w)") for f in (f1, f2)], dim=2)
-            out = F.channel_attention(f1, f2, both, scale=self.scale, backend=self.backend)
+            out = F.channel_attention(f1, f2, both, scale=self.scale)
             fw1, fw2 = (
                 rearrange(o, "n c (h w) -> n c h w", h=f1.shape[2]) for o in out.chunk(2, dim=2)
             )
         else:
-            fw1 = F.channel_attention(f1, f2, f1, scale=self.scale, backend=self.backend)
-            fw2 = F.channel_attention(f2, f1, f2, scale=self.scale, backend=self.backend)
+            fw1 = F.channel_attention(f1, f2, f1, scale=self.scale)
+            fw2 = F.channel_attention(f2, f1, f2, scale=self.scale)
         if self.residual:
             fw1, fw2 = fw1 + f1, fw2 + f2
         return fw1, fw2
 
     def extra_repr(self) -> str:
-        return (
-            f"scale={self.scale}, shared_weights={self.shared_weights}, "
-            f"residual={self.residual}, backend={self.backend!r}"
-        )
+        return f"scale={self.scale}, shared_weights={self.shared_weights}, residual={self.residual}"

@@ -26,7 +26,6 @@ class SCI(nn.Module):
         length_normalized: divide the scale by L = H·W, as the public Hawkeye reimplementation
             does (S = X Xᵀ / (H·W)); off by default, following the paper.
         kernel_size: size of φ's convolution (3 in the paper).
-        backend: kernel backend of the attention op (see `fgattn.backend`).
 
     Shapes:
         x: (B, C, H, W) -> Z: (B, C, H, W); with ``return_interaction=True`` also Y: (B, C, H, W).
@@ -38,13 +37,11 @@ class SCI(nn.Module):
         scale: float = -1.0,
         length_normalized: bool = False,
         kernel_size: int = 3,
-        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.channels = channels
         self.scale = scale
         self.length_normalized = length_normalized
-        self.backend = backend
         self.phi = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
 
     def effective_scale(self, x: torch.Tensor) -> float:
@@ -59,7 +56,7 @@ class SCI(nn.Module):
                 f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
                 f"(wanted (B, {self.channels}, H, W))"
             )
-        return F.channel_attention(x, scale=self.effective_scale(x), backend=self.backend)
+        return F.channel_attention(x, scale=self.effective_scale(x))
 
     def forward(
         self, x: torch.Tensor, return_interaction: bool = False
@@ -71,5 +68,5 @@ class SCI(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, scale={self.scale}, "
-            f"length_normalized={self.length_normalized}, backend={self.backend!r}"
+            f"length_normalized={self.length_normalized}"
         )

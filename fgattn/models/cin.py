@@ -49,7 +49,6 @@ class CIN(TimmModelMixin, nn.Module):
             L_soft (a variant; the paper classifies Z only).
         global_pool: pooling before the classifier (timm pool type; paper: "avg").
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
-        backend: fgattn kernel backend of SCI/CCI.
         **backbone_kwargs: forwarded to timm for a named backbone (img_size, drop_path_rate,
             pretrained_cfg_overlay, ...).
 
@@ -74,7 +73,6 @@ class CIN(TimmModelMixin, nn.Module):
         cci_cls_loss: bool = False,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
-        backend: str = "auto",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -87,14 +85,13 @@ class CIN(TimmModelMixin, nn.Module):
         self.cci_cls_loss = cci_cls_loss
         self.drop_rate = drop_rate
 
-        self.sci = SCI(channels, scale=scale, length_normalized=length_normalized, backend=backend)
+        self.sci = SCI(channels, scale=scale, length_normalized=length_normalized)
         # φ is shared: CCI applies SCI's convolution to its contrastive interaction (eq. 6).
         self.cci = CCI(
             channels,
             scale=scale,
             length_normalized=length_normalized,
             phi=self.sci.phi,
-            backend=backend,
         )
         self.embed = nn.Linear(channels, embed_dim)  # h (eq. 8)
         self.contrastive = ContrastiveLoss(margin=margin)

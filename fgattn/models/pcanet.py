@@ -109,7 +109,6 @@ class PCANet(TimmModelMixin, nn.Module):
             with attention pooling); the centre loss always sees the unit-norm vector.
         label_smoothing: of the cross-entropies (paper: none).
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
-        backend: fgattn kernel backend of the co-attention.
         **backbone_kwargs: forwarded to timm for a named backbone.
 
     Shapes:
@@ -141,7 +140,6 @@ class PCANet(TimmModelMixin, nn.Module):
         feature_scale: float = 1.0,
         label_smoothing: float = 0.0,
         drop_rate: float = 0.0,
-        backend: str = "auto",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -163,7 +161,6 @@ class PCANet(TimmModelMixin, nn.Module):
             scale=co_attention_scale,
             shared_weights=shared_weights,
             residual=co_attention_residual,
-            backend=backend,
         )
         self.erase = AttentionErase(
             threshold=erase_threshold, mode=erase_mode, normalize=erase_normalize

@@ -35,6 +35,11 @@ def channel_attention(
         return torch.bmm(w, v.to(w.dtype)).to(v.dtype)
 
 
+def self_attention(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale · x xᵀ) x: x (B, C, L) -> (B, C, L) (CIN eq. 1–2)."""
+    return channel_attention(x, x, x, scale)
+
+
 def contrastive_channel_attention(
     x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -451,31 +451,18 @@ self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_se
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point used by the backend
+# Entry points
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b are one tensor, or identical views of one base (functional.to_bcl makes a fresh
-    view per argument of a 4-D input), so one gradient for both is exact. Under torch.compile
-    (no storage_offset in dynamo) only identity counts; the general kernels are exact anyway."""
-    if a is b:
-        return True
-    return (
-        not torch.compiler.is_compiling()
-        and a._base is not None
-        and a._base is b._base
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.storage_offset() == b.storage_offset()
-    )
+def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
+    """softmax(scale · x xᵀ) x on (B, C, L), one fused gradient for q = k = v."""
+    return self_channel_attention_fwd(x, scale, tf32)[0]
 
 
 def channel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool = False
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) tensors, result in v's dtype."""
-    if _same_tensor(q, k) and _same_tensor(k, v):
-        return self_channel_attention_fwd(q, scale, tf32)[0]
     dtype = v.dtype
     if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
         common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)

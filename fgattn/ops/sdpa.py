@@ -1,0 +1,101 @@
+"""Channel attention through PyTorch's `scaled_dot_product_attention` (SDPA).
+
+softmax(scale · q kᵀ) v over channels is attention with the C channels as the sequence and L as the
+head dimension, one head: (B, C, L) -> (B, 1, C, L). Three things make SDPA compute it exactly:
+
+- **The sign goes into q, the magnitude into SDPA's scale.** Flash attention takes the row maximum
+  of the raw scores and multiplies by the scale afterwards, which is the wrong end of the row for a
+  negative scale (SDPA(x, x, x, scale=-1) returns NaN on an H100). Negating q is exact in every
+  dtype, and SDPA applies |scale| to its fp32 scores, so the logits are the reference's fp32 logits.
+- **L is zero-padded to a multiple of 8.** cuDNN and memory-efficient attention need head dims in
+  multiples of 8; zero columns change no dot product and the padded output columns are sliced off.
+- **A value wider than q (PCA-Net's [F1 | F2]) is split into q-wide chunks along the head axis**,
+  since flash and cuDNN need equal q/k/v head dims; q and k are repeated per chunk.
+
+SDPA accumulates the scores and the softmax statistics in fp32 whatever the input dtype, as the
+reference does. Which SDPA kernel runs is named by the caller (`fgattn.ops.dispatch`); if that
+kernel refuses the shape, the next in `FALLBACK` takes it, so a call never fails for that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The SDPA kernels fgattn names, by the suffix of its implementation names ("sdpa_cudnn", ...).
+KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+# Tried after the named kernel, in this order. On CUDA mem-efficient attention takes every fp16,
+# bf16 and fp32 shape once L is padded; on CPU the flash kernel takes every dtype.
+FALLBACK = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+PAD = 8
+
+
+@functools.cache
+def _has_set_priority() -> bool:
+    # sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def _kernel_context(kernel: str):
+    first = KERNELS[kernel]
+    order = [first, *(k for k in FALLBACK if k != first)]
+    if _has_set_priority():
+        return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel(order)
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x (..., L) -> (..., width), zeros on the right; contiguous either way."""
+    extra = width - x.shape[-1]
+    return F.pad(x, (0, extra)) if extra else x.contiguous()
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, D) -> SDPA's (B, H, C, D), as a view in the layout cuDNN accepts."""
+    return x.transpose(1, 2)
+
+
+def _attend(q, k, v, scale: float, kernel: str) -> torch.Tensor:
+    """SDPA on (B, C, H, D) tensors, the sign of `scale` already in q -> (B, C, H, D)."""
+    with torch.autocast(q.device.type, enabled=False), _kernel_context(kernel):
+        out = F.scaled_dot_product_attention(
+            _heads(q), _heads(k), _heads(v), scale=abs(float(scale))
+        )
+    return _heads(out)
+
+
+def self_attention(x: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
+    """softmax(scale · x xᵀ) x: x (B, C, L) -> (B, C, L)."""
+    length = x.shape[-1]
+    xp = _padded(x, -(-length // PAD) * PAD).unsqueeze(2)  # (B, C, 1, width)
+    q = -xp if scale < 0 else xp  # the sign, exactly; |scale| is applied by SDPA in fp32
+    return _attend(q, xp, xp, scale, kernel)[:, :, 0, :length]
+
+
+def channel_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: str
+) -> torch.Tensor:
+    """softmax(scale · q kᵀ) v: q, k (B, C, L), v (B, C, Lv) -> (B, C, Lv) in v's dtype."""
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    bsz, c, length = q.shape
+    lv = v.shape[2]
+    width = -(-length // PAD) * PAD
+    heads = -(-lv // length)  # v = [v_1 | v_2 | ...], each q-wide, one head each
+    v = _padded(v.to(dtype), heads * length).unflatten(2, (heads, length))
+    v = _padded(v, width)  # (B, C, heads, width)
+    q = -q if scale < 0 else q
+    q, k = (_padded(t.to(dtype), width).unsqueeze(2) for t in (q, k))
+    if heads > 1:  # flash and cuDNN want dense heads, not stride-0 ones
+        q, k = (t.expand(bsz, c, heads, width).contiguous() for t in (q, k))
+    out = _attend(q, k, v, scale, kernel)[..., :length].flatten(2)[..., :lv]
+    return out.to(out_dtype)
