@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything fgattn owes to a GPU, in two steps that each fit a 10-minute call:
 #
-#   bash benchmarks/gpu_session.sh tests  OUT_DIR   # CUDA build + GPU tests of both backends
+#   bash benchmarks/gpu_session.sh tests  OUT_DIR   # GPU tests of the Triton kernels
 #   bash benchmarks/gpu_session.sh bench  OUT_DIR   # kernel table (quick), model overheads
 #
 # Runs from the repository root without installing fgattn (PYTHONPATH), with the python3 that holds
@@ -14,14 +14,12 @@ step=${1:?usage: gpu_session.sh tests|bench [OUT_DIR]}
 out=${2:-${OUT:-gpu_session_out}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export FGATTN_CUDA_CACHE=${FGATTN_CUDA_CACHE:-/tmp/fgattn_cuda_ext}
 py=${PYTHON:-python3}
 
-arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null) || {
+"$py" -c "import torch; torch.cuda.get_device_capability()" >/dev/null 2>&1 || {
   echo "gpu_session.sh: torch sees no CUDA GPU; nothing to do here" >&2
   exit 2
 }
-export TORCH_CUDA_ARCH_LIST=$arch  # build the CUDA extension for this GPU only
 
 {
   date -u +%FT%TZ
@@ -33,12 +31,8 @@ export TORCH_CUDA_ARCH_LIST=$arch  # build the CUDA extension for this GPU only
 
 case "$step" in
 tests)
-  # One arch: about a minute and a half. The bench step builds it too when its machine is fresh.
-  timeout 180 "$py" -m fgattn.ops.cuda_backend --build \
-    >"$out/cuda_build.log" 2>&1
-  echo "cuda build: exit $?" | tee -a "$out/gpu.txt"
   timeout 380 "$py" -m pytest -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" \
-    tests/test_triton_kernels_gpu.py tests/test_triton_kernels.py tests/test_cuda_backend.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
+    tests/test_triton_kernels_gpu.py tests/test_triton_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
   ;;
 bench)
   timeout 360 "$py" benchmarks/bench_channel_attention.py --quick --iters 20 \

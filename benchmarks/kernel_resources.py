@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -87,10 +92,68 @@ class Recorder:
         return launch
 
 
+def cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, else the directory above nvcc that has the
+    headers (torch's own guess takes dirname(dirname(which nvcc)), wrong for a wrapper script
+    such as /usr/local/bin/nvcc), else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [Path(nvcc).parent.parent, Path(nvcc).resolve().parent.parent]
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime.h").exists():
+            return str(root)
+    return None
+
+
+def cubin_resources(path: str | os.PathLike) -> list[dict] | None:
+    """`usage_records` of a cubin or object file, read with cuobjdump (the CUDA toolkit's, else
+    the one Triton ships); None where neither exists."""
+    home = cuda_home()
+    tools = [Path(home) / "bin" / "cuobjdump"] if home else []
+    try:
+        import triton
+
+        tools.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    tool = next((t for t in tools if t.exists()), None)
+    if tool is None:
+        return None
+    text = subprocess.run(
+        [str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return usage_records(text)
+
+
+def usage_records(text: str) -> list[dict]:
+    """Per kernel of `cuobjdump --dump-resource-usage` output: arch, (mangled) function, registers
+    per thread, static shared bytes and local (spill) bytes."""
+    records, arch = [], None
+    for header, body in re.findall(r"(arch = sm_\d+|Function \S+:)\n?\s*(.*)", text):
+        if header.startswith("arch"):
+            arch = header.split()[-1]
+            continue
+        usage = dict(re.findall(r"(\w+):(\d+)", body))
+        if "REG" in usage:
+            records.append(
+                {
+                    "arch": arch,
+                    "function": header.removeprefix("Function ").removesuffix(":"),
+                    "regs": int(usage["REG"]),
+                    "shared": int(usage["SHARED"]),
+                    "local": int(usage["LOCAL"]),
+                }
+            )
+    return records
+
+
 def resource_usage(cubin: bytes) -> dict:
     """Registers per thread and local (spill) bytes of a cubin, read with cuobjdump."""
-    from fgattn.ops.cuda_backend import cubin_resources
-
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
