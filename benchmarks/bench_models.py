@@ -15,7 +15,7 @@ CIN training step at most 1.10×. (The CIN paper measured SCI at 1.38×: 17.2 vs
 
 Usage:
     python benchmarks/bench_models.py [--backbone resnet50] [--batch-size 32] [--img-size 448]
-        [--dtype bf16] [--compile] [--json out.json]
+        [--dtype bf16] [--compile] [--backend auto] [--json out.json]
 
 Needs CUDA; exits with an error message otherwise (no CPU figures: they say nothing about GPUs).
 """
@@ -33,6 +33,7 @@ from _timing import cuda_time_ms
 from torch import nn
 
 import fgattn
+from fgattn import backends
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -49,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--models", default="backbone,cin,pcanet", help="comma-separated subset")
-    p.add_argument("--backend", default="auto", help="fgattn kernel backend of the layers")
+    p.add_argument("--backend", default="auto", choices=backends.BACKENDS,
+                   help="fgattn.backends setting while the models are built and timed "
+                        "(default auto: the dispatcher's choice per call)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.batch_size % 2:
@@ -60,9 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(name: str, args: argparse.Namespace) -> nn.Module:
     if name == "backbone":
         return timm.create_model(args.backbone, num_classes=args.num_classes)
-    return fgattn.create_model(
-        name, backbone=args.backbone, num_classes=args.num_classes, backend=args.backend
-    )
+    return fgattn.create_model(name, backbone=args.backbone, num_classes=args.num_classes)
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     if "backbone" not in names:
         names.insert(0, "backbone")  # the reference of every ratio
-    results = {name: bench_model(name, args) for name in names}
+    with backends.use_backend(args.backend):  # the setting every fgattn op reads when it runs
+        results = {name: bench_model(name, args) for name in names}
     base = results["backbone"]
     for r in results.values():
         r["infer_ratio"] = r["infer_ms"] / base["infer_ms"]
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{torch.cuda.get_device_name()} | {args.backbone} {args.img_size}px batch "
         f"{args.batch_size} {args.dtype} | compile={args.compile} "
-        f"channels_last={not args.no_channels_last} | median of {args.iters}"
+        f"channels_last={not args.no_channels_last} | fgattn backend {args.backend} | median of "
+        f"{args.iters}"
     )
     print(f"{'model':<10} {'infer ms':>9} {'x bb':>6} {'train ms':>9} {'x bb':>6} {'peak GiB':>9}")
     for name, r in results.items():

@@ -2,7 +2,7 @@
 # Everything fgattn owes to a GPU, in two steps that each fit a 10-minute call:
 #
 #   bash benchmarks/gpu_session.sh tests  OUT_DIR   # GPU tests of the Triton kernels
-#   bash benchmarks/gpu_session.sh bench  OUT_DIR   # kernel table (quick), model overheads
+#   bash benchmarks/gpu_session.sh bench  OUT_DIR   # every implementation vs auto, model overheads
 #
 # Runs from the repository root without installing fgattn (PYTHONPATH), with the python3 that holds
 # torch, Triton and timm. Each step writes its logs and JSON to OUT_DIR (default: $OUT, else
@@ -35,9 +35,18 @@ tests)
     tests/test_triton_kernels_gpu.py tests/test_triton_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
   ;;
 bench)
-  timeout 360 "$py" benchmarks/bench_channel_attention.py --quick --iters 20 \
-    --out "$out/bench_channel_attention_quick.json" 2>&1 | tee "$out/bench_channel_attention.log"
-  timeout 200 "$py" benchmarks/bench_models.py --json "$out/bench_models.json" 2>&1 \
+  # 240 + 120 + 150 s at most, so the step ends within 9 minutes. bench_channel_attention.py
+  # rewrites its JSON after each size: a run cut short by its timeout keeps what it measured
+  # ("complete": false). First the quick size (B=32 C=2048 L=196), every op, bf16 and fp32, with
+  # the extras (compiled eager, FlexAttention, unpadded SDPA), whose compiling takes most of it.
+  timeout 240 "$py" benchmarks/bench_channel_attention.py --quick --dtype bf16 fp32 \
+    --out "$out/bench_channel_attention_quick.json" 2>&1 | tee "$out/bench_channel_attention_quick.log"
+  # Then self attention over the rule table's grid in bf16, without the extras that compile
+  # afresh for every size.
+  timeout 120 "$py" benchmarks/bench_channel_attention.py --ops self --dtype bf16 --batch 32 \
+    --channels 512 2048 --length 49 196 784 --extras sdpa_unpadded_default \
+    --out "$out/bench_channel_attention_grid_bf16.json" 2>&1 | tee "$out/bench_channel_attention_grid_bf16.log"
+  timeout 150 "$py" benchmarks/bench_models.py --json "$out/bench_models.json" 2>&1 \
     | tee "$out/bench_models.log"
   ;;
 *)
