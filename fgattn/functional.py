@@ -23,7 +23,7 @@ __all__ = ["channel_attention", "channel_attention_weights", "contrastive_channe
 def _check_scale(scale: float) -> float:
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    if not (scale == scale and abs(scale) != math.inf):  # isfinite, in a form dynamo traces
         raise ValueError(f"scale must be a finite float (the papers use -1.0), got {scale}")
     return float(scale)
 

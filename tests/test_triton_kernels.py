@@ -21,8 +21,7 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction
 
-import fgattn
-from fgattn import backend as fb
+from fgattn import backends
 from fgattn import functional as F
 from fgattn.ops import _triton_common, reference
 from fgattn.ops import triton_channel_attention as tca
@@ -127,24 +126,20 @@ def test_self_attention(tiles, c, length, scale):
     check_attention(randn(2, c, length), None, None, scale)
 
 
-def test_self_attention_4d_uses_the_fused_self_op():
-    x = randn(2, 24, 4, 5)
-    x3 = [fgattn._shapes.to_bcl(x, "x") for _ in range(3)]
-    assert tca._same_tensor(x3[0], x3[1]) and x3[0] is not x3[1]
+def test_self_attention_is_explicit(monkeypatch):
+    # channel_attention(x) takes the fused SCI op (one gradient for q = k = v); naming k and v,
+    # even as x itself, takes the general op, whose three gradients autograd sums.
     calls = []
-    orig = tca.self_channel_attention_fwd
-    try:
-        tca.self_channel_attention_fwd = lambda *a: calls.append(1) or orig(*a)
-        check_attention(x, None, None, -1.0)
-    finally:
-        tca.self_channel_attention_fwd = orig
-    assert calls, "q = k = v given as views of one 4-D tensor should take the SCI kernel"
-
-
-def test_views_with_different_offsets_are_not_the_same_tensor():
-    x = randn(2, 8, 10)
-    assert not tca._same_tensor(x[..., :5], x[..., 5:])
-    assert not tca._same_tensor(x, x.detach())
+    for name in ("self_channel_attention_fwd", "channel_attention_fwd"):
+        orig = getattr(tca, name)
+        monkeypatch.setattr(tca, name, lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
+    x = randn(2, 24, 4, 5)
+    check_attention(x, None, None, -1.0)
+    assert calls == ["self_channel_attention_fwd"]
+    calls.clear()
+    xx = leaf(x)
+    F.channel_attention(xx, xx, xx, backend="triton").sum().backward()
+    assert calls == ["channel_attention_fwd"]
 
 
 def test_detached_key_gets_no_gradient_share():
@@ -234,10 +229,14 @@ def test_large_post_relu_magnitudes():
         ),
     ]
     for fused, ref, inputs in cases:
-        for err, err_ref32, size in _errors_vs_fp32_reference(fused, ref, inputs):
-            # The contrastive dX_B is pure fp32 noise here (the fp32 reference's error equals its
-            # size); the kernel stays within 20x of that noise.
-            assert err <= 20 * err_ref32 + 1e-5 * size, (err, err_ref32, size)
+        errors = _errors_vs_fp32_reference(fused, ref, inputs)
+        # Some gradients are ~0 here (cross dK: 2e-26; the contrastive dX_B is pure fp32 noise),
+        # so the floor is relative to the op's largest output or gradient, not to their own size:
+        # logits rounded at ~1e-3 move a one-hot softmax by ~1e-6 of that scale (Triton 3.8's
+        # interpreter lands at up to 1.2e-6; 3.9 at the fp32 reference's own error).
+        scale = max(size for _, _, size in errors)
+        for err, err_ref32, size in errors:
+            assert err <= 20 * err_ref32 + 1e-5 * scale, (err, err_ref32, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,22 +336,24 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     inputs = (x, q, k, v, eta)
     got = torch.autograd.grad(compiled(*inputs, "triton"), inputs)
-    want = torch.autograd.grad(loss(*inputs, "torch"), inputs)
+    want = torch.autograd.grad(loss(*inputs, "reference"), inputs)
     for a, b in zip(got, want, strict=True):
         assert_close(a, b, 1e-4)
 
 
-def test_auto_never_picks_triton_for_cpu(monkeypatch):
-    monkeypatch.delenv(fb.ENV_VAR, raising=False)
-    assert fb.is_available("triton")
-    assert fb.resolve("auto", torch.device("cpu")) == "torch"
-    monkeypatch.setenv(fb.ENV_VAR, "triton")
-    assert fb.resolve("auto", torch.device("cpu")) == "triton"
+def test_auto_never_picks_triton_for_cpu_but_the_setting_can():
+    x = randn(2, 8, 5)
+    assert backends.resolve("self", x) != "triton"
+    with backends.use_backend("triton"):  # the interpreter makes CPU tensors runnable
+        assert backends.resolve("self", x) == "triton"
 
 
-def test_float64_falls_back_to_reference():
+def test_float64_is_refused_by_name_and_falls_back_from_the_setting():
     x = torch.randn(2, 8, 5, dtype=torch.float64, device=DEVICE)
-    out = F.channel_attention(x, backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*float64"):
+        F.channel_attention(x, backend="triton")
+    with backends.use_backend("triton"), pytest.warns(UserWarning, match="falling back"):
+        out = F.channel_attention(x)
     torch.testing.assert_close(out, reference.channel_attention(x, x, x, -1.0))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -116,7 +117,7 @@ class Implementation:
         return _importable(self.module) and not (self.materializes and not _fits(call))
 
     def __call__(self, op: str, *args):
-        fn = getattr(_modules[self.module], FUNCTIONS[op])
+        fn = getattr(sys.modules[self.module], FUNCTIONS[op])  # imported by supports()
         return fn(*args, **dict(self.options))
 
 
@@ -146,30 +147,29 @@ IMPLEMENTATIONS = {
 }
 FAMILIES = {"sdpa": tuple(n for n in IMPLEMENTATIONS if n.startswith("sdpa_"))}
 
-_modules: dict[str, object] = {}
 _import_errors: dict[str, str] = {}
 
 
 @torch.compiler.assume_constant_result
 def _importable(module: str) -> bool:
-    # Importing is not traceable: torch.compile runs this eagerly and keeps the answer.
-    if module not in _modules and module not in _import_errors:
+    # Importing is not traceable: torch.compile runs this eagerly and keeps the answer; the
+    # module is then read from sys.modules, which dynamo sees as it is at that moment.
+    if module not in _import_errors:
         try:
             loaded = importlib.import_module(module)
             if not getattr(loaded, "AVAILABLE", True):
                 raise ImportError(loaded.UNAVAILABLE_REASON)
-            _modules[module] = loaded
+            return True
         except ImportError as err:
             _import_errors[module] = str(err)
-    return module in _modules
+    return False
 
 
 @torch.compiler.assume_constant_result
 def _triton_interpreting() -> bool:
     """Triton's CPU interpreter is on (tests): the Triton kernels then take CPU tensors."""
-    return _importable("fgattn.ops.triton_backend") and bool(
-        _modules["fgattn.ops.triton_backend"].interpreting()
-    )
+    module = "fgattn.ops.triton_backend"
+    return _importable(module) and bool(sys.modules[module].interpreting())
 
 
 @torch.compiler.assume_constant_result
@@ -310,15 +310,15 @@ def expand(backend: str) -> tuple[str, ...]:
 
 
 def choose(call: Call, backend: str | None = None) -> Implementation:
-    """The implementation that runs `call`: `backend` if given (it must support the call), else
-    the global setting where it supports the call, else benchmark mode or the rule table."""
-    if backend is not None and backend != "auto":
-        return _named(call, backend, strict=True)
-    setting = backends.get_backend()
-    if setting != "auto":
-        impl = _named(call, setting, strict=False)
+    """The implementation that runs `call`: `backend` if given ("auto", or one that must support
+    the call); for None the global setting where it supports the call; else benchmark mode or the
+    rule table."""
+    if backend is None and backends.get_backend() != "auto":
+        impl = _named(call, backends.get_backend(), strict=False)
         if impl is not None:
             return impl
+    elif backend not in (None, "auto"):
+        return _named(call, backend, strict=True)
     if backends.get_benchmark():
         winner = _winners.get(call)
         if winner is None and not torch.compiler.is_compiling():

@@ -19,7 +19,6 @@ kernel refuses the shape, the next in `FALLBACK` takes it, so a call never fails
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -39,18 +38,14 @@ FALLBACK = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 PAD = 8
 
 
-@functools.cache
-def _has_set_priority() -> bool:
-    # sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
-    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+# sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
+_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 def _kernel_context(kernel: str):
     first = KERNELS[kernel]
     order = [first, *(k for k in FALLBACK if k != first)]
-    if _has_set_priority():
-        return sdpa_kernel(order, set_priority=True)
-    return sdpa_kernel(order)
+    return sdpa_kernel(order, set_priority=True) if _SET_PRIORITY else sdpa_kernel(order)
 
 
 def _padded(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,0 +1,402 @@
+"""The dispatch point (fgattn.ops.dispatch, fgattn.backends).
+
+Every implementation that runs on CPU (reference, SDPA's CPU kernel, Triton through its interpreter)
+against the fp64 reference, forward and backward; the rule table against the GPU measurements it
+was written from; benchmark mode; the global setting; torch.compile through `auto`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fgattn
+from fgattn import backends
+from fgattn import functional as F
+from fgattn.ops import dispatch, reference, sdpa
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "benchmarks" / "results" / "2026-11-23-h100" / "candidates_grid.json"
+CPU_IMPLS = ["reference", "sdpa_flash", "triton"]  # triton: the interpreter (tests/conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    backend, benchmark = backends.get_backend(), backends.get_benchmark()
+    dispatch.clear_benchmark_cache()
+    yield
+    backends.set_backend(backend)
+    backends.set_benchmark(benchmark)
+    dispatch.clear_benchmark_cache()
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def close(actual, expected, tol):
+    """Relative to the expected tensor's largest magnitude (softmax outputs vary in scale)."""
+    atol = tol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
+
+
+def check_against_fp64(op, inputs, backend, scale=-1.0, tol=2e-5):
+    """Output and every input gradient of `backend` vs the reference in fp64."""
+    fns = {
+        "self": lambda x, b: F.channel_attention(x, scale=scale, backend=b),
+        "cross": lambda q, k, v, b: F.channel_attention(q, k, v, scale=scale, backend=b),
+        "contrastive": lambda a, x, e, b: F.contrastive_channel_attention(
+            a, x, e, scale=scale, backend=b
+        ),
+    }
+    xs = [leaf(t) for t in inputs]
+    out = fns[op](*xs, backend)
+    assert out.dtype == inputs[0].dtype and out.shape == fns[op](*inputs, "reference").shape
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, xs, g)
+    ref_xs = [leaf(t.double()) for t in inputs]
+    ref = fns[op](*ref_xs, "reference")
+    ref_grads = torch.autograd.grad(ref, ref_xs, g.double())
+    close(out, ref, tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        close(got, want, tol)
+
+
+def make(op, b, c, length, dtype=torch.float32, scale=1.0):
+    x = (torch.randn(b, c, length, dtype=torch.float64) * scale).relu().to(dtype)
+    if op == "self":
+        return [x]
+    k = (torch.randn_like(x, dtype=torch.float64) * scale).to(dtype)
+    if op == "cross":  # PCA-Net's shape: v = [F1 | F2]
+        return [x, k, torch.cat([x, k], dim=2)]
+    return [x, k.relu(), torch.tensor([0.7, -0.3])[:b].to(dtype)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every implementation equals the fp64 reference
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("op", ["self", "cross"])
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 196])  # SDPA pads L to a multiple of 8
+def test_attention_matches_fp64_reference(impl, op, length):
+    check_against_fp64(op, make(op, 2, 12, length), impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("length", [1, 7, 9])
+def test_contrastive_matches_fp64_reference(impl, length):
+    check_against_fp64("contrastive", make("contrastive", 2, 12, length), impl)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("scale", [-1 / 49, 0.0, 0.5])
+def test_any_scale(impl, scale):
+    check_against_fp64("self", make("self", 2, 16, 49), impl, scale=scale)
+    check_against_fp64("cross", make("cross", 2, 16, 7), impl, scale=scale)
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype", "tol"),
+    [
+        ("reference", torch.bfloat16, 3e-2),
+        ("reference", torch.float16, 1e-2),
+        ("sdpa_flash", torch.bfloat16, 3e-2),
+        ("sdpa_flash", torch.float16, 1e-2),
+        ("triton", torch.float16, 1e-2),  # the interpreter's bf16 tl.dot is unreliable
+    ],
+)
+def test_large_logits_in_half_precision(impl, dtype, tol):
+    # |x| ≈ 30, L = 196: logits near -1e5, beyond fp16's range; every path keeps them in fp32.
+    x = make("self", 2, 32, 196, dtype, scale=30.0)[0]
+    x[:, ::5] = 0  # dead channels
+    xs = leaf(x)
+    out = F.channel_attention(xs, backend=impl)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, xs, g)
+    x32 = leaf(x.float())
+    ref = reference.channel_attention(x32, x32, x32, -1.0)
+    (rdx,) = torch.autograd.grad(ref, x32, g.float())
+    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(dx).all()
+    close(out, ref, tol)
+    close(dx, rdx, tol)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_layouts_and_dead_channels(impl):
+    x = torch.randn(2, 12, 5, 4).relu()
+    x[:, 3] = 0
+    check_against_fp64("self", [x], impl)
+    check_against_fp64("self", [torch.randn(2, 9, 12).transpose(1, 2)], impl)  # L stride ≠ 1
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out = F.channel_attention(cl, backend=impl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    close(out, reference.channel_attention(*[x.flatten(2).double()] * 3, -1.0).view_as(x), 2e-5)
+
+
+def test_sdpa_folds_only_the_sign_into_q():
+    # A rounded q·|scale| would move logits of 1e4 by ~1; the sign alone is exact in bf16.
+    x = make("self", 1, 16, 49, torch.bfloat16, scale=30.0)[0]
+    out = sdpa.self_attention(x, -1 / 3, "flash")
+    ref = reference.channel_attention(*[x.double()] * 3, -1 / 3)
+    close(out, ref, 3e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule table
+
+DATA_NAMES = {
+    "eager": "reference",
+    "triton": "triton",
+    "cudnn_p8": "sdpa_cudnn",
+    "flash_p8": "sdpa_flash",
+    "efficient_p8": "sdpa_efficient",
+}
+
+
+def _measured_cells():
+    cells = {}
+    for row in json.loads(GRID.read_text())["rows"]:
+        if row["impl"] in DATA_NAMES and "error" not in row:
+            cells.setdefault((row["dtype"], row["C"], row["L"]), {})[DATA_NAMES[row["impl"]]] = row
+    return cells
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize(("cell", "rows"), sorted(_measured_cells().items()))
+def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
+    # The rule's first measured preference is within 25 % of the fastest candidate, or within
+    # 35 % while needing at most a quarter of its memory (the grid's noise is about ±30 % on
+    # sub-millisecond cells).
+    dtype, c, length = cell
+    call = dispatch.Call(
+        "self", "cuda:0", (9, 0), getattr(torch, dtype), 32, c, length, length, grad
+    )
+    rule = next(r for r in dispatch.RULES if r.matches(call))
+    key = "fwd_bwd_ms" if grad else "fwd_ms"
+    pick = next(name for name in rule.prefer if name in rows)
+    best = min(rows, key=lambda name: rows[name][key])
+    ratio = rows[pick][key] / rows[best][key]
+    memory = rows[pick]["peak_mb"] / rows[best]["peak_mb"]
+    assert ratio <= 1.25 or (ratio <= 1.35 and memory <= 0.25), (pick, best, ratio, memory)
+
+
+def cuda_call(op="self", dtype=torch.bfloat16, c=2048, length=196, grad=True, cap=(9, 0)):
+    return dispatch.Call(op, "cuda:0", cap, dtype, 32, c, length, length, grad)
+
+
+@pytest.fixture
+def roomy_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 80 << 30)
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (cuda_call(), "sdpa_cudnn"),
+        (cuda_call(c=512), "sdpa_flash"),
+        (cuda_call(cap=(8, 0)), "sdpa_flash"),  # cuDNN is only measured on sm_90
+        (cuda_call(dtype=torch.float16, length=784), "triton"),
+        (cuda_call(length=784, grad=False), "sdpa_efficient"),
+        (cuda_call(op="cross"), "sdpa_cudnn"),
+        (cuda_call(dtype=torch.float32), "sdpa_efficient"),
+        (cuda_call(dtype=torch.float32, c=512), "reference"),
+        (cuda_call(dtype=torch.float32, length=49, c=1024), "sdpa_efficient"),
+        (cuda_call(dtype=torch.float64), "reference"),
+        (cuda_call(op="contrastive"), "triton"),
+        (cuda_call(op="contrastive", length=784), "reference"),
+        (cuda_call(op="contrastive", length=784, grad=False), "triton"),
+        (cuda_call(op="contrastive", dtype=torch.float32), "reference"),
+        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 8, 512, 196, 196, True), "reference"),
+        (
+            dispatch.Call("self", "cpu", (0, 0), torch.float32, 8, 512, 196, 196, False),
+            "sdpa_flash",
+        ),
+        (dispatch.Call("self", "cpu", (0, 0), torch.bfloat16, 8, 512, 49, 49, True), "sdpa_flash"),
+        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 4, 2048, 49, 49, True), "sdpa_flash"),
+        (dispatch.Call("self", "cpu", (0, 0), torch.float64, 4, 2048, 49, 49, True), "reference"),
+        (
+            dispatch.Call("contrastive", "cpu", (0, 0), torch.float32, 2, 64, 49, 49, True),
+            "reference",
+        ),
+        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 0, 64, 49, 49, True), "reference"),
+    ],
+    ids=str,
+)
+def test_rule_table_picks_what_it_says(roomy_gpu, call, expected):
+    assert dispatch.by_rule(call).name == expected
+
+
+def test_the_channel_matrix_is_built_only_where_it_fits(monkeypatch):
+    call = cuda_call(dtype=torch.float32, c=2048, length=784)  # eager is fastest here
+    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 80 << 30)
+    assert dispatch.by_rule(call).name == "reference"
+    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 1 << 30)  # needs 2 GiB
+    assert dispatch.by_rule(call).name == "sdpa_efficient"
+
+
+def test_unavailable_triton_is_skipped_and_named(monkeypatch, roomy_gpu):
+    module = "fgattn.ops.triton_backend"
+    monkeypatch.setitem(dispatch._import_errors, module, "No module named 'triton'")
+    assert dispatch.by_rule(cuda_call(length=784)).name == "reference"
+    x = torch.randn(2, 8, 5)
+    with pytest.raises(ValueError, match=r"backend .triton. cannot run .*No module named .triton."):
+        F.channel_attention(x, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing: explicit self path, named backends, the global setting, benchmark mode
+
+
+def test_self_attention_is_explicit(monkeypatch):
+    calls = []
+    for name in ("self_attention", "channel_attention"):
+        orig = getattr(sdpa, name)
+        monkeypatch.setattr(
+            sdpa, name, lambda *a, _o=orig, _n=name, **kw: calls.append(_n) or _o(*a, **kw)
+        )
+    x = torch.randn(2, 8, 5)
+    F.channel_attention(x, backend="sdpa_flash")
+    F.channel_attention(x, x, x, backend="sdpa_flash")
+    F.channel_attention(x, v=x, backend="sdpa_flash")
+    assert calls == ["self_attention", "channel_attention", "channel_attention"]
+
+
+def test_family_name_takes_its_best_member():
+    assert backends.resolve("self", torch.randn(2, 8, 5), backend="sdpa") == "sdpa_flash"
+
+
+def test_global_setting_and_context_manager():
+    x = torch.randn(2, 64, 49)
+    assert backends.resolve("self", x) == "sdpa_flash"  # auto, no grad
+    backends.set_backend("reference")
+    assert backends.resolve("self", x) == "reference"
+    with backends.use_backend("sdpa"):
+        assert backends.resolve("self", x) == "sdpa_flash"
+        with pytest.raises(KeyError), backends.use_backend("triton"):
+            raise KeyError  # restored on the way out
+        assert backends.get_backend() == "sdpa"
+    assert backends.get_backend() == "reference"
+    assert backends.resolve("self", x, backend="auto") == "sdpa_flash"  # per call beats global
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: backends.set_backend("cuda"), ValueError, r"backend must be one of .*'cuda'"),
+        (lambda: backends.set_backend(None), TypeError, "backend must be a str"),
+        (lambda: setattr(backends, "benchmark", "yes"), TypeError, "must be a bool, got str"),
+        (lambda: F.channel_attention(torch.randn(2, 4, 5), backend="fast"), ValueError, "fast"),
+    ],
+)
+def test_bad_settings(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _python(code, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_environment_variable_never_breaks_cpu_tensors():
+    # FGATTN_BACKEND=triton with no GPU and no interpreter: CPU tensors still run (auto), warned.
+    code = (
+        "import torch, warnings, fgattn\n"
+        "from fgattn.ops import reference\n"
+        "x = torch.randn(2, 8, 5)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = fgattn.functional.channel_attention(x)\n"
+        "torch.testing.assert_close(y, reference.channel_attention(x, x, x, -1.0))\n"
+        "print(fgattn.backends.get_backend(), 'falling back' in str(w[0].message))\n"
+    )
+    proc = _python(code, FGATTN_BACKEND="triton")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["triton", "True"]
+
+
+def test_bad_environment_variable_names_itself():
+    proc = _python("import fgattn", FGATTN_BACKEND="bogus")
+    assert proc.returncode != 0
+    assert "$FGATTN_BACKEND must be one of" in proc.stderr and "'bogus'" in proc.stderr
+    proc = _python("import fgattn; print(fgattn.backends.benchmark)", FGATTN_BENCHMARK="1")
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """time_call replaced by a table: reference is 'fastest', every call is logged."""
+    log = []
+
+    def fake(impl, call, repeat=5, scale=-1.0):
+        log.append((impl.name, call.length))
+        return {"reference": 1.0, "triton": 2.0}.get(impl.name, 3.0)
+
+    monkeypatch.setattr(dispatch, "time_call", fake)
+    return log
+
+
+def test_benchmark_mode_times_once_per_shape(fake_timer):
+    backends.benchmark = True
+    x = torch.randn(2, 8, 5)
+    for _ in range(3):
+        F.channel_attention(x)
+    assert sorted(fake_timer) == [(name, 5) for name in CPU_IMPLS]  # timed once
+    assert backends.resolve("self", x) == "reference"  # the fastest, not the rule's sdpa_flash
+    F.channel_attention(torch.randn(2, 8, 6))
+    assert len(fake_timer) == 2 * len(CPU_IMPLS)  # a new shape is timed again
+    F.channel_attention(x.requires_grad_())  # so is the same shape with a gradient to come
+    assert len(fake_timer) == 3 * len(CPU_IMPLS)
+    dispatch.clear_benchmark_cache()
+    F.channel_attention(torch.randn(2, 8, 6))
+    assert len(fake_timer) == 4 * len(CPU_IMPLS)
+    backends.benchmark = False
+    assert backends.resolve("self", torch.randn(2, 8, 7)) == "sdpa_flash"
+
+
+def test_benchmark_mode_really_times():
+    backends.benchmark = True
+    x = torch.randn(2, 16, 9)
+    torch.testing.assert_close(F.channel_attention(x), reference.channel_attention(x, x, x, -1.0))
+    (winner,) = dispatch._winners.values()
+    assert winner in CPU_IMPLS
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile through auto
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_through_auto(dynamic):
+    sci, co = fgattn.SCI(16), fgattn.CoAttention()
+
+    def step(x, f):
+        return sci(x).square().sum() + co(f).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for size in (5, 6):  # a second size: recompiles (static) or reuses (dynamic)
+        x, f = leaf(torch.randn(2, 16, size, size)), leaf(torch.randn(4, 16, size, 3))
+        got = torch.autograd.grad(compiled(x, f), (x, f))
+        want = torch.autograd.grad(step(x, f), (x, f))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_in_benchmark_mode_uses_cached_winners_and_never_times(fake_timer, monkeypatch):
+    backends.benchmark = True
+    x = torch.randn(2, 8, 5)
+    F.channel_attention(x)  # eager: timed, reference wins
+    assert len(fake_timer) == len(CPU_IMPLS)
+    fn = torch.compile(lambda t: F.channel_attention(t), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), F.channel_attention(x, backend="reference"))
+    y = torch.randn(2, 8, 6)  # not cached: the rule table decides, nothing is timed in a trace
+    torch.testing.assert_close(fn(y), reference.channel_attention(y, y, y, -1.0))
+    assert len(fake_timer) == len(CPU_IMPLS)
