@@ -189,6 +189,11 @@ def cuda_call(op="self", dtype=torch.bfloat16, c=2048, length=196, grad=True, ca
     return dispatch.Call(op, "cuda:0", cap, dtype, 32, c, length, length, grad)
 
 
+def cpu_call(op="self", dtype=torch.float32, c=512, length=49, grad=True, b=8):
+    lv = 2 * length if op == "cross" else length  # PCA-Net's v = [F1 | F2]
+    return dispatch.Call(op, "cpu", (0, 0), dtype, b, c, length, lv, grad)
+
+
 @pytest.fixture
 def roomy_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 80 << 30)
@@ -211,19 +216,17 @@ def roomy_gpu(monkeypatch):
         (cuda_call(op="contrastive", length=784), "reference"),
         (cuda_call(op="contrastive", length=784, grad=False), "triton"),
         (cuda_call(op="contrastive", dtype=torch.float32), "reference"),
-        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 8, 512, 196, 196, True), "reference"),
-        (
-            dispatch.Call("self", "cpu", (0, 0), torch.float32, 8, 512, 196, 196, False),
-            "sdpa_flash",
-        ),
-        (dispatch.Call("self", "cpu", (0, 0), torch.bfloat16, 8, 512, 49, 49, True), "sdpa_flash"),
-        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 4, 2048, 49, 49, True), "sdpa_flash"),
-        (dispatch.Call("self", "cpu", (0, 0), torch.float64, 4, 2048, 49, 49, True), "reference"),
-        (
-            dispatch.Call("contrastive", "cpu", (0, 0), torch.float32, 2, 64, 49, 49, True),
-            "reference",
-        ),
-        (dispatch.Call("self", "cpu", (0, 0), torch.float32, 0, 64, 49, 49, True), "reference"),
+        (cpu_call(c=256, length=196), "reference"),
+        (cpu_call(length=196), "sdpa_flash"),
+        (cpu_call(dtype=torch.bfloat16, c=64, grad=False), "reference"),
+        (cpu_call("cross", torch.bfloat16), "reference"),
+        (cpu_call("cross", torch.bfloat16, c=1024), "sdpa_flash"),
+        (cpu_call("cross", c=1024), "reference"),
+        (cpu_call("cross", c=1024, grad=False), "sdpa_flash"),
+        (cpu_call(c=2048, b=4), "sdpa_flash"),
+        (cpu_call(dtype=torch.float64, c=2048, b=4), "reference"),
+        (cpu_call("contrastive", c=64, b=2), "reference"),
+        (cpu_call(c=64, b=0), "reference"),
     ],
     ids=str,
 )
@@ -271,8 +274,8 @@ def test_family_name_takes_its_best_member():
 
 
 def test_global_setting_and_context_manager():
-    x = torch.randn(2, 64, 49)
-    assert backends.resolve("self", x) == "sdpa_flash"  # auto, no grad
+    x = torch.randn(2, 512, 49)
+    assert backends.resolve("self", x) == "sdpa_flash"  # auto
     backends.set_backend("reference")
     assert backends.resolve("self", x) == "reference"
     with backends.use_backend("sdpa"):
@@ -350,16 +353,36 @@ def test_benchmark_mode_times_once_per_shape(fake_timer):
     for _ in range(3):
         F.channel_attention(x)
     assert sorted(fake_timer) == [(name, 5) for name in CPU_IMPLS]  # timed once
-    assert backends.resolve("self", x) == "reference"  # the fastest, not the rule's sdpa_flash
-    F.channel_attention(torch.randn(2, 8, 6))
+    x = torch.randn(2, 512, 5)  # the rule table would take sdpa_flash here
+    F.channel_attention(x)
+    assert backends.resolve("self", x) == "reference"  # the fastest by the (fake) clock
     assert len(fake_timer) == 2 * len(CPU_IMPLS)  # a new shape is timed again
     F.channel_attention(x.requires_grad_())  # so is the same shape with a gradient to come
     assert len(fake_timer) == 3 * len(CPU_IMPLS)
     dispatch.clear_benchmark_cache()
-    F.channel_attention(torch.randn(2, 8, 6))
+    F.channel_attention(torch.randn(2, 512, 5))
     assert len(fake_timer) == 4 * len(CPU_IMPLS)
     backends.benchmark = False
-    assert backends.resolve("self", torch.randn(2, 8, 7)) == "sdpa_flash"
+    assert backends.resolve("self", torch.randn(2, 512, 5)) == "sdpa_flash"
+
+
+def test_benchmark_mode_rules_out_a_failing_candidate(monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("this kernel does not compile")
+
+    monkeypatch.setattr(reference, "self_attention", broken)
+    backends.benchmark = True
+    x = torch.randn(2, 8, 5)
+    torch.testing.assert_close(F.channel_attention(x), sdpa.self_attention(x, -1.0, "flash"))
+    assert list(dispatch._winners.values()) in (["sdpa_flash"], ["triton"])
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    backends.set_backend("triton")
+    sci = fgattn.SCI(8)
+    with pytest.warns(UserWarning, match="falling back") as record:
+        sci.double()(torch.randn(2, 8, 3, 3, dtype=torch.float64))
+    assert record[0].filename == __file__
 
 
 def test_benchmark_mode_really_times():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -186,11 +187,12 @@ def _free_bytes(device: str) -> int:
 
 
 def _fits(call: Call) -> bool:
-    """Whether the (B, C, C) fp32 matrices of a materialising implementation fit (GPU only):
-    logits and softmax, and with a gradient two more of each; the contrastive op has two."""
+    """Whether the (B, C, C) matrices of a materialising implementation fit (GPU only): logits
+    and softmax in fp32 (fp64 for fp64), and with a gradient two more of each; the contrastive op
+    has two of everything."""
     if call.device_type != "cuda":
         return True
-    per_matrix = call.batch * call.channels**2 * 4
+    per_matrix = call.batch * call.channels**2 * max(4, call.dtype.itemsize)
     count = (4 if call.grad else 2) * (2 if call.op == "contrastive" else 1)
     return count * per_matrix < _free_bytes(call.device)
 
@@ -273,13 +275,21 @@ RULES = (
     Rule(("reference", "sdpa_efficient", "triton"), device="cuda", dtypes=FP32,
          measured=f"{H100}: C=512 L=196 eager 0.30 / 0.95, mem-efficient 0.35 / 1.27; "
                   "L=784 C=2048 eager 9.67 / 30.78, mem-efficient 10.68 / 42.98, Triton 137 / 630"),
-    # --- CPU (2-core x86, torch 2.14, 2026-11-23, fwd / fwd+bwd ms)
-    Rule(("reference", "sdpa_flash"), device="cpu", dtypes=FP32, max_channels=1023, grad=True,
-         measured="CPU fp32 B=8 C=512: L=196 eager 32.1, flash 36.2; L=49 12.3 / 12.2; "
-                  "B=2 L=784 29.5 / 35.7"),
-    Rule(("sdpa_flash", "reference"), device="cpu",
-         measured="CPU B=4 C=2048 L=49 fp32 eager 100.7 / 187.3, flash 26.6 / 92.0; bf16 "
-                  "B=8 C=512 L=196 eager 12.6 / 40.0, flash 11.6 / 31.7"),
+    # --- CPU (2-core x86, torch 2.14, 2026-11-23, B = 8, fwd / fwd+bwd ms;
+    #     benchmarks/results/2026-11-23-cpu/grid.json)
+    Rule(("sdpa_flash", "reference"), ops=("self",), device="cpu", min_channels=512,
+         measured="CPU: C=1024 L=196 bf16 eager 77.4 / 211.7, flash 38.5 / 95.5; fp32 78.1 / "
+                  "184.2 vs 39.8 / 148.3; C=512 L=49 bf16 4.81 / 14.64 vs 3.75 / 10.73"),
+    Rule(("sdpa_flash", "reference"), ops=("cross",), device="cpu", min_channels=1024,
+         dtypes=HALF,
+         measured="CPU, PCA-Net's v = [F1 | F2] (SDPA computes the logits once per half): "
+                  "C=1024 L=196 bf16 eager 99.5 / 243.0, flash 82.4 / 198.6"),
+    Rule(("sdpa_flash", "reference"), ops=("cross",), device="cpu", min_channels=1024,
+         grad=False, measured="CPU cross C=1024 L=49 fp32 forward eager 55.1, flash 25.8"),
+    Rule(("reference", "sdpa_flash"), device="cpu",
+         measured="CPU: eager at C <= 256 (self C=64 L=196 bf16 0.23 / 0.88 vs flash 0.26 / "
+                  "1.25), cross to C=512 (L=196 fp32 18.4 / 49.8 vs 24.1 / 83.3) and fp32 "
+                  "cross training (C=1024 L=196 239.3 vs 306.3)"),
     Rule(("reference",), measured="any other device: the plain PyTorch composition"),
 )  # fmt: skip
 # Tried after a row's own preferences, so that every supported call finds an implementation.
@@ -346,9 +356,19 @@ def _named(call: Call, backend: str, strict: bool) -> Implementation | None:
         warnings.warn(
             f"fgattn: {message}; falling back to 'auto' for this call "
             f"(the setting comes from fgattn.backends or ${backends.ENV_BACKEND})",
-            stacklevel=4,
+            stacklevel=_caller_outside_fgattn(),
         )
     return None
+
+
+def _caller_outside_fgattn() -> int:
+    """The `stacklevel` of the first frame outside fgattn and torch (nn.Module calls): the user's
+    line."""
+    packages = tuple(os.path.dirname(m.__file__) for m in (sys.modules["fgattn"], torch))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _rule_rank(call: Call) -> Callable[[str], int]:
@@ -381,7 +401,7 @@ def _benchmark(call: Call) -> str:
     for name in candidates(call):
         try:
             times[name] = time_call(IMPLEMENTATIONS[name], call)
-        except (RuntimeError, torch.OutOfMemoryError):  # refused or out of memory: not a candidate
+        except Exception:  # refused, out of memory, a kernel that did not compile: not a candidate
             continue
     _winners[call] = min(times, key=times.get) if times else by_rule(call).name
     return _winners[call]
