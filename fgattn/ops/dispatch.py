@@ -104,6 +104,7 @@ class Implementation:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     materializes: bool = False  # builds the (B, C, C) matrix
+    interpretable: bool = False  # Triton kernels: CPU tensors run under TRITON_INTERPRET=1
     options: tuple[tuple[str, str], ...] = ()  # keyword arguments of every function
 
     def supports(self, call: Call) -> bool:
@@ -111,9 +112,8 @@ class Implementation:
             return False
         if min(call.batch, call.channels, call.length, call.value_length) == 0:
             return self.name == "reference"  # empty: nothing to be fast at
-        if call.device_type not in self.devices and not (
-            self.name == "triton" and call.device_type == "cpu" and _triton_interpreting()
-        ):
+        interpreted = self.interpretable and call.device_type == "cpu" and _triton_interpreting()
+        if call.device_type not in self.devices and not interpreted:
             return False
         return _importable(self.module) and not (self.materializes and not _fits(call))
 
@@ -142,7 +142,12 @@ IMPLEMENTATIONS = {
         _sdpa("flash", ("cuda", "cpu"), ALL_FLOATS),  # CPU's flash kernel takes every dtype
         _sdpa("efficient", ("cuda",), FLOATS),
         Implementation(
-            "triton", "fgattn.ops.triton_backend", (*ATTENTION, "contrastive"), ("cuda",), FLOATS
+            "triton",
+            "fgattn.ops.triton_backend",
+            (*ATTENTION, "contrastive"),
+            ("cuda",),
+            FLOATS,
+            interpretable=True,
         ),
     )
 }
