@@ -232,7 +232,10 @@ def compile_all(args) -> list[dict]:
     smem_limit = _triton_common.shared_memory_limit
     checks = {module: module.check_device for module in modules}
     log, records, seen = [], [], set()
-    previous_driver = driver._active  # None until first use; reset_active() needs a real GPU
+    # The active driver, restored afterwards without creating one (reset_active() needs a real GPU):
+    # Triton >= 3.5 keeps it in `_active` (None until first use), 3.4 in a plain `active`.
+    active_attr = "_active" if hasattr(driver, "_active") else "active"
+    previous_driver = getattr(driver, active_attr)
     try:
         for module in modules:
             module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
@@ -268,7 +271,7 @@ def compile_all(args) -> list[dict]:
             setattr(module, name, fn)
         for module, check in checks.items():
             module.check_device = check
-        driver._active = previous_driver
+        setattr(driver, active_attr, previous_driver)
         _triton_common.shared_memory_limit = smem_limit
     return records
 

@@ -166,6 +166,15 @@ def _measured_cells():
     return cells
 
 
+def cuda_call(op="self", dtype=torch.bfloat16, c=2048, length=196, grad=True, cap=(9, 0)):
+    return dispatch.Call(op, "cuda", "cuda:0", cap, dtype, 32, c, length, length, grad)
+
+
+def cpu_call(op="self", dtype=torch.float32, c=512, length=49, grad=True, b=8):
+    lv = 2 * length if op == "cross" else length  # PCA-Net's v = [F1 | F2]
+    return dispatch.Call(op, "cpu", "cpu", (0, 0), dtype, b, c, length, lv, grad)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize(("cell", "rows"), sorted(_measured_cells().items()))
 def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
@@ -173,9 +182,7 @@ def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
     # 35 % while needing at most a quarter of its memory (the grid's noise is about ±30 % on
     # sub-millisecond cells).
     dtype, c, length = cell
-    call = dispatch.Call(
-        "self", "cuda:0", (9, 0), getattr(torch, dtype), 32, c, length, length, grad
-    )
+    call = cuda_call(dtype=getattr(torch, dtype), c=c, length=length, grad=grad)
     rule = next(r for r in dispatch.RULES if r.matches(call))
     key = "fwd_bwd_ms" if grad else "fwd_ms"
     pick = next(name for name in rule.prefer if name in rows)
@@ -183,15 +190,6 @@ def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
     ratio = rows[pick][key] / rows[best][key]
     memory = rows[pick]["peak_mb"] / rows[best]["peak_mb"]
     assert ratio <= 1.25 or (ratio <= 1.35 and memory <= 0.25), (pick, best, ratio, memory)
-
-
-def cuda_call(op="self", dtype=torch.bfloat16, c=2048, length=196, grad=True, cap=(9, 0)):
-    return dispatch.Call(op, "cuda:0", cap, dtype, 32, c, length, length, grad)
-
-
-def cpu_call(op="self", dtype=torch.float32, c=512, length=49, grad=True, b=8):
-    lv = 2 * length if op == "cross" else length  # PCA-Net's v = [F1 | F2]
-    return dispatch.Call(op, "cpu", (0, 0), dtype, b, c, length, lv, grad)
 
 
 @pytest.fixture

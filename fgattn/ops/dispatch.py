@@ -48,6 +48,7 @@ class Call(NamedTuple):
     """What the choice of implementation depends on: one op call, without its data."""
 
     op: str  # "self" (q = k = v), "cross" or "contrastive"
+    device_type: str  # "cuda", "cpu", ...
     device: str  # "cuda:0", "cpu", ...
     capability: tuple[int, int]  # CUDA compute capability; (0, 0) off CUDA
     dtype: torch.dtype  # the dtype the op computes in (inputs promoted)
@@ -56,10 +57,6 @@ class Call(NamedTuple):
     length: int  # L: the reduction axis of the logits (H·W)
     value_length: int  # Lv: the width of v (L except for CoAttention's [F1 | F2])
     grad: bool  # a backward will follow
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":")[0]
 
     def __str__(self) -> str:
         return (
@@ -77,6 +74,7 @@ def describe(op: str, *tensors: torch.Tensor) -> Call:
         dtype = torch.promote_types(dtype, t.dtype)
     return Call(
         op=op,
+        device_type=x.device.type,
         device=str(x.device),
         capability=_capability(str(x.device)) if x.device.type == "cuda" else (0, 0),
         dtype=dtype,
