@@ -1,6 +1,7 @@
 """Input checks shared by the functional API and the layers.
 
-Every check raises a ValueError that names the argument, the shape it got and the shape it wanted.
+Every check raises a ValueError that names the argument, the shape it got and the shape it wanted
+(a TypeError where the argument is not a tensor at all).
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ import torch
 from einops import rearrange
 
 
-def check_float(x: torch.Tensor, name: str) -> None:
+def check_tensor(x: object, name: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_float(x: torch.Tensor, name: str) -> None:
+    check_tensor(x, name)
     if not x.dtype.is_floating_point:
         raise ValueError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "

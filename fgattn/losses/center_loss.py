@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .. import _args
+from .._shapes import check_tensor
 
 UPDATES = ("moving_average", "learned")
 
@@ -16,7 +21,8 @@ class CenterLoss(nn.Module):
     c_j ← c_j − α Σ_{i: y_i = j} (c_j − x_i) / (1 + n_j), so every sample of class j in the batch
     counts) or a parameter learned by the optimiser (``update="learned"``).
     Under torch.distributed the per-class sums are all-reduced before the update, so the centres
-    stay identical on every rank.
+    stay identical on every rank. A batch with a NaN or infinite feature gives a non-finite loss
+    and leaves the centres unchanged (on every rank), with a warning.
 
     Args:
         num_classes: K.
@@ -38,14 +44,11 @@ class CenterLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.num_classes, self.feat_dim = num_classes, feat_dim
-        self.alpha, self.update, self.reduction = alpha, update, reduction
+        self.num_classes = _args.integer(num_classes, "num_classes", minimum=1)
+        self.feat_dim = _args.integer(feat_dim, "feat_dim", minimum=1)
+        self.alpha = _args.real(alpha, "alpha", low=0.0, high=1.0)
+        self.update = _args.choice(update, "update", UPDATES)
+        self.reduction = _args.choice(reduction, "reduction", ("mean", "sum"))
         centers = torch.zeros(num_classes, feat_dim)
         if update == "learned":
             self.centers = nn.Parameter(centers)
@@ -53,6 +56,8 @@ class CenterLoss(nn.Module):
             self.register_buffer("centers", centers)
 
     def _check(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        check_tensor(features, "features")
+        check_tensor(labels, "labels")
         if features.dim() != 2 or features.shape[1] != self.feat_dim:
             raise ValueError(
                 f"features must have shape (B, {self.feat_dim}), got shape {tuple(features.shape)}"
@@ -63,8 +68,16 @@ class CenterLoss(nn.Module):
             raise ValueError(
                 f"labels must have shape ({features.shape[0]},), got shape {tuple(labels.shape)}"
             )
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if torch.compiler.is_compiling():  # a data-dependent branch would break the graph
+            return
+        outside = (labels < 0) | (labels >= self.num_classes)
+        if outside.any():  # -1 would silently index the last centre
+            raise ValueError(
+                f"labels must be class indices in [0, {self.num_classes}), got "
+                f"{sorted(set(labels[outside].tolist()))[:8]}"
+            )
 
     @torch.no_grad()
     def _update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -74,10 +87,19 @@ class CenterLoss(nn.Module):
         counts = torch.zeros(self.num_classes, device=centers.device, dtype=centers.dtype)
         counts.index_add_(0, labels, torch.ones_like(labels, dtype=centers.dtype))
         if dist.is_available() and dist.is_initialized():
-            # Each rank's diff uses the same (identical) centres, so the sums add up exactly.
+            # Each rank's diff uses the same (identical) centres, so the sums add up exactly; a
+            # non-finite feature on any rank makes the summed update non-finite on all of them.
             dist.all_reduce(sums)
             dist.all_reduce(counts)
-        centers.sub_(self.alpha * sums / (1.0 + counts).unsqueeze(1))
+        finite = torch.isfinite(sums).all()
+        if not torch.compiler.is_compiling() and not finite:
+            warnings.warn(
+                "CenterLoss: a batch had NaN or infinite features; the centres were left "
+                "unchanged (the loss of that batch is not finite)",
+                stacklevel=3,
+            )
+        step = self.alpha * sums / (1.0 + counts).unsqueeze(1)
+        centers.sub_(torch.where(finite, step, 0.0))  # no branch: compiles into one graph
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(features, labels)

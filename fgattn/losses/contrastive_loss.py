@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _args
+from .._shapes import check_tensor
+
 
 class ContrastiveLoss(nn.Module):
     """ℓ = d² for a positive pair, max(0, β − d)² for a negative one, d = ‖h_A − h_B‖₂.
@@ -21,11 +24,11 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, margin: float = 0.5) -> None:
         super().__init__()
-        if margin <= 0:
-            raise ValueError(f"margin must be positive, got {margin}")
-        self.margin = margin
+        self.margin = _args.real(margin, "margin", low=0.0, low_open=True)
 
     def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        for x, name in ((emb_a, "emb_a"), (emb_b, "emb_b"), (same, "same")):
+            check_tensor(x, name)
         if emb_a.dim() != 2 or emb_a.shape != emb_b.shape:
             raise ValueError(
                 f"emb_a and emb_b must both have shape (N, D): got {tuple(emb_a.shape)} and "
@@ -35,6 +38,13 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(
                 f"same must have shape ({emb_a.shape[0]},), one label per pair, got shape "
                 f"{tuple(same.shape)}"
+            )
+        binary = same.dtype == torch.bool or torch.compiler.is_compiling()  # no branch in graphs
+        if not binary and not ((same == 0) | (same == 1)).all():
+            # class ids or soft labels would silently count as positive pairs
+            raise ValueError(
+                f"same must be bool or 0/1 (1 where the pair shares a class), got values "
+                f"{sorted(set(same.flatten().tolist()))[:8]}"
             )
         sq = (emb_a.float() - emb_b.float()).pow(2).sum(dim=1)
         dist = sq.clamp_min(1e-12).sqrt()  # clamp: finite gradient for identical negatives

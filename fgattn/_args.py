@@ -1,0 +1,59 @@
+"""Checks of constructor arguments, run once at construction.
+
+A wrong type raises TypeError, a wrong value ValueError; both name the argument, what it got and
+what it wanted. Each check returns the value normalised (an int as int, a real number as float).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+
+def integer(value: object, name: str, *, minimum: int | None = None) -> int:
+    """An int (not a bool) ≥ `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def real(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """A finite real number (not a bool) in [low, high], or (low, high] with `low_open`."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    if not math.isfinite(value) or below or (high is not None and value > high):
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high is None else "]"
+        lo, hi = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
+        interval = f"{opening}{lo}, {hi}{closing}"
+        raise ValueError(f"{name} must be a finite float in {interval}, got {value}")
+    return value
+
+
+def choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """One of the strings `choices`."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str, one of {tuple(choices)}; got {type(value).__name__}"
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def boolean(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,97 @@
+"""Bad input gets a clear error at the earliest point, and NaN never reaches saved state.
+
+The table keeps the cases of a fault-injection probe of the public API (issue 13): each row is a
+call, the exception it must raise and a fragment of the message.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import fgattn
+from fgattn import CenterLoss, ContrastiveLoss
+from fgattn import functional as F
+
+x = torch.randn(2, 4, 5)
+emb = torch.randn(3, 8)
+
+BAD = [
+    # constructors: arguments are checked before anything is built
+    (lambda: CenterLoss(0, 8), ValueError, "num_classes must be an int >= 1, got 0"),
+    (lambda: CenterLoss(10, 8, alpha="0.5"), TypeError, "alpha must be a float, got str"),
+    (lambda: CenterLoss(10, 8, alpha=float("nan")), ValueError, "alpha must be a finite float"),
+    (lambda: CenterLoss(10, 8, alpha=1.5), ValueError, r"alpha must be a finite float in \[0, 1\]"),
+    (lambda: CenterLoss(2.5, 8), TypeError, "num_classes must be an int, got float"),
+    (lambda: CenterLoss(10, 8, update="ema"), ValueError, "update must be one of"),
+    (lambda: ContrastiveLoss(margin=float("nan")), ValueError, "margin must be a finite float"),
+    (lambda: ContrastiveLoss(margin=0), ValueError, r"margin must be a finite float in \(0, inf\)"),
+    # forward: tensors are checked before they are used
+    (
+        lambda: CenterLoss(3, 8)(emb, torch.tensor([0, 1, -1])),
+        ValueError,
+        r"in \[0, 3\), got \[-1\]",
+    ),
+    (lambda: CenterLoss(3, 8)(emb, torch.tensor([0, 1, 3])), ValueError, r"in \[0, 3\), got \[3\]"),
+    (
+        lambda: CenterLoss(3, 8)(emb, [0, 1, 2]),
+        TypeError,
+        "labels must be a torch.Tensor, got list",
+    ),
+    (lambda: CenterLoss(3, 8)(emb, torch.zeros(3)), ValueError, "labels must be integer"),
+    (
+        lambda: ContrastiveLoss()(emb, emb, torch.tensor([3, 0, 7])),
+        ValueError,
+        r"same must be bool or 0/1.*\[0, 3, 7\]",
+    ),
+    (
+        lambda: ContrastiveLoss()(emb, emb, torch.tensor([0.3, 1.0, 0.0])),
+        ValueError,
+        "same must be bool or 0/1",
+    ),
+    (lambda: F.channel_attention(x, scale=float("inf")), ValueError, "scale must be a finite"),
+    (lambda: F.channel_attention(x, scale="-1"), TypeError, "scale must be a Python float"),
+    (lambda: F.channel_attention(x.tolist()), TypeError, "q must be a torch.Tensor, got list"),
+    (lambda: F.channel_attention(x, backend="bogus"), ValueError, "backend must be one of"),
+    (lambda: fgattn.backends.set_backend("cuda"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD)
+def test_bad_input_is_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_nan_batch_leaves_center_loss_centres_unchanged():
+    loss = CenterLoss(3, 8, alpha=0.5)
+    labels = torch.tensor([0, 1, 2])
+    loss(torch.randn(3, 8), labels)
+    before = loss.centers.clone()
+    bad = torch.randn(3, 8)
+    bad[1, 4] = float("nan")
+    with pytest.warns(UserWarning, match="centres were left unchanged"):
+        value = loss(bad, labels)
+    assert not torch.isfinite(value)  # the batch's loss says it was bad
+    torch.testing.assert_close(loss.centers, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = loss(torch.randn(3, 8), labels)  # the next clean batch is unaffected
+    assert torch.isfinite(clean) and torch.isfinite(loss.centers).all()
+
+
+def test_inf_batch_leaves_center_loss_centres_unchanged():
+    loss = CenterLoss(2, 4)
+    before = loss.centers.clone()
+    with pytest.warns(UserWarning):
+        loss(torch.full((2, 4), float("inf")), torch.tensor([0, 1]))
+    torch.testing.assert_close(loss.centers, before)
+
+
+def test_valid_contrastive_labels_still_work():
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    as_bool = ContrastiveLoss()(a, b, torch.tensor([True, False, True]))
+    as_int = ContrastiveLoss()(a, b, torch.tensor([1, 0, 1]))
+    as_float = ContrastiveLoss()(a, b, torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(as_bool, as_int)
+    torch.testing.assert_close(as_bool, as_float)
