@@ -1,7 +1,16 @@
-"""Atomic checkpoints that load with ``torch.load(weights_only=True)``, plus RNG capture/restore."""
+"""Checkpoints that are atomic, verified and load with ``torch.load(weights_only=True)``, plus RNG
+capture/restore.
+
+A checkpoint dict is written with a SHA-256 of its content (every tensor's bytes, every value)
+under ``"sha256"``; `load_checkpoint` recomputes it, so flipped bytes are an error, not silently
+altered weights.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import random
 import tempfile
@@ -10,43 +19,120 @@ from typing import Any
 
 import torch
 
+DIGEST_KEY = "sha256"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 over a checkpoint's content: tensors by dtype, shape and bytes; containers and
+    plain values by structure and repr (tuples and lists alike: weights_only loads lists)."""
+    digest = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)}".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"S{len(x)}".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(f"V{x!r}".encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """Write `obj` to a temporary file in the same folder, fsync, then ``os.replace``.
 
     os.replace is atomic on POSIX and Windows, so a kill at any moment leaves either the previous
-    complete file or the new complete file at ``path``, never a truncated one.
+    complete file or the new complete file at ``path``, never a truncated one. A dict is stored
+    with its `content_digest` under ``"sha256"``. A full disk is an OSError that says so; the
+    previous file stays intact.
     """
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: content_digest(obj)}
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC, f"disk full while writing {path}; the previous file there is intact"
+            ) from e
+        raise
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed `save_atomic` left in `folder`; returns them."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
-    """Load a training checkpoint safely (``weights_only=True``: tensors and plain containers)."""
+    """Load a training checkpoint safely (``weights_only=True``: tensors and plain containers)
+    and verify its SHA-256; every way a file can be wrong is a ValueError that says which."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy?")
+    if head != ZIP_MAGIC:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file "
+            f"starts with {head!r})"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:  # torch's message may advise weights_only=False: not for our files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in reason.lower():
+            reason = "it holds Python objects other than tensors and plain containers"
+        raise ValueError(
+            f"cannot read checkpoint {path}: truncated, corrupted or not written by fgattn "
+            f"({reason})"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(
             f"checkpoint {path} is not an fgattn training checkpoint (wanted a dict with a "
             f"'model' state dict, got {type(ckpt).__name__})"
         )
+    _verify(ckpt, path)
     return ckpt
+
+
+def _verify(ckpt: dict[str, Any], path: Path) -> None:
+    stored = ckpt.pop(DIGEST_KEY, None)
+    if stored is None:
+        return  # written before checkpoints carried a digest
+    if stored != content_digest(ckpt):
+        raise ValueError(
+            f"checkpoint {path} is corrupted: its content does not match the SHA-256 stored in "
+            f"it (bytes changed on disk or in transfer); use another checkpoint"
+        )
 
 
 def rng_state() -> dict[str, Any]:
