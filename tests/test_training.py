@@ -20,6 +20,7 @@ from _fgvc_trees import KINDS, make_tree
 
 from fgattn.train import TrainConfig, load_checkpoint, main, resolve_config, save_atomic
 from fgattn.train import engine as E
+from fgattn.train import logging as L
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -231,8 +232,8 @@ def test_resume_errors(tmp_path):
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(E, "_warned_matplotlib", False)
-    assert E.write_plots([{"epoch": 1, "train_loss": 1.0, "test_top1": 5.0}], tmp_path) is False
+    monkeypatch.setattr(L, "_warned_matplotlib", False)
+    assert L.write_plots([{"epoch": 1, "train_loss": 1.0, "test_top1": 5.0}], tmp_path) is False
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.png"))
 

@@ -13,37 +13,46 @@ Resume is exact: a checkpoint holds the model, optimizer, scheduler, grad scaler
 step within it, every rank's RNG states and the metric sums of the unfinished epoch. Data
 augmentation is seeded per drawn sample (`fgattn.data.SeededDataset`), so it does not depend on
 dataloader workers or on where a run was interrupted.
+
+`train` reads top to bottom as the recipe: build the data, model and optimiser (`TrainState`),
+then per epoch `train_one_epoch`, `evaluate`, `checkpoint_state` to last.pth / best.pth and
+`fgattn.train.logging`; `_StopFlag` turns SIGTERM / SIGINT into a checkpoint and a clean exit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import math
-import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3, random_seed
 from timm.utils.distributed import init_distributed_device_so
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import data as fgdata
+from ..models import create_model
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig, resolve_config, save_yaml
+from .logging import log_epoch
 
 CKPT_FORMAT = "fgattn-train-1"
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- builders
+def _is_primary() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _print(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _is_primary():
         print(*args, **kwargs, flush=True)
 
 
@@ -70,30 +79,79 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
 
 
 def build_sampler(cfg: TrainConfig, targets: list[int], rank: int, world: int):
+    """The paired-batch sampler of ``cfg.arch``: N + N partners (PCA-Net) or P × K (CIN)."""
     if cfg.arch == "pcanet":
-        sampler = fgdata.PairBatchSampler(
+        return fgdata.PairBatchSampler(
             targets, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, with_seeds=True
         )
-    else:
-        sampler = fgdata.PKBatchSampler(
-            targets, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, rank=rank, world_size=world,
-            with_seeds=True,
-        )  # fmt: skip
-    return sampler
+    return fgdata.PKBatchSampler(
+        targets, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, rank=rank, world_size=world,
+        with_seeds=True,
+    )  # fmt: skip
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    import fgattn
+def build_train_loader(dataset, sampler, cfg: TrainConfig, device: torch.device):
+    """Paired batches of ``dataset`` from ``sampler``, each sample augmented by its own seed."""
+    return torch.utils.data.DataLoader(
+        fgdata.SeededDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        # Its own generator: creating iterators then never consumes the global RNG.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
-    if not hasattr(fgattn, "create_model"):
-        raise ImportError("fgattn.create_model is not available in this fgattn version")
-    return fgattn.create_model(
+
+def build_eval_loader(dataset, cfg: TrainConfig, rank: int, world: int, device: torch.device):
+    """This rank's shard of ``dataset`` (no padding), in order."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        sampler=fgdata.ShardedEvalSampler(len(dataset), rank, world),
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``fgattn.create_model`` of ``cfg.arch`` on ``cfg.backbone``."""
+    return create_model(
         cfg.arch,
         backbone=cfg.backbone,
         num_classes=num_classes,
         pretrained=cfg.pretrained,
         **cfg.model_kwargs,
     )
+
+
+def _place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """Move to ``device``, channels_last and SyncBatchNorm as configured."""
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist.is_initialized():
+        if device.type != "cuda":
+            raise ValueError(
+                f"sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU), got "
+                f"device {device}; drop --sync-bn"
+            )
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """(model to train, model to evaluate): DDP under torchrun for training, compiled if asked."""
+    train_model = model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+    if cfg.compile:
+        return torch.compile(train_model), torch.compile(model)
+    return train_model, model
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -109,65 +167,33 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    cfg: TrainConfig,
-    desc: str = "test",
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set.
-
-    Each rank evaluates its own shard (`ShardedEvalSampler`, no padding); correct counts and loss
-    sums are added over ranks, so the numbers are exact whatever the number of processes.
-    With ``cfg.test_flip`` the logits of each image and its mirror image are averaged.
-    """
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    bar = _progress(loader, desc, cfg)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(cfg, device):
-            logits = model(images).float()
-            if cfg.test_flip:
-                logits = (logits + model(images.flip(3)).float()) / 2
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == targets[:, None]
-        sums += torch.stack(
-            [
-                torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-                hit[:, 0].sum().double(),
-                hit.any(dim=1).sum().double(),
-                torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
-            ]
-        )
+def _make_run_dir(cfg: TrainConfig, device: torch.device, world: int) -> Path:
+    """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 creates the
+    folder and writes config.yaml."""
+    name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    n = max(n, 1.0)
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    cfg.name = name
+    run_dir = Path(cfg.output) / name
+    if _is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        _print(f"run directory: {run_dir}  (world size {world}, device {device})")
+    return run_dir
 
 
-def build_eval_loader(dataset, cfg: TrainConfig, rank: int, world: int, device: torch.device):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.eval_batch_size,
-        sampler=fgdata.ShardedEvalSampler(len(dataset), rank, world),
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-    )
+def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
 
 
-# ----------------------------------------------------------------------------- progress / logs
 def _progress(iterable, desc: str, cfg: TrainConfig, total: int | None = None, initial: int = 0):
-    primary = not dist.is_initialized() or dist.get_rank() == 0
-    if not (cfg.progress and primary):
+    if not (cfg.progress and _is_primary()):
         return iterable
     try:
         from tqdm.auto import tqdm  # installed with timm (via huggingface_hub)
@@ -176,75 +202,140 @@ def _progress(iterable, desc: str, cfg: TrainConfig, total: int | None = None, i
     return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
 
 
-def write_summary(history: list[dict[str, float]], run_dir: Path) -> None:
-    """Rewrite summary.csv from the full history, atomically.
+# ----------------------------------------------------------------------------- training state
+@dataclass
+class TrainState:
+    """What training updates and a checkpoint restores: the bare model (no DDP, not compiled), its
+    optimiser, lr schedule, grad scaler and EMA, and where the run stands.
 
-    Rewritten rather than appended (as timm's update_summary does) so that a run resumed after a
-    crash between the checkpoint and the CSV write never duplicates or loses a row.
+    ``epoch`` and ``step`` are the epochs done and the steps done in the next one; ``partial_sums``
+    are that unfinished epoch's metric sums. `train_one_epoch` advances them step by step, so the
+    state can be checkpointed at any step boundary.
     """
-    if not history:
-        return
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    tmp = run_dir / ".summary.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, run_dir / "summary.csv")
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    epoch: int = 0
+    step: int = 0
+    partial_sums: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_top1: float = -1.0
 
 
-_warned_matplotlib = False
+def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device) -> TrainState:
+    """The papers' optimisation: plain SGD over all parameters (weight decay included) and a step
+    lr schedule; a GradScaler for fp16 and an EMA of the weights when asked."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import StepLRScheduler
+
+    optimizer = create_optimizer_v2(
+        model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        filter_bias_and_bn=False,
+    )  # fmt: skip
+    return TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=StepLRScheduler(optimizer, decay_t=cfg.lr_step, decay_rate=cfg.lr_gamma),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None,
+    )
 
 
-def write_plots(history: list[dict[str, float]], run_dir: Path) -> bool:
-    """loss.png and accuracy.png from the history; skipped (with a message) without matplotlib."""
-    global _warned_matplotlib
-    try:
-        import matplotlib
+def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: int) -> None:
+    """Restore ``state`` and this rank's RNG states from a last.pth checkpoint."""
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        state.ema.load_state_dict(ckpt["ema"])
+    state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step"])
+    state.history = list(ckpt.get("history", []))
+    state.best_top1 = float(ckpt.get("best_top1", -1.0))
+    state.partial_sums = dict(ckpt.get("partial_sums", {}))
+    states = ckpt.get("rng", [])
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        _print(f"warning: checkpoint holds RNG states of {len(states)} processes, this run "
+               f"has {world}; reseeding (the continuation will not be bit-exact)")  # fmt: skip
+    _print(f"resumed at epoch {state.epoch}, step {state.step}")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _warned_matplotlib:
-            print("matplotlib is not installed: skipping loss/accuracy plots "
-                  "(pip install matplotlib)", flush=True)  # fmt: skip
-            _warned_matplotlib = True
-        return False
-    epochs = [row["epoch"] for row in history]
-    for name, keys, ylabel in (
-        ("loss", [k for k in history[-1] if "loss" in k], "loss"),
-        ("accuracy", [k for k in history[-1] if k.endswith(("top1", "top5", "acc"))], "%"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in keys:
-            pts = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if key in row]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(run_dir / f"{name}.png", dpi=100)
-        plt.close(fig)
-    return True
+
+def checkpoint_state(
+    cfg: TrainConfig, classes: list[str], state: TrainState, rngs: list[Any] | None = None
+) -> dict[str, Any]:
+    """The checkpoint of ``state``, loadable with ``weights_only=True``.
+
+    With ``rngs`` (every rank's RNG states, `_gather_rng`): last.pth, everything exact resume
+    needs. Without: best.pth, the weights (model and EMA) and their test top-1 only.
+    """
+    ckpt = {
+        "format": CKPT_FORMAT,
+        "config": cfg.to_dict(),
+        "classes": list(classes),
+        "epoch": state.epoch,
+        "model": state.model.state_dict(),
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+    }
+    if rngs is None:
+        return {**ckpt, "test_top1": state.best_top1}
+    return {
+        **ckpt,
+        "step": state.step,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+        "rng": rngs,
+        "history": state.history,
+        "best_top1": state.best_top1,
+        "partial_sums": state.partial_sums,
+    }
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_last(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: Path) -> Path:
+    """Write last.pth (rank 0). Collective: every rank takes part (their RNG states go in)."""
+    rngs = _gather_rng()
+    path = run_dir / "last.pth"
+    if _is_primary():
+        save_atomic(checkpoint_state(cfg, classes, state, rngs), path)
+    return path
+
+
+def save_best(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: Path) -> None:
+    """Write best.pth (rank 0): the weights of ``state`` and their test top-1."""
+    if _is_primary():
+        save_atomic(checkpoint_state(cfg, classes, state), run_dir / "best.pth")
 
 
 # ----------------------------------------------------------------------------- signals
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop saves a checkpoint at the next step boundary and exits."""
+    """While the block runs, SIGTERM / SIGINT only set ``requested``: the loop then saves a
+    checkpoint at the next step boundary and exits. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def uninstall(self) -> None:
+    def __exit__(self, *exc_info) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
@@ -260,251 +351,87 @@ class _StopFlag:
         return bool(flag.item())
 
 
-# ----------------------------------------------------------------------------- training
-def _gather_rng() -> list[dict[str, Any]]:
-    state = rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _meter_keys(out: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in out.items() if k.startswith("loss") and torch.is_tensor(v)]
-
-
-def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or continue) training as configured; returns the final metrics.
-
-    Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
-    test metrics ("test_top1", ...).
-    """
-    dev = init_distributed_device_so(device=_resolve_device(cfg.device))
-    device = torch.device(dev["device"])
-    rank, world = dev["global_rank"], dev["world_size"]
-    primary = rank == 0
-    random_seed(cfg.seed, rank)
-
-    # Run directory: rank 0 picks the name (its timestamp) and shares it.
-    name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if dist.is_initialized():
-        box = [name]
-        dist.broadcast_object_list(box, src=0)
-        name = box[0]
-    cfg.name = name
-    run_dir = Path(cfg.output) / name
-    if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        _print(f"run directory: {run_dir}  (world size {world}, device {device})")
-
-    train_set, test_set = build_datasets(cfg)
-    num_classes = len(train_set.classes)
-    sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
-    loader = torch.utils.data.DataLoader(
-        fgdata.SeededDataset(train_set),
-        batch_sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        # Its own generator: creating iterators then never consumes the global RNG.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    test_loader = build_eval_loader(test_set, cfg, rank, world, device)
-    steps_per_epoch = len(sampler)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-
-    model = build_model(cfg, num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and dist.is_initialized():
-        if device.type != "cuda":
-            raise ValueError(
-                f"sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU), got "
-                f"device {device}; drop --sync-bn"
-            )
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import StepLRScheduler
-
-    # Plain SGD over all parameters, weight decay included, as the papers train.
-    optimizer = create_optimizer_v2(
-        model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-        filter_bias_and_bn=False,
-    )  # fmt: skip
-    scheduler = StepLRScheduler(optimizer, decay_t=cfg.lr_step, decay_rate=cfg.lr_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-
-    start_epoch, start_step, history, best = 0, 0, [], -1.0
-    partial: dict[str, float] = {}
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        if ema is not None and resume_ckpt.get("ema") is not None:
-            ema.load_state_dict(resume_ckpt["ema"])
-        start_epoch, start_step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
-        history = list(resume_ckpt.get("history", []))
-        best = float(resume_ckpt.get("best_top1", -1.0))
-        partial = dict(resume_ckpt.get("partial_sums", {}))
-        states = resume_ckpt.get("rng", [])
-        if len(states) == world:
-            set_rng_state(states[rank])
-        else:
-            _print(f"warning: checkpoint holds RNG states of {len(states)} processes, this run "
-                   f"has {world}; reseeding (the continuation will not be bit-exact)")  # fmt: skip
-        _print(f"resumed at epoch {start_epoch}, step {start_step}")
-
-    model_without_ddp = model
-    if dist.is_initialized():
-        model = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters,
+# ----------------------------------------------------------------------------- one epoch
+def train_step(
+    cfg: TrainConfig,
+    state: TrainState,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    global_step: int,
+) -> dict[str, Any]:
+    """One optimiser step on a paired batch; returns the model's output dict."""
+    with autocast_context(cfg, device):
+        out = model(images, targets)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at epoch {state.epoch}, step {state.step}: lower the lr or "
+            "use --amp bf16 instead of fp16"
         )
-    train_model = torch.compile(model) if cfg.compile else model
-    eval_model = torch.compile(model_without_ddp) if cfg.compile else model_without_ddp
-
-    stop = _StopFlag()
-    stop.install()
-
-    def checkpoint(epoch: int, step: int, sums: dict[str, float]) -> None:
-        rngs = _gather_rng()  # collective: every rank takes part
-        if not primary:
-            return
-        state = {
-            "format": CKPT_FORMAT,
-            "config": cfg.to_dict(),
-            "classes": list(train_set.classes),
-            "epoch": epoch,
-            "step": step,
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": rngs,
-            "history": history,
-            "best_top1": best,
-            "partial_sums": sums,
-        }
-        save_atomic(state, run_dir / "last.pth")
-
-    result: dict[str, Any] = {"status": "finished", "run_dir": str(run_dir)}
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
-            scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
-            sampler.set_epoch(epoch, start_batch=start_step)
-            train_model.train()
-            sums = partial if start_step else {}
-            partial = {}
-            bar = _progress(
-                loader, f"epoch {epoch + 1}/{cfg.epochs}", cfg, steps_per_epoch, start_step
-            )
-            step = start_step
-            for images, targets in bar:
-                if step >= steps_per_epoch:
-                    break
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast_context(cfg, device):
-                    out = train_model(images, targets)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch}, step {step}: lower the lr or "
-                        "use --amp bf16 instead of fp16"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model_without_ddp, step=epoch * steps_per_epoch + step)
-                step += 1
-                n = float(targets.numel())
-                with torch.no_grad():
-                    correct = (out["logits"].argmax(1) == targets).sum().item()
-                for key in _meter_keys(out):
-                    sums[key] = sums.get(key, 0.0) + out[key].item() * n
-                sums["correct"] = sums.get("correct", 0.0) + correct
-                sums["count"] = sums.get("count", 0.0) + n
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss.item():.3f}",
-                                    acc=f"{100 * sums['correct'] / sums['count']:.1f}")  # fmt: skip
-                if stop.agreed(device):
-                    checkpoint(epoch, step, sums)
-                    result["status"] = "interrupted"
-                    last = run_dir / "last.pth"
-                    _print(f"stop requested: saved {last} at epoch {epoch}, step {step}; "
-                           f"continue with --resume {last}")  # fmt: skip
-                    return result
-            start_step = 0
-            if hasattr(bar, "close"):
-                bar.close()
-
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            row.update(_reduce_sums(sums, device))
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                _sync_buffers(model_without_ddp)
-                metrics = evaluate(eval_model, test_loader, device, cfg)
-                row.update({f"test_{k}": v for k, v in metrics.items()})
-                if ema is not None:
-                    ema_metrics = evaluate(ema.module, test_loader, device, cfg, "test (EMA)")
-                    row.update({f"ema_test_{k}": v for k, v in ema_metrics.items() if k != "count"})
-                if metrics["top1"] > best:
-                    best = metrics["top1"]
-                    if primary:
-                        save_atomic(
-                            {"format": CKPT_FORMAT, "config": cfg.to_dict(),
-                             "classes": list(train_set.classes), "epoch": epoch + 1,
-                             "model": model_without_ddp.state_dict(),
-                             "ema": ema.state_dict() if ema is not None else None,
-                             "test_top1": best},
-                            run_dir / "best.pth",
-                        )  # fmt: skip
-            row["epoch_time_s"] = time.time() - t0
-            history.append(row)
-            checkpoint(epoch + 1, 0, {})
-            if primary:
-                write_summary(history, run_dir)
-                if cfg.plots:
-                    write_plots(history, run_dir)
-                _print(_format_row(row))
-            result.update({k: v for k, v in row.items()})
-            if stop.agreed(device):
-                result["status"] = "interrupted"
-                _print(f"stop requested: saved {run_dir / 'last.pth'} after epoch {epoch + 1}")
-                return result
-    finally:
-        stop.uninstall()
-    result["epoch"] = cfg.epochs
-    result["best_top1"] = best
-    return result
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(state.model, step=global_step)
+    return out
 
 
-def _sync_buffers(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BN running statistics, class centres).
+def _add_to_sums(sums: dict[str, float], out: dict[str, Any], targets: torch.Tensor) -> None:
+    """Per-sample sums of every loss in ``out``, of correct predictions and of samples."""
+    n = float(targets.numel())
+    with torch.no_grad():
+        correct = (out["logits"].argmax(1) == targets).sum().item()
+    for key in [k for k, v in out.items() if k.startswith("loss") and torch.is_tensor(v)]:
+        sums[key] = sums.get(key, 0.0) + out[key].item() * n
+    sums["correct"] = sums.get("correct", 0.0) + correct
+    sums["count"] = sums.get("count", 0.0) + n
 
-    DDP broadcasts buffers at the start of each forward, so after the last step every rank holds
-    its own update; evaluating with rank 0's copy makes the sharded evaluation measure exactly
-    the weights that are checkpointed.
+
+def train_one_epoch(
+    cfg: TrainConfig, state: TrainState, model, loader, steps: int, device, stop: _StopFlag
+) -> bool:
+    """Train epoch ``state.epoch`` from step ``state.step`` to ``steps``; False if told to stop.
+
+    ``state.step`` and ``state.partial_sums`` follow every step, so on a stop the state is ready
+    to checkpoint mid-epoch.
     """
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+    model.train()
+    if not state.step:
+        state.partial_sums = {}
+    sums = state.partial_sums
+    desc = f"epoch {state.epoch + 1}/{cfg.epochs}"
+    bar = _progress(loader, desc, cfg, steps, state.step)
+    try:
+        for images, targets in bar:
+            if state.step >= steps:
+                break
+            images, targets = _to_device(images, targets, cfg, device)
+            global_step = state.epoch * steps + state.step
+            out = train_step(cfg, state, model, images, targets, device, global_step)
+            state.step += 1
+            _add_to_sums(sums, out, targets)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{out['loss'].item():.3f}",
+                                acc=f"{100 * sums['correct'] / sums['count']:.1f}")  # fmt: skip
+            if stop.agreed(device):
+                return False
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    return True
+
+
+def _steps_per_epoch(sampler, cfg: TrainConfig) -> int:
+    steps = len(sampler)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return steps
 
 
 def _reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -520,14 +447,122 @@ def _reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, floa
     return out
 
 
-def _format_row(row: dict[str, float]) -> str:
-    parts = []
-    for k, v in row.items():
-        if k == "epoch":
-            parts.append(f"epoch {int(v)}")
-        elif isinstance(v, float) and not math.isnan(v):
-            parts.append(f"{k} {v:.4g}")
-    return " | ".join(parts)
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    cfg: TrainConfig,
+    desc: str = "test",
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set.
+
+    Each rank evaluates its own shard (`ShardedEvalSampler`, no padding); correct counts and loss
+    sums are added over ranks, so the numbers are exact whatever the number of processes.
+    With ``cfg.test_flip`` the logits of each image and its mirror image are averaged.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for images, targets in _progress(loader, desc, cfg):
+        images, targets = _to_device(images, targets, cfg, device)
+        with autocast_context(cfg, device):
+            logits = model(images).float()
+            if cfg.test_flip:
+                logits = (logits + model(images.flip(3)).float()) / 2
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hit[:, 0].sum().double(),
+                hit.any(dim=1).sum().double(),
+                torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
+            ]
+        )
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}
+
+
+def _test_metrics(cfg: TrainConfig, state: TrainState, model, loader, device) -> dict[str, float]:
+    """``test_*`` metrics of the model (and ``ema_test_*`` of its EMA), with rank 0's buffers."""
+    _sync_buffers(state.model)
+    metrics = evaluate(model, loader, device, cfg)
+    row = {f"test_{k}": v for k, v in metrics.items()}
+    if state.ema is not None:
+        ema_metrics = evaluate(state.ema.module, loader, device, cfg, "test (EMA)")
+        row.update({f"ema_test_{k}": v for k, v in ema_metrics.items() if k != "count"})
+    return row
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics, class centres).
+
+    DDP broadcasts buffers at the start of each forward, so after the last step every rank holds
+    its own update; evaluating with rank 0's copy makes the sharded evaluation measure exactly
+    the weights that are checkpointed.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# ----------------------------------------------------------------------------- the recipe
+def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or continue) training as configured; returns the final metrics.
+
+    Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
+    test metrics ("test_top1", ...).
+    """
+    dev = init_distributed_device_so(device=_resolve_device(cfg.device))
+    device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
+    random_seed(cfg.seed, rank)
+    run_dir = _make_run_dir(cfg, device, world)
+
+    train_set, test_set = build_datasets(cfg)
+    classes = list(train_set.classes)
+    sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
+    loader = build_train_loader(train_set, sampler, cfg, device)
+    test_loader = build_eval_loader(test_set, cfg, rank, world, device)
+    steps = _steps_per_epoch(sampler, cfg)
+
+    model = _place_model(build_model(cfg, len(classes)), cfg, device)
+    state = create_train_state(cfg, model, device)
+    if resume_ckpt is not None:
+        load_train_state(state, resume_ckpt, rank, world)
+    train_model, eval_model = _wrap_model(state.model, cfg, device)
+
+    result: dict[str, Any] = {"status": "finished", "run_dir": str(run_dir)}
+    with _StopFlag() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            t0 = time.time()
+            state.scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
+            sampler.set_epoch(epoch, start_batch=state.step)
+            if not train_one_epoch(cfg, state, train_model, loader, steps, device, stop):
+                last = save_last(cfg, classes, state, run_dir)
+                _print(f"stop requested: saved {last} at epoch {epoch}, step {state.step}; "
+                       f"continue with --resume {last}")  # fmt: skip
+                return {**result, "status": "interrupted"}
+            row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
+            row.update(_reduce_sums(state.partial_sums, device))
+            state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                row.update(_test_metrics(cfg, state, eval_model, test_loader, device))
+                if row["test_top1"] > state.best_top1:
+                    state.best_top1 = row["test_top1"]
+                    save_best(cfg, classes, state, run_dir)
+            row["epoch_time_s"] = time.time() - t0
+            state.history.append(row)
+            last = save_last(cfg, classes, state, run_dir)
+            if _is_primary():
+                log_epoch(state.history, run_dir, cfg.plots)
+            result.update(row)
+            if stop.agreed(device):
+                _print(f"stop requested: saved {last} after epoch {epoch + 1}")
+                return {**result, "status": "interrupted"}
+    return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -536,35 +571,43 @@ def main(arch: str, argv: list[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(arch, argv)
     ckpt = None
     if cfg.resume:
-        path = Path(cfg.resume)
-        if cfg.resume == "auto":
-            if not cfg.name:
-                raise ValueError("--resume auto needs --name (the run to continue), got no name")
-            path = Path(cfg.output) / cfg.name / "last.pth"
-        if path.is_file():
-            ckpt = load_checkpoint(path)
-            if ckpt.get("format") != CKPT_FORMAT or "optimizer" not in ckpt:
-                raise ValueError(
-                    f"--resume {path}: not a training checkpoint of this version (wanted format "
-                    f"{CKPT_FORMAT!r} with optimizer state, got {ckpt.get('format')!r}); "
-                    "best.pth holds weights only — resume from last.pth"
-                )
-            if ckpt["config"].get("arch") != arch:
-                raise ValueError(
-                    f"--resume {path}: checkpoint was trained with arch "
-                    f"{ckpt['config'].get('arch')!r}, this script trains {arch!r}"
-                )
-            cfg = resolve_config(arch, argv, base=ckpt["config"])
-            # Continue in the checkpoint's run directory unless told otherwise.
-            flags = " ".join(argv if argv is not None else sys.argv[1:])
-            if "--output" not in flags:
-                cfg.output = str(path.parent.parent)
-            if "--name" not in flags:
-                cfg.name = path.parent.name
-        elif cfg.resume != "auto":
-            raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
+        cfg, ckpt = _resume(cfg, arch, argv)
     try:
         return train(cfg, ckpt)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _resume(cfg: TrainConfig, arch: str, argv: list[str] | None):
+    """(config, checkpoint) of ``--resume``: the checkpoint's saved config under the command's
+    flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say otherwise.
+    ``--resume auto`` with no last.pth yet starts afresh."""
+    path = Path(cfg.resume)
+    if cfg.resume == "auto":
+        if not cfg.name:
+            raise ValueError("--resume auto needs --name (the run to continue), got no name")
+        path = Path(cfg.output) / cfg.name / "last.pth"
+    if not path.is_file():
+        if cfg.resume != "auto":
+            raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
+        return cfg, None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != CKPT_FORMAT or "optimizer" not in ckpt:
+        raise ValueError(
+            f"--resume {path}: not a training checkpoint of this version (wanted format "
+            f"{CKPT_FORMAT!r} with optimizer state, got {ckpt.get('format')!r}); "
+            "best.pth holds weights only — resume from last.pth"
+        )
+    if ckpt["config"].get("arch") != arch:
+        raise ValueError(
+            f"--resume {path}: checkpoint was trained with arch "
+            f"{ckpt['config'].get('arch')!r}, this script trains {arch!r}"
+        )
+    cfg = resolve_config(arch, argv, base=ckpt["config"])
+    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    if "--output" not in flags:
+        cfg.output = str(path.parent.parent)
+    if "--name" not in flags:
+        cfg.name = path.parent.name
+    return cfg, ckpt
