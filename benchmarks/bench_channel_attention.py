@@ -51,10 +51,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import cuda_peak_extra_mb, time_ms
+from timing import cuda_peak_extra_mb, time_ms
 
 from fgattn import backends
-from fgattn import functional as fgF
+from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import dispatch, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,10 +115,10 @@ def make_inputs(op: str, b: int, c: int, length: int, dtype, device: str) -> lis
 def fgattn_call(op: str, backend: str | None) -> Callable[..., torch.Tensor]:
     """fgattn.functional's op run by `backend` (None: auto)."""
     if op == "contrastive":
-        return lambda a, b, eta: fgF.contrastive_channel_attention(a, b, eta, backend=backend)
+        return lambda a, b, eta: contrastive_channel_attention(a, b, eta, backend=backend)
     if op == "self":
-        return lambda x: fgF.channel_attention(x, backend=backend)
-    return lambda q, k, v: fgF.channel_attention(q, k, v, backend=backend)
+        return lambda x: channel_attention(x, backend=backend)
+    return lambda q, k, v: channel_attention(q, k, v, backend=backend)
 
 
 def _heads(xs) -> list[torch.Tensor]:

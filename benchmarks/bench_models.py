@@ -28,8 +28,8 @@ import sys
 
 import timm
 import torch
-import torch.nn.functional as TF
-from _timing import cuda_time_ms
+import torch.nn.functional as F
+from timing import cuda_time_ms
 from torch import nn
 
 import fgattn
@@ -98,7 +98,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             if name == "backbone":
-                loss = TF.cross_entropy(runner(x), target)
+                loss = F.cross_entropy(runner(x), target)
             else:
                 loss = runner(x, target)["loss"]
         loss.backward()

@@ -165,7 +165,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
-    """(label, callable) pairs that run the launchers the way the functional API does."""
+    """(label, callable) pairs that run the kernels' custom ops (forward, then backward) the way
+    the functional API does."""
     from fgattn.ops import triton_channel_attention as tca
     from fgattn.ops import triton_contrastive as tcc
 
@@ -177,18 +178,18 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
 
     def self_attention(channels_last=False):
         x = x_like(channels_last=channels_last)
-        _, stats = tca._forward_unguarded(x, x, x, -1.0, tf32)
-        tca._backward_self_unguarded(x, x, stats, -1.0, tf32)
+        _, stats = tca.self_channel_attention_fwd(x, -1.0, tf32)
+        tca.self_channel_attention_bwd(x, x, stats, -1.0, tf32)
 
     def co_attention():  # q = k = X_A, v = [X_A | X_B]: one W, two outputs
         q, v = x_like(), x_like(2 * length)
-        _, stats = tca._forward_unguarded(q, q, v, -1.0, tf32)
-        tca._backward_unguarded(v, q, q, v, stats, -1.0, tf32)
+        _, stats = tca.channel_attention_fwd(q, q, v, -1.0, tf32)
+        tca.channel_attention_bwd(v, q, q, v, stats, -1.0, tf32)
 
     def contrastive():
         a, b, eta = x_like(), x_like(), torch.rand(batch)
-        _, lse_a, lse_b = tcc._forward_unguarded(a, b, eta, -1.0, tf32)
-        tcc._backward_unguarded(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
+        _, lse_a, lse_b = tcc.contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
+        tcc.contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
 
     return [
         ("self", self_attention),

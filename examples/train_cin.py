@@ -1,7 +1,7 @@
 """Train CIN (Gao et al., AAAI 2020) with fgattn.
 
-Out of the box (no download, CPU is fine): the built-in synthetic fine-grained dataset with a small
-ResNet-18 at 64 px, which learns within minutes::
+Out of the box (no download, CPU is fine): the built-in synthetic fine-grained dataset with timm's
+small ResNet-10-T (``resnet10t``, from scratch) at 64 px, which learns within minutes::
 
     python examples/train_cin.py
 

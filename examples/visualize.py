@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from einops import reduce
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.io import write_png
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def heat(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(h, w) map -> (3, H, W) colour image in [0, 1]: min-max normalised, blue (low) to red."""
-    m = TF.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    m = F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
     return torch.stack([m, 1 - (2 * m - 1).abs(), 1 - m])
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .synthetic import _mix
+from .seeding import mix_seed
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -104,7 +104,7 @@ class _PairedBatchSampler(torch.utils.data.Sampler):
         return self._num_global_batches() // self.world_size
 
     def __iter__(self) -> Iterator[list]:
-        rng = random.Random(_mix(self.seed, self.epoch))
+        rng = random.Random(mix_seed(self.seed, self.epoch))
         batches = self._global_batches(rng)
         n = len(self)
         mine = batches[self.rank :: self.world_size][:n]
@@ -112,7 +112,8 @@ class _PairedBatchSampler(torch.utils.data.Sampler):
         for b in range(start, n):
             batch_no = b * self.world_size + self.rank  # position in the global list
             if self.with_seeds:
-                yield [(i, _mix(self.seed, self.epoch, batch_no, j)) for j, i in enumerate(mine[b])]
+                seeds = [mix_seed(self.seed, self.epoch, batch_no, j) for j in range(len(mine[b]))]
+                yield list(zip(mine[b], seeds, strict=True))
             else:
                 yield list(mine[b])
 

@@ -15,8 +15,10 @@ shares an image with the train split.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
-from torch.nn import functional as TF
+
+from .seeding import mix_seed
 
 # Class attributes. Each is flip-invariant (no "facing left" classes), so horizontal flip
 # augmentation keeps labels valid.
@@ -35,20 +37,6 @@ ATTRIBUTES = (
 )
 MAX_CLASSES = len(HEAD_COLORS) * len(WING_PATTERNS) * len(TAIL_SHAPES)
 SPLITS = ("train", "test")
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """SplitMix64 hash of a tuple of ints -> a 63-bit seed (stable across runs and platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
 
 
 def class_attributes(label: int) -> dict[str, int]:
@@ -137,7 +125,7 @@ class SyntheticFineGrained(torch.utils.data.Dataset):
     def render(self, index: int) -> torch.Tensor:
         """Image ``index`` as a uint8 (3, S, S) tensor."""
         label = self.targets[index]
-        g = torch.Generator().manual_seed(_mix(self.seed, SPLITS.index(self.split), index))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, SPLITS.index(self.split), index))
         attrs = class_attributes(label)
         # Attributes beyond what num_classes encodes are nuisances: draw them per image.
         n_used, radix = 0, 1
@@ -162,7 +150,7 @@ def _render(size: int, attrs: dict[str, int], g: torch.Generator) -> torch.Tenso
 
     # Background: a smooth random colour field (4x4 upsampled) plus fine noise.
     coarse = torch.rand(1, 3, 4, 4, generator=g) * 0.6 + 0.2
-    img = TF.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+    img = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
     img = img + 0.04 * torch.randn(3, size, size, generator=g)
 
     def paint(mask: torch.Tensor, color) -> None:
