@@ -95,3 +95,63 @@ def test_valid_contrastive_labels_still_work():
     as_float = ContrastiveLoss()(a, b, torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(as_bool, as_int)
     torch.testing.assert_close(as_bool, as_float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and models
+
+LAYERS_BAD = [
+    (lambda: fgattn.SCI(0), ValueError, "channels must be an int >= 1, got 0"),
+    (lambda: fgattn.SCI(4, kernel_size=2), ValueError, "kernel_size must be odd"),
+    (lambda: fgattn.SCI(4, scale=float("nan")), ValueError, "scale must be a finite float"),
+    (lambda: fgattn.SCI(4, length_normalized="yes"), TypeError, "length_normalized must be a bool"),
+    (lambda: fgattn.SCI(4.0), TypeError, "channels must be an int"),
+    (lambda: fgattn.CCI(4, phi="conv"), TypeError, "phi must be an nn.Module"),
+    (lambda: fgattn.CoAttention(scale=float("inf")), ValueError, "scale must be a finite float"),
+    (lambda: fgattn.CoAttention(residual=1), TypeError, "residual must be a bool"),
+    (lambda: fgattn.AttentionErase(threshold="0.3"), TypeError, "threshold must be a float"),
+    (
+        lambda: fgattn.AttentionErase(threshold=1.5),
+        ValueError,
+        r"threshold must be a float in \[0, 1\]",
+    ),
+    (lambda: fgattn.AttentionErase(mode="avg"), ValueError, "mode must be one of"),
+    (
+        lambda: fgattn.BilinearPooling(eps=-1),
+        ValueError,
+        r"eps must be a finite float in \[0, inf\)",
+    ),
+    (
+        lambda: fgattn.BilinearAttentionPooling(scale=float("nan")),
+        ValueError,
+        "scale must be a finite",
+    ),
+    (
+        lambda: fgattn.CCI(4)(
+            torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 9)
+        ),
+        ValueError,
+        r"y_a \(the SCI interaction Y\) must have x_a's shape",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), LAYERS_BAD)
+def test_bad_layer_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_negative_num_classes_is_an_error(arch):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0, got -1"):
+        fgattn.create_model(arch, backbone="resnet10t", num_classes=-1)
+
+
+def test_attention_erase_never_guesses_from_nan_features():
+    erase = fgattn.AttentionErase()
+    images, fw = torch.rand(2, 3, 16, 16), torch.rand(2, 8, 4, 4)
+    fw[0, 2, 1, 1] = float("nan")
+    erased, mask = erase(images, fw)
+    assert torch.isnan(mask[0]).all() and torch.isnan(erased[0]).all()  # no finite wrong answer
+    assert torch.isfinite(mask[1]).all() and (mask[1] == 0).any()  # the clean image is erased

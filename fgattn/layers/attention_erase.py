@@ -7,6 +7,7 @@ import torch.nn.functional as TF
 from einops import reduce
 from torch import nn
 
+from .. import _args
 from .._shapes import check_image_batch
 
 MODES = ("max", "top_channel", "sampled")
@@ -15,6 +16,11 @@ NORMALIZATIONS = ("minmax", "max")
 
 def _check_threshold(threshold: float | tuple[float, float]) -> None:
     values = threshold if isinstance(threshold, tuple) else (threshold,)
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(
+                f"threshold must be a float or a pair of floats, got {type(t).__name__} {t!r}"
+            )
     if len(values) not in (1, 2) or not all(0.0 <= float(t) <= 1.0 for t in values):
         raise ValueError(
             f"threshold must be a float in [0, 1] or a pair (lo, hi) with 0 <= lo <= hi <= 1, "
@@ -45,6 +51,7 @@ class AttentionErase(nn.Module):
     Shapes:
         forward(images, fw, generator=None): images (B, 3, H, W), fw (B, C, h, w) co-attended
         features of the same images -> (I_e (B, 3, H, W), M (B, 1, H, W) in images' dtype).
+        An image whose fw holds NaN or Inf gets a NaN mask (and erased image), not a guess.
         No gradient flows into fw; images receive the gradient of I ⊗ M.
     """
 
@@ -58,14 +65,10 @@ class AttentionErase(nn.Module):
         super().__init__()
         threshold = tuple(threshold) if isinstance(threshold, (list, tuple)) else threshold
         _check_threshold(threshold)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.threshold = threshold
-        self.mode = mode
-        self.normalize = normalize
-        self.seed = seed
+        self.mode = _args.choice(mode, "mode", MODES)
+        self.normalize = _args.choice(normalize, "normalize", NORMALIZATIONS)
+        self.seed = None if seed is None else _args.integer(seed, "seed", minimum=0)
         self._generator: torch.Generator | None = None
 
     def _default_generator(self) -> torch.Generator | None:
@@ -117,7 +120,10 @@ class AttentionErase(nn.Module):
             a = a / peak.clamp_min(1e-12)
         a = TF.interpolate(a, size=size, mode="bilinear", align_corners=False)
         theta = self.thresholds(a.shape[0], a.device, generator)
-        return (a <= theta).float()
+        # A map with NaN/Inf says nothing about where to erase: that image's mask is NaN, so
+        # the erased image and its loss are too, instead of a silently erased whole image.
+        finite = torch.isfinite(a).flatten(1).all(dim=1).view(-1, 1, 1, 1)
+        return torch.where(finite, (a <= theta).float(), float("nan"))
 
     def forward(
         self, images: torch.Tensor, fw: torch.Tensor, generator: torch.Generator | None = None

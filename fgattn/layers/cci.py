@@ -6,6 +6,7 @@ import torch
 from einops import reduce
 from torch import nn
 
+from .. import _args
 from .. import functional as F
 from .._shapes import check_image_batch, split_pairs
 from .sci import logit_scale
@@ -43,9 +44,13 @@ class CCI(nn.Module):
         phi: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.channels = channels
-        self.scale = scale
-        self.length_normalized = length_normalized
+        self.channels = _args.integer(channels, "channels", minimum=1)
+        self.scale = _args.real(scale, "scale")
+        self.length_normalized = _args.boolean(length_normalized, "length_normalized")
+        if phi is not None and not isinstance(phi, nn.Module):
+            raise TypeError(
+                f"phi must be an nn.Module (e.g. sci.phi) or None, got {type(phi).__name__}"
+            )
         self.phi = phi if phi is not None else nn.Conv2d(channels, channels, 3, padding=1)
         self.psi = nn.Linear(2 * channels, 1)
 
@@ -80,6 +85,13 @@ class CCI(nn.Module):
                 f"x_a must have {self.channels} channels, got shape {tuple(x_a.shape)} "
                 f"(wanted (N, {self.channels}, H, W))"
             )
+        for y, name in ((y_a, "y_a"), (y_b, "y_b")):
+            if y is not None and (not isinstance(y, torch.Tensor) or y.shape != x_a.shape):
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(
+                    f"{name} (the SCI interaction Y) must have x_a's shape {tuple(x_a.shape)}, "
+                    f"got {got}"
+                )
         scale = logit_scale(self.scale, self.length_normalized, x_a)
         if y_a is None or y_b is None:
             y_a = F.channel_attention(x_a, scale=scale)

@@ -6,6 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .. import _args
 from .. import functional as F
 from .._shapes import check_image_batch, split_pairs
 
@@ -36,9 +37,9 @@ class CoAttention(nn.Module):
         residual: bool = False,
     ) -> None:
         super().__init__()
-        self.scale = scale
-        self.shared_weights = shared_weights
-        self.residual = residual
+        self.scale = _args.real(scale, "scale")
+        self.shared_weights = _args.boolean(shared_weights, "shared_weights")
+        self.residual = _args.boolean(residual, "residual")
 
     def forward(
         self, f1: torch.Tensor, f2: torch.Tensor | None = None

@@ -7,6 +7,7 @@ import torch.nn.functional as TF
 from einops import rearrange
 from torch import nn
 
+from .. import _args
 from .._shapes import check_image_batch
 
 
@@ -30,7 +31,7 @@ class BilinearPooling(nn.Module):
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps = _args.real(eps, "eps", low=0.0)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_image_batch(x, "x")
@@ -68,8 +69,8 @@ class BilinearAttentionPooling(nn.Module):
 
     def __init__(self, eps: float = 1e-5, scale: float = 1.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.scale = scale
+        self.eps = _args.real(eps, "eps", low=0.0)
+        self.scale = _args.real(scale, "scale", low=0.0, low_open=True)
 
     def forward(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         check_image_batch(features, "features")

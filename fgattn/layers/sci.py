@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _args
 from .. import functional as F
 from .._shapes import check_image_batch
 
@@ -39,9 +40,12 @@ class SCI(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        self.channels = channels
-        self.scale = scale
-        self.length_normalized = length_normalized
+        self.channels = _args.integer(channels, "channels", minimum=1)
+        self.scale = _args.real(scale, "scale")
+        self.length_normalized = _args.boolean(length_normalized, "length_normalized")
+        kernel_size = _args.integer(kernel_size, "kernel_size", minimum=1)
+        if kernel_size % 2 == 0:  # φ(Y) + X needs φ to keep the spatial size
+            raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")
         self.phi = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
 
     def effective_scale(self, x: torch.Tensor) -> float:

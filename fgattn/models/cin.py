@@ -10,6 +10,7 @@ from einops import reduce
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import CCI, SCI
 from ..losses import ContrastiveLoss
@@ -78,7 +79,7 @@ class CIN(TimmModelMixin, nn.Module):
         super().__init__()
         self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
         channels = self.backbone.out_channels
-        self.num_classes = num_classes
+        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
         self.num_features = self.head_hidden_size = channels
         self.alpha = alpha
         self.label_smoothing = label_smoothing
@@ -106,7 +107,7 @@ class CIN(TimmModelMixin, nn.Module):
     # timm model interface
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
+        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -9,6 +9,7 @@ import torch.nn.functional as TF
 from timm.layers import ConvNormAct
 from torch import nn
 
+from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from ..losses import CenterLoss
@@ -149,7 +150,7 @@ class PCANet(TimmModelMixin, nn.Module):
             )
         self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
         channels = self.backbone.out_channels
-        self.num_classes = num_classes
+        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
         self.coattend_erased = coattend_erased
         self.center_loss_weight = center_loss_weight
         self.branch_reduction = branch_reduction
@@ -180,7 +181,7 @@ class PCANet(TimmModelMixin, nn.Module):
         """New classifier (and class centres) for num_classes; pooling is fixed (bilinear)."""
         if global_pool not in (None, "", "bilinear"):
             raise ValueError(f"PCANet pools bilinearly, global_pool={global_pool!r} is unsupported")
-        self.num_classes = num_classes
+        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         old = self.center_loss
         self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=old.alpha)
