@@ -16,7 +16,7 @@ import torch
 
 import fgattn
 from fgattn import backends
-from fgattn import functional as F
+from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import dispatch, reference, sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +47,9 @@ def close(actual, expected, tol):
 def check_against_fp64(op, inputs, backend, scale=-1.0, tol=2e-5):
     """Output and every input gradient of `backend` vs the reference in fp64."""
     fns = {
-        "self": lambda x, b: F.channel_attention(x, scale=scale, backend=b),
-        "cross": lambda q, k, v, b: F.channel_attention(q, k, v, scale=scale, backend=b),
-        "contrastive": lambda a, x, e, b: F.contrastive_channel_attention(
+        "self": lambda x, b: channel_attention(x, scale=scale, backend=b),
+        "cross": lambda q, k, v, b: channel_attention(q, k, v, scale=scale, backend=b),
+        "contrastive": lambda a, x, e, b: contrastive_channel_attention(
             a, x, e, scale=scale, backend=b
         ),
     }
@@ -115,7 +115,7 @@ def test_large_logits_in_half_precision(impl, dtype, tol):
     x = make("self", 2, 32, 196, dtype, scale=30.0)[0]
     x[:, ::5] = 0  # dead channels
     xs = leaf(x)
-    out = F.channel_attention(xs, backend=impl)
+    out = channel_attention(xs, backend=impl)
     g = torch.randn_like(out)
     (dx,) = torch.autograd.grad(out, xs, g)
     x32 = leaf(x.float())
@@ -133,7 +133,7 @@ def test_layouts_and_dead_channels(impl):
     check_against_fp64("self", [x], impl)
     check_against_fp64("self", [torch.randn(2, 9, 12).transpose(1, 2)], impl)  # L stride ≠ 1
     cl = x.contiguous(memory_format=torch.channels_last)
-    out = F.channel_attention(cl, backend=impl)
+    out = channel_attention(cl, backend=impl)
     assert out.is_contiguous(memory_format=torch.channels_last)
     close(out, reference.channel_attention(*[x.flatten(2).double()] * 3, -1.0).view_as(x), 2e-5)
 
@@ -246,7 +246,7 @@ def test_unavailable_triton_is_skipped_and_named(monkeypatch, roomy_gpu):
     assert dispatch.by_rule(cuda_call(length=784)).name == "reference"
     x = torch.randn(2, 8, 5)
     with pytest.raises(ValueError, match=r"backend .triton. cannot run .*No module named .triton."):
-        F.channel_attention(x, backend="triton")
+        channel_attention(x, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,9 +261,9 @@ def test_self_attention_is_explicit(monkeypatch):
             sdpa, name, lambda *a, _o=orig, _n=name, **kw: calls.append(_n) or _o(*a, **kw)
         )
     x = torch.randn(2, 8, 5)
-    F.channel_attention(x, backend="sdpa_flash")
-    F.channel_attention(x, x, x, backend="sdpa_flash")
-    F.channel_attention(x, v=x, backend="sdpa_flash")
+    channel_attention(x, backend="sdpa_flash")
+    channel_attention(x, x, x, backend="sdpa_flash")
+    channel_attention(x, v=x, backend="sdpa_flash")
     assert calls == ["self_attention", "channel_attention", "channel_attention"]
 
 
@@ -291,7 +291,7 @@ def test_global_setting_and_context_manager():
         (lambda: backends.set_backend("cuda"), ValueError, r"backend must be one of .*'cuda'"),
         (lambda: backends.set_backend(None), TypeError, "backend must be a str"),
         (lambda: setattr(backends, "benchmark", "yes"), TypeError, "must be a bool, got str"),
-        (lambda: F.channel_attention(torch.randn(2, 4, 5), backend="fast"), ValueError, "fast"),
+        (lambda: channel_attention(torch.randn(2, 4, 5), backend="fast"), ValueError, "fast"),
     ],
 )
 def test_bad_settings(call, error, match):
@@ -349,16 +349,16 @@ def test_benchmark_mode_times_once_per_shape(fake_timer):
     backends.benchmark = True
     x = torch.randn(2, 8, 5)
     for _ in range(3):
-        F.channel_attention(x)
+        channel_attention(x)
     assert sorted(fake_timer) == [(name, 5) for name in CPU_IMPLS]  # timed once
     x = torch.randn(2, 512, 5)  # the rule table would take sdpa_flash here
-    F.channel_attention(x)
+    channel_attention(x)
     assert backends.resolve("self", x) == "reference"  # the fastest by the (fake) clock
     assert len(fake_timer) == 2 * len(CPU_IMPLS)  # a new shape is timed again
-    F.channel_attention(x.requires_grad_())  # so is the same shape with a gradient to come
+    channel_attention(x.requires_grad_())  # so is the same shape with a gradient to come
     assert len(fake_timer) == 3 * len(CPU_IMPLS)
     dispatch.clear_benchmark_cache()
-    F.channel_attention(torch.randn(2, 512, 5))
+    channel_attention(torch.randn(2, 512, 5))
     assert len(fake_timer) == 4 * len(CPU_IMPLS)
     backends.benchmark = False
     assert backends.resolve("self", torch.randn(2, 512, 5)) == "sdpa_flash"
@@ -371,7 +371,7 @@ def test_benchmark_mode_rules_out_a_failing_candidate(monkeypatch):
     monkeypatch.setattr(reference, "self_attention", broken)
     backends.benchmark = True
     x = torch.randn(2, 8, 5)
-    torch.testing.assert_close(F.channel_attention(x), sdpa.self_attention(x, -1.0, "flash"))
+    torch.testing.assert_close(channel_attention(x), sdpa.self_attention(x, -1.0, "flash"))
     assert list(dispatch._winners.values()) in (["sdpa_flash"], ["triton"])
 
 
@@ -386,7 +386,7 @@ def test_fallback_warning_points_at_the_callers_line():
 def test_benchmark_mode_really_times():
     backends.benchmark = True
     x = torch.randn(2, 16, 9)
-    torch.testing.assert_close(F.channel_attention(x), reference.channel_attention(x, x, x, -1.0))
+    torch.testing.assert_close(channel_attention(x), reference.channel_attention(x, x, x, -1.0))
     (winner,) = dispatch._winners.values()
     assert winner in CPU_IMPLS
 
@@ -414,10 +414,10 @@ def test_compile_fullgraph_through_auto(dynamic):
 def test_compile_in_benchmark_mode_uses_cached_winners_and_never_times(fake_timer, monkeypatch):
     backends.benchmark = True
     x = torch.randn(2, 8, 5)
-    F.channel_attention(x)  # eager: timed, reference wins
+    channel_attention(x)  # eager: timed, reference wins
     assert len(fake_timer) == len(CPU_IMPLS)
-    fn = torch.compile(lambda t: F.channel_attention(t), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(fn(x), F.channel_attention(x, backend="reference"))
+    fn = torch.compile(lambda t: channel_attention(t), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), channel_attention(x, backend="reference"))
     y = torch.randn(2, 8, 6)  # not cached: the rule table decides, nothing is timed in a trace
     torch.testing.assert_close(fn(y), reference.channel_attention(y, y, y, -1.0))
     assert len(fake_timer) == len(CPU_IMPLS)

@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from fgattn import functional as F
+from fgattn.functional import (
+    channel_attention,
+    channel_attention_weights,
+    contrastive_channel_attention,
+)
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -35,7 +39,7 @@ def contrastive_by_equation(xa, xb, eta, scale):
 def test_channel_attention_matches_equation(scale):
     q, k = torch.randn(2, 6, 7), torch.randn(2, 6, 7)
     v = torch.randn(2, 6, 11)  # wider than q
-    out = F.channel_attention(q, k, v, scale=scale)
+    out = channel_attention(q, k, v, scale=scale)
     assert out.shape == v.shape and out.dtype == v.dtype
     torch.testing.assert_close(
         out.double(), attention_by_equation(q, k, v, scale), atol=1e-5, rtol=1e-5
@@ -44,7 +48,7 @@ def test_channel_attention_matches_equation(scale):
 
 def test_self_attention_defaults_and_4d():
     x = torch.randn(3, 5, 4, 6)
-    out = F.channel_attention(x)  # k = q, v = k, scale = -1
+    out = channel_attention(x)  # k = q, v = k, scale = -1
     assert out.shape == x.shape
     ref = attention_by_equation(x, x, x, -1.0).reshape(x.shape)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -52,13 +56,13 @@ def test_self_attention_defaults_and_4d():
 
 def test_v_defaults_to_k():
     q, k = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
-    torch.testing.assert_close(F.channel_attention(q, k), F.channel_attention(q, k, k))
+    torch.testing.assert_close(channel_attention(q, k), channel_attention(q, k, k))
 
 
 def test_4d_wide_value_keeps_its_layout():
     q = torch.randn(2, 4, 3, 3)
     v = torch.randn(2, 4, 3, 6)
-    out = F.channel_attention(q, q, v)
+    out = channel_attention(q, q, v)
     assert out.shape == v.shape
     ref = attention_by_equation(q, q, v, -1.0).reshape(v.shape)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -66,7 +70,7 @@ def test_4d_wide_value_keeps_its_layout():
 
 def test_weights_are_row_stochastic_and_match_equation():
     q, k = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    w = F.channel_attention_weights(q, k, scale=-0.5)
+    w = channel_attention_weights(q, k, scale=-0.5)
     assert w.shape == (2, 5, 5) and w.dtype == torch.float32
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
     ref = softmax_rows(-0.5 * torch.einsum("bil,bjl->bij", q.double(), k.double()))
@@ -77,7 +81,7 @@ def test_weights_are_row_stochastic_and_match_equation():
 def test_contrastive_matches_equation(eta_shape):
     xa, xb = torch.randn(3, 6, 2, 4), torch.randn(3, 6, 2, 4)
     eta = torch.randn(eta_shape)
-    out = F.contrastive_channel_attention(xa, xb, eta, scale=-0.2)
+    out = contrastive_channel_attention(xa, xb, eta, scale=-0.2)
     assert out.shape == xa.shape
     ref = contrastive_by_equation(xa, xb, eta.reshape(-1), -0.2).reshape(xa.shape)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -87,8 +91,8 @@ def test_gradcheck_channel_attention():
     q = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda q, k, v: F.channel_attention(q, k, v, scale=-0.7), (q, k, v))
-    assert gradcheck(lambda x: F.channel_attention(x, scale=-0.7), (q,))
+    assert gradcheck(lambda q, k, v: channel_attention(q, k, v, scale=-0.7), (q, k, v))
+    assert gradcheck(lambda x: channel_attention(x, scale=-0.7), (q,))
 
 
 def test_gradcheck_contrastive():
@@ -96,7 +100,7 @@ def test_gradcheck_contrastive():
     xb = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     eta = torch.tensor([0.3, 1.7], dtype=torch.float64, requires_grad=True)
     assert gradcheck(
-        lambda a, b, e: F.contrastive_channel_attention(a, b, e, scale=-0.4), (xa, xb, eta)
+        lambda a, b, e: contrastive_channel_attention(a, b, e, scale=-0.4), (xa, xb, eta)
     )
 
 
@@ -105,38 +109,38 @@ def test_low_precision_large_logits_stay_finite(dtype):
     # Post-ReLU features with |x| ≈ 30 and L = 196: logits near 1e5, beyond fp16's range.
     x = (20 + 10 * torch.rand(2, 16, 14, 14)).to(dtype)
     assert (x.float().flatten(2) @ x.float().flatten(2).transpose(1, 2)).min() > 6.6e4
-    out = F.channel_attention(x)
+    out = channel_attention(x)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
-    ref = F.channel_attention(x.float())
+    ref = channel_attention(x.float())
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=1e-2)
-    cco = F.contrastive_channel_attention(x, x.flip(0), torch.tensor([0.5, 2.0], dtype=dtype))
+    cco = contrastive_channel_attention(x, x.flip(0), torch.tensor([0.5, 2.0], dtype=dtype))
     assert cco.dtype == dtype and torch.isfinite(cco).all()
 
 
 def test_autocast_computes_logits_in_fp32():
     x = torch.rand(2, 16, 49) * 30
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = F.channel_attention(x)
+        out = channel_attention(x)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, F.channel_attention(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, channel_attention(x), atol=1e-5, rtol=1e-5)
 
 
 def test_dead_channels_zero_input_and_tiny_shapes():
     x = torch.randn(2, 6, 10)
     x[:, 2] = 0  # dead channel
-    out = F.channel_attention(x)
+    out = channel_attention(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(
         out.double(), attention_by_equation(x, x, x, -1.0), atol=1e-5, rtol=1e-5
     )
     zero = torch.zeros(1, 4, 3)  # W uniform -> every row is the channel mean (zero)
-    assert torch.equal(F.channel_attention(zero), zero)
+    assert torch.equal(channel_attention(zero), zero)
     one_channel = torch.randn(2, 1, 5)  # W = [[1]] -> Y = X
-    torch.testing.assert_close(F.channel_attention(one_channel), one_channel)
+    torch.testing.assert_close(channel_attention(one_channel), one_channel)
     one_position = torch.randn(2, 5, 1)
     torch.testing.assert_close(
-        F.channel_attention(one_position).double(),
+        channel_attention(one_position).double(),
         attention_by_equation(one_position, one_position, one_position, -1.0),
     )
 
@@ -145,58 +149,58 @@ def test_non_contiguous_and_channels_last():
     base = torch.randn(2, 7, 6, 5)
     x = base.transpose(2, 3)  # non-contiguous (2, 7, 5, 6)
     assert not x.is_contiguous()
-    torch.testing.assert_close(F.channel_attention(x), F.channel_attention(x.contiguous()))
+    torch.testing.assert_close(channel_attention(x), channel_attention(x.contiguous()))
     cl = base.contiguous(memory_format=torch.channels_last)
-    out = F.channel_attention(cl)
+    out = channel_attention(cl)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, F.channel_attention(base))
+    torch.testing.assert_close(out, channel_attention(base))
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
         (
-            lambda: F.channel_attention(torch.randn(4, 5)),
+            lambda: channel_attention(torch.randn(4, 5)),
             r"q must have shape .*got 2-D shape \(4, 5\)",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), torch.randn(2, 3, 5)),
+            lambda: channel_attention(torch.randn(2, 4, 5), torch.randn(2, 3, 5)),
             r"k must match q.*\(2, 3, 5\)",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), torch.randn(1, 4, 5)),
+            lambda: channel_attention(torch.randn(2, 4, 5), torch.randn(1, 4, 5)),
             r"k must match q.*\(1, 4, 5\)",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), torch.randn(2, 4, 6)),
+            lambda: channel_attention(torch.randn(2, 4, 5), torch.randn(2, 4, 6)),
             r"k must match q.*length",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), v=torch.randn(2, 3, 9)),
+            lambda: channel_attention(torch.randn(2, 4, 5), v=torch.randn(2, 3, 9)),
             r"v must match q.*channels",
         ),
         (
-            lambda: F.channel_attention(torch.ones(2, 4, 5, dtype=torch.int64)),
+            lambda: channel_attention(torch.ones(2, 4, 5, dtype=torch.int64)),
             r"q must be a floating-point.*int64",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), scale=float("nan")),
+            lambda: channel_attention(torch.randn(2, 4, 5), scale=float("nan")),
             r"scale must be a finite float.*nan",
         ),
         (
-            lambda: F.contrastive_channel_attention(
+            lambda: contrastive_channel_attention(
                 torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.ones(3)
             ),
             r"eta must have shape \(2,\) or \(2, 1\).*\(3,\)",
         ),
         (
-            lambda: F.contrastive_channel_attention(
+            lambda: contrastive_channel_attention(
                 torch.randn(2, 4, 5), torch.randn(2, 4, 6), torch.ones(2)
             ),
             r"x_b must match x_a",
         ),
         (
-            lambda: F.channel_attention(torch.randn(2, 4, 5), backend="fast"),
+            lambda: channel_attention(torch.randn(2, 4, 5), backend="fast"),
             r"backend must be one of",
         ),
     ],
@@ -209,9 +213,9 @@ def test_bad_input_raises_value_error(call, match):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: F.channel_attention(torch.randn(2, 4, 5), scale=torch.tensor(1.0)), "scale"),
-        (lambda: F.channel_attention(torch.randn(2, 4, 5), scale="-1"), "scale"),
-        (lambda: F.channel_attention(torch.randn(2, 4, 5), backend=3), "backend must be a str"),
+        (lambda: channel_attention(torch.randn(2, 4, 5), scale=torch.tensor(1.0)), "scale"),
+        (lambda: channel_attention(torch.randn(2, 4, 5), scale="-1"), "scale"),
+        (lambda: channel_attention(torch.randn(2, 4, 5), backend=3), "backend must be a str"),
     ],
 )
 def test_wrong_types_raise_type_error(call, match):
@@ -222,8 +226,8 @@ def test_wrong_types_raise_type_error(call, match):
 def test_compile_fullgraph():
     fn = torch.compile(
         lambda q, v, a, b, e: (
-            F.channel_attention(q, q, v),
-            F.contrastive_channel_attention(a, b, e),
+            channel_attention(q, q, v),
+            contrastive_channel_attention(a, b, e),
         ),
         fullgraph=True,
         backend="aot_eager",
@@ -231,5 +235,5 @@ def test_compile_fullgraph():
     q, v = torch.randn(2, 4, 6), torch.randn(2, 4, 12)
     a, b, e = torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.rand(2)
     out, cco = fn(q, v, a, b, e)
-    torch.testing.assert_close(out, F.channel_attention(q, q, v))
-    torch.testing.assert_close(cco, F.contrastive_channel_attention(a, b, e))
+    torch.testing.assert_close(out, channel_attention(q, q, v))
+    torch.testing.assert_close(cco, contrastive_channel_attention(a, b, e))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from test_functional import attention_by_equation, contrastive_by_equation, softmax_rows
 from torch import nn
 
@@ -21,7 +21,7 @@ def test_sci_matches_equations_1_to_3():
     z, y = sci(x, return_interaction=True)
     y_ref = attention_by_equation(x, x, x, -1.0).reshape(x.shape)  # eq. 1–2
     torch.testing.assert_close(y, y_ref)
-    z_ref = TF.conv2d(y_ref, sci.phi.weight, sci.phi.bias, padding=1) + x  # eq. 3
+    z_ref = F.conv2d(y_ref, sci.phi.weight, sci.phi.bias, padding=1) + x  # eq. 3
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(sci(x), z)
 
@@ -146,7 +146,7 @@ def test_attention_erase_matches_equations_3_to_5():
     erased, mask = AttentionErase(threshold=0.6)(images, fw)
     a = fw.amax(dim=1, keepdim=True)  # eq. 3
     lo, hi = a.amin((2, 3), keepdim=True), a.amax((2, 3), keepdim=True)
-    a = TF.interpolate((a - lo) / (hi - lo), size=(12, 12), mode="bilinear", align_corners=False)
+    a = F.interpolate((a - lo) / (hi - lo), size=(12, 12), mode="bilinear", align_corners=False)
     mask_ref = (a <= 0.6).float()  # eq. 4: 0 where A > θ
     assert torch.equal(mask, mask_ref)
     assert torch.equal(erased, images * mask_ref)  # eq. 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from einops import reduce
 
 import fgattn
@@ -87,7 +87,7 @@ def test_cin_losses_follow_eq_9():
     assert out["embeddings"].shape == (4, 512)
     assert out["pair_labels"].tolist() == [True, False]
     torch.testing.assert_close(out["loss"], out["loss_cls"] + 2.0 * out["loss_cont"])
-    torch.testing.assert_close(out["loss_cls"], TF.cross_entropy(out["logits"], TARGET))
+    torch.testing.assert_close(out["loss_cls"], F.cross_entropy(out["logits"], TARGET))
     # The contrastive term is the paper's, on the CCI embeddings and pair labels.
     emb_a, emb_b = out["embeddings"].chunk(2)
     d = (emb_a - emb_b).norm(dim=1)
@@ -123,7 +123,7 @@ def test_cin_options():
     model = _model("cin", alpha=0.5, margin=1.0, label_smoothing=0.1, cci_cls_loss=True).train()
     out = model(_images(), TARGET)
     assert model.contrastive.margin == 1.0
-    smoothed = TF.cross_entropy(out["logits"], TARGET, label_smoothing=0.1)
+    smoothed = F.cross_entropy(out["logits"], TARGET, label_smoothing=0.1)
     torch.testing.assert_close(out["loss_cls"], smoothed)
     assert out["logits_cci"].shape == (4, K)
     total = out["loss_cls"] + out["loss_cls_cci"] + 0.5 * out["loss_cont"]
@@ -144,7 +144,7 @@ def test_pcanet_losses_follow_eq_6():
     branch = out["loss_cls_o"] + out["loss_cls_w"] + out["loss_cls_e"]
     torch.testing.assert_close(out["loss_cls"], branch)
     torch.testing.assert_close(out["loss"], branch + 1.0 * out["loss_center"])
-    torch.testing.assert_close(out["loss_cls_o"], TF.cross_entropy(out["logits"], TARGET))
+    torch.testing.assert_close(out["loss_cls_o"], F.cross_entropy(out["logits"], TARGET))
     mask = out["erase_mask"]
     assert mask.shape == (4, 1, 64, 64)
     assert (mask == 0).any() and (mask == 1).any()  # something erased, something kept

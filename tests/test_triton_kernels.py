@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction
 
 from fgattn import backends
-from fgattn import functional as F
+from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import _triton_common, reference
 from fgattn.ops import triton_channel_attention as tca
 from fgattn.ops import triton_contrastive as tcc
@@ -72,7 +72,7 @@ def check_attention(q, k, v, scale, fused_fn=None, tol=2e-5):
     self_attention = k is None
     if self_attention:
         x = leaf(q)
-        out = (fused_fn or (lambda x: F.channel_attention(x, scale=scale, backend="triton")))(x)
+        out = (fused_fn or (lambda x: channel_attention(x, scale=scale, backend="triton")))(x)
         g = randn(*out.shape)
         (dx,) = torch.autograd.grad(out, x, g)
         x64 = leaf(q.double())
@@ -83,7 +83,7 @@ def check_attention(q, k, v, scale, fused_fn=None, tol=2e-5):
         assert_close(dx, rdx, tol)
         return
     q, k, v = leaf(q), leaf(k), leaf(v)
-    out = F.channel_attention(q, k, v, scale=scale, backend="triton")
+    out = channel_attention(q, k, v, scale=scale, backend="triton")
     assert out.shape == v.shape and out.dtype == v.dtype
     g = randn(*out.shape)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -97,7 +97,7 @@ def check_attention(q, k, v, scale, fused_fn=None, tol=2e-5):
 
 def check_contrastive(x_a, x_b, eta, scale, tol=2e-5):
     a, b, e = leaf(x_a), leaf(x_b), leaf(eta)
-    out = F.contrastive_channel_attention(a, b, e, scale=scale, backend="triton")
+    out = contrastive_channel_attention(a, b, e, scale=scale, backend="triton")
     assert out.shape == a.shape and out.dtype == a.dtype
     g = randn(*out.shape)
     grads = torch.autograd.grad(out, (a, b, e), g)
@@ -138,14 +138,14 @@ def test_self_attention_is_explicit(monkeypatch):
     assert calls == ["self_channel_attention_fwd"]
     calls.clear()
     xx = leaf(x)
-    F.channel_attention(xx, xx, xx, backend="triton").sum().backward()
+    channel_attention(xx, xx, xx, backend="triton").sum().backward()
     assert calls == ["channel_attention_fwd"]
 
 
 def test_detached_key_gets_no_gradient_share():
     # q and k share storage but only q is differentiable: the general path must be used.
     x = leaf(randn(2, 24, 20))
-    out = F.channel_attention(x, x.detach(), x.detach(), backend="triton")
+    out = channel_attention(x, x.detach(), x.detach(), backend="triton")
     g = randn(*out.shape)
     (dx,) = torch.autograd.grad(out, x, g)
     x64 = leaf(x.double())
@@ -162,9 +162,7 @@ def test_non_contiguous_inputs_and_expanded_grad():
     check_attention(q, k, v, -1.0)
     # out.sum() gives a stride-0 gradient
     qq, kk, vv = leaf(q), leaf(k), leaf(v)
-    grads = torch.autograd.grad(
-        F.channel_attention(qq, kk, vv, backend="triton").sum(), (qq, kk, vv)
-    )
+    grads = torch.autograd.grad(channel_attention(qq, kk, vv, backend="triton").sum(), (qq, kk, vv))
     q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
     rgrads = torch.autograd.grad(
         reference.channel_attention(q64, k64, v64, -1.0).sum(), (q64, k64, v64)
@@ -213,17 +211,17 @@ def test_large_post_relu_magnitudes():
     q, k, v = x, randn(2, 32, 49, scale=30.0).relu(), randn(2, 32, 98, scale=30.0)
     cases = [
         (
-            lambda x: F.channel_attention(x, backend="triton"),
+            lambda x: channel_attention(x, backend="triton"),
             lambda x: reference.channel_attention(x, x, x, -1.0),
             (x,),
         ),
         (
-            lambda q, k, v: F.channel_attention(q, k, v, backend="triton"),
+            lambda q, k, v: channel_attention(q, k, v, backend="triton"),
             lambda q, k, v: reference.channel_attention(q, k, v, -1.0),
             (q, k, v),
         ),
         (
-            lambda a, b, e: F.contrastive_channel_attention(a, b, e, backend="triton"),
+            lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton"),
             lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
             (q, k, torch.tensor([0.5, 1.2], device=DEVICE)),
         ),
@@ -257,7 +255,7 @@ def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
     x = randn(2, 24, 20)
     check_contrastive(x, x.clone(), torch.ones(2, device=DEVICE), -1.0)
     a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
-    out = F.contrastive_channel_attention(a, b, e, backend="triton")
+    out = contrastive_channel_attention(a, b, e, backend="triton")
     assert out.abs().max() == 0
     for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
         assert grad.abs().max() == 0
@@ -270,7 +268,7 @@ def test_contrastive_dead_channels_non_contiguous_and_eta_b1():
     b[:, 10:12] = 0
     check_contrastive(a, b, torch.tensor([0.3, 1.2], device=DEVICE), -1.0)
     e = leaf(torch.tensor([[0.5], [2.0]], device=DEVICE))
-    out = F.contrastive_channel_attention(a, b, e, backend="triton")
+    out = contrastive_channel_attention(a, b, e, backend="triton")
     ref = reference.contrastive_channel_attention(a.double(), b.double(), e.double().view(-1), -1.0)
     assert_close(out, ref)
     (de,) = torch.autograd.grad(out.sum(), e)
@@ -328,9 +326,9 @@ def test_torch_compile_fullgraph():
     eta = leaf(torch.rand(2, device=DEVICE))
 
     def loss(x, q, k, v, eta, backend):
-        y1 = F.channel_attention(x, backend=backend)
-        y2 = F.channel_attention(q, k, v, backend=backend)
-        y3 = F.contrastive_channel_attention(q, k, eta, backend=backend)
+        y1 = channel_attention(x, backend=backend)
+        y2 = channel_attention(q, k, v, backend=backend)
+        y3 = contrastive_channel_attention(q, k, eta, backend=backend)
         return (y1 * y1).sum() + (y2 * y2).sum() + (y3 * y3).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
@@ -351,9 +349,9 @@ def test_auto_never_picks_triton_for_cpu_but_the_setting_can():
 def test_float64_is_refused_by_name_and_falls_back_from_the_setting():
     x = torch.randn(2, 8, 5, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*float64"):
-        F.channel_attention(x, backend="triton")
+        channel_attention(x, backend="triton")
     with backends.use_backend("triton"), pytest.warns(UserWarning, match="falling back"):
-        out = F.channel_attention(x)
+        out = channel_attention(x)
     torch.testing.assert_close(out, reference.channel_attention(x, x, x, -1.0))
 
 

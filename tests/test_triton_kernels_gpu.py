@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from fgattn import backends
-from fgattn import functional as F
+from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import reference
 from fgattn.ops.triton_backend import interpreting
 
@@ -95,7 +95,7 @@ def test_self_attention(tf32_mode, shape):
     x = make(shape, tf32_mode, relu=True)
     x[:, ::7] = 0  # dead channels
     run(
-        lambda x: F.channel_attention(x, backend="triton"),
+        lambda x: channel_attention(x, backend="triton"),
         lambda x: reference.channel_attention(x, x, x, -1.0),
         [x],
         tf32_mode,
@@ -110,7 +110,7 @@ def test_cross_attention_wide_value(tf32_mode, b, c, length, lv):
     q, k = make((b, c, length), tf32_mode), make((b, c, length), tf32_mode)
     v = make((b, c, lv), tf32_mode)
     run(
-        lambda q, k, v: F.channel_attention(q, k, v, backend="triton"),
+        lambda q, k, v: channel_attention(q, k, v, backend="triton"),
         lambda q, k, v: reference.channel_attention(q, k, v, -1.0),
         [q, k, v],
         tf32_mode,
@@ -129,7 +129,7 @@ def test_contrastive(tf32_mode, shape):
         # exact fp32 keeps testing the kink.
         eta = -0.5 - eta
     run(
-        lambda a, b, e: F.contrastive_channel_attention(a, b, e, backend="triton"),
+        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton"),
         lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
         [a, b, eta],
         tf32_mode,
@@ -140,10 +140,10 @@ def test_contrastive(tf32_mode, shape):
 def test_non_contiguous_channels_last(tf32_mode):
     shape = sizes((4, 512, 14, 14), (2, 24, 5, 4))
     x = make(shape, tf32_mode, relu=True).contiguous(memory_format=torch.channels_last)
-    out = F.channel_attention(x, backend="triton")
+    out = channel_attention(x, backend="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
     run(
-        lambda x: F.channel_attention(x, backend="triton"),
+        lambda x: channel_attention(x, backend="triton"),
         lambda x: reference.channel_attention(
             x.flatten(2), x.flatten(2), x.flatten(2), -1.0
         ).reshape(x.shape),
@@ -156,10 +156,10 @@ def test_non_contiguous_channels_last(tf32_mode):
 def test_large_magnitudes_half(tf32_mode):
     # |x| ≈ 30 post-ReLU: fp16 logits would reach ~1e5 and overflow; ours are fp32.
     x = make(sizes((4, 2048, 196), (2, 32, 49)), tf32_mode, scale=30.0, relu=True)
-    out = F.channel_attention(x, backend="triton")
+    out = channel_attention(x, backend="triton")
     assert torch.isfinite(out).all()
     run(
-        lambda x: F.channel_attention(x, backend="triton"),
+        lambda x: channel_attention(x, backend="triton"),
         lambda x: reference.channel_attention(x, x, x, -1.0),
         [x],
         tf32_mode,
@@ -169,7 +169,7 @@ def test_large_magnitudes_half(tf32_mode):
 def test_autocast_keeps_fp32_logits():
     x = torch.randn(*sizes((4, 512, 196), (2, 32, 20)), device=DEVICE).relu()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = F.channel_attention(x, backend="triton")
+        out = channel_attention(x, backend="triton")
     with matmul_tf32(False):
         ref = reference.channel_attention(x.double(), x.double(), x.double(), -1.0)
     close(out, ref, "tf32")
@@ -192,7 +192,7 @@ def test_never_materialises_the_channel_matrix():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    F.channel_attention(x, backend="triton").backward(g)
+    channel_attention(x, backend="triton").backward(g)
     torch.cuda.synchronize()
     # Beyond the output and x's gradient (x's size each), only per-row statistics: far below one
     # fp32 C x C matrix per batch (134 MB here).
@@ -205,8 +205,8 @@ def test_torch_compile_fullgraph():
     eta = torch.rand(2, device=DEVICE, requires_grad=True)
 
     def f(x, eta, backend):
-        y = F.channel_attention(x.relu(), backend=backend)
-        z = F.contrastive_channel_attention(x, x.flip(0), eta, backend=backend)
+        y = channel_attention(x.relu(), backend=backend)
+        z = contrastive_channel_attention(x, x.flip(0), eta, backend=backend)
         return (y * y).mean() + (z * z).mean()
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
