@@ -1,4 +1,5 @@
-"""Pieces shared by the assembled models: timm interface, paired-batch checks, FGVC data config."""
+"""Pieces shared by the assembled models: timm interface, paired-batch checks, FGVC data config,
+timm registration."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import resolve_pretrained_cfg
 from torch import nn
 
 from .._shapes import check_image_batch
@@ -53,11 +55,14 @@ def check_paired_batch(x: torch.Tensor, target: torch.Tensor) -> int:
     return x.shape[0] // 2
 
 
-def fgvc_pretrained_cfg(backbone: nn.Module, img_size: Any = None) -> dict[str, Any]:
-    """timm pretrained_cfg of an assembled model: the backbone's normalisation, FGVC input size.
+def fgvc_pretrained_cfg(
+    backbone: nn.Module | None = None, img_size: Any = None, **kwargs: Any
+) -> dict[str, Any]:
+    """timm pretrained_cfg of the papers' FGVC protocol, for timm's data pipeline.
 
     Input (3, 448, 448) and crop_pct 448/512 (Resize(512) + CenterCrop(448)), as both papers, or
-    ``img_size`` where the caller chose one.
+    ``img_size`` where the caller chose one; the normalisation of ``backbone``'s weights (ImageNet's
+    without a backbone, as in the registered default cfgs); ``kwargs`` add keys.
     """
     base = dict(getattr(backbone, "pretrained_cfg", None) or {})
     size = img_size if img_size is not None else FGVC_IMG_SIZE
@@ -69,6 +74,46 @@ def fgvc_pretrained_cfg(backbone: nn.Module, img_size: Any = None) -> dict[str, 
         interpolation="bilinear",
         mean=tuple(base.get("mean", IMAGENET_DEFAULT_MEAN)),
         std=tuple(base.get("std", IMAGENET_DEFAULT_STD)),
-        num_classes=None,
+        num_classes=None,  # fine-grained heads: the caller picks num_classes
         fixed_input_size=False,
+        **kwargs,
     )
+
+
+def registered_cfg(backbone: str) -> dict[str, Any]:
+    """Default cfg of a registered model on timm's ``backbone`` (for ``default_cfgs``)."""
+    return fgvc_pretrained_cfg(
+        first_conv="backbone.body.model.conv1",
+        classifier="fc",
+        notes=(f"Backbone weights: timm {backbone} (ImageNet-1k); head trained from scratch.",),
+    )
+
+
+def create_registered(
+    model_cls: type[nn.Module],
+    variant: str,
+    default_backbone: str,
+    pretrained: bool = False,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    cache_dir: Any = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Body of a ``@register_model`` entrypoint.
+
+    ``pretrained`` and timm.create_model's weight-source arguments (``pretrained_cfg_overlay``,
+    ``cache_dir``) go to a named backbone: only the backbone has pretrained weights. The model's
+    pretrained_cfg is the variant's (or the ``pretrained_cfg`` given), with the input size
+    (``img_size``) and normalisation (of an overriding backbone) of the model as built.
+    """
+    kwargs.setdefault("backbone", default_backbone)
+    if isinstance(kwargs["backbone"], str):
+        if pretrained_cfg_overlay:
+            kwargs["pretrained_cfg_overlay"] = pretrained_cfg_overlay
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
+    model = model_cls(pretrained=pretrained, **kwargs)
+    as_built = {k: model.pretrained_cfg[k] for k in ("input_size", "mean", "std")}
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay=as_built)
+    model.pretrained_cfg = model.default_cfg = cfg.to_dict()
+    return model

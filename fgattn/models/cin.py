@@ -8,13 +8,20 @@ import torch
 import torch.nn.functional as TF
 from einops import reduce
 from timm.layers import SelectAdaptivePool2d
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import CCI, SCI
 from ..losses import ContrastiveLoss
-from ._common import TimmModelMixin, check_paired_batch, fgvc_pretrained_cfg
+from ._common import (
+    TimmModelMixin,
+    check_paired_batch,
+    create_registered,
+    fgvc_pretrained_cfg,
+    registered_cfg,
+)
 
 __all__ = ["CIN"]
 
@@ -153,3 +160,26 @@ class CIN(TimmModelMixin, nn.Module):
             pair_labels=pair_labels,
         )
         return out
+
+
+# timm registration, as timm's own model files do: ``import fgattn`` makes
+# ``timm.create_model("cin_resnet50", num_classes=200)`` work.
+
+default_cfgs = generate_default_cfgs(
+    {
+        "cin_resnet50": registered_cfg("resnet50.tv_in1k"),
+        "cin_resnet101": registered_cfg("resnet101.tv_in1k"),
+    }
+)
+
+
+@register_model
+def cin_resnet50(pretrained: bool = False, **kwargs: Any) -> CIN:
+    """CIN (SCI + CCI) on ResNet-50, 448 px."""
+    return create_registered(CIN, "cin_resnet50", "resnet50.tv_in1k", pretrained, **kwargs)
+
+
+@register_model
+def cin_resnet101(pretrained: bool = False, **kwargs: Any) -> CIN:
+    """CIN (SCI + CCI) on ResNet-101, 448 px."""
+    return create_registered(CIN, "cin_resnet101", "resnet101.tv_in1k", pretrained, **kwargs)

@@ -7,13 +7,20 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 from timm.layers import ConvNormAct
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from ..losses import CenterLoss
-from ._common import TimmModelMixin, check_paired_batch, fgvc_pretrained_cfg
+from ._common import (
+    TimmModelMixin,
+    check_paired_batch,
+    create_registered,
+    fgvc_pretrained_cfg,
+    registered_cfg,
+)
 
 __all__ = ["BilinearHead", "PCANet"]
 
@@ -232,3 +239,26 @@ class PCANet(TimmModelMixin, nn.Module):
             erase_mask=mask,
         )
         return out
+
+
+# timm registration, as timm's own model files do: ``import fgattn`` makes
+# ``timm.create_model("pcanet_resnet50", num_classes=200)`` work.
+
+default_cfgs = generate_default_cfgs(
+    {
+        "pcanet_resnet50": registered_cfg("resnet50.tv_in1k"),
+        "pcanet_resnet101": registered_cfg("resnet101.tv_in1k"),
+    }
+)
+
+
+@register_model
+def pcanet_resnet50(pretrained: bool = False, **kwargs: Any) -> PCANet:
+    """PCA-Net (co-attention + attention erase + bilinear pooling) on ResNet-50, 448 px."""
+    return create_registered(PCANet, "pcanet_resnet50", "resnet50.tv_in1k", pretrained, **kwargs)
+
+
+@register_model
+def pcanet_resnet101(pretrained: bool = False, **kwargs: Any) -> PCANet:
+    """PCA-Net (co-attention + attention erase + bilinear pooling) on ResNet-101, 448 px."""
+    return create_registered(PCANet, "pcanet_resnet101", "resnet101.tv_in1k", pretrained, **kwargs)
