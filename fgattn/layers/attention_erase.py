@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from einops import reduce
 from torch import nn
 
@@ -118,7 +118,7 @@ class AttentionErase(nn.Module):
             a = (a - low) / (peak - low).clamp_min(1e-12)
         else:
             a = a / peak.clamp_min(1e-12)
-        a = TF.interpolate(a, size=size, mode="bilinear", align_corners=False)
+        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
         theta = self.thresholds(a.shape[0], a.device, generator)
         # A map with NaN/Inf says nothing about where to erase: that image's mask is NaN, so
         # the erased image and its loss are too, instead of a silently erased whole image.

@@ -7,9 +7,9 @@ from einops import reduce
 from torch import nn
 
 from .. import _args
-from .. import functional as F
 from .._shapes import check_image_batch, split_pairs
-from .sci import logit_scale
+from ..functional import channel_attention, contrastive_channel_attention
+from .helpers import logit_scale
 
 
 class CCI(nn.Module):
@@ -94,11 +94,11 @@ class CCI(nn.Module):
                 )
         scale = logit_scale(self.scale, self.length_normalized, x_a)
         if y_a is None or y_b is None:
-            y_a = F.channel_attention(x_a, scale=scale)
-            y_b = F.channel_attention(x_b, scale=scale)
+            y_a = channel_attention(x_a, scale=scale)
+            y_b = channel_attention(x_b, scale=scale)
         eta, gamma = self.weights(y_a, y_b)
-        y_ab = F.contrastive_channel_attention(x_a, x_b, eta, scale=scale)
-        y_ba = F.contrastive_channel_attention(x_b, x_a, gamma, scale=scale)
+        y_ab = contrastive_channel_attention(x_a, x_b, eta, scale=scale)
+        y_ba = contrastive_channel_attention(x_b, x_a, gamma, scale=scale)
         return self.phi(y_ab) + x_a, self.phi(y_ba) + x_b, eta, gamma
 
     def extra_repr(self) -> str:

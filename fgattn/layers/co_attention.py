@@ -7,8 +7,8 @@ from einops import rearrange
 from torch import nn
 
 from .. import _args
-from .. import functional as F
 from .._shapes import check_image_batch, split_pairs
+from ..functional import channel_attention
 
 
 class CoAttention(nn.Module):
@@ -57,13 +57,13 @@ class CoAttention(nn.Module):
         if self.shared_weights:
             # One W, both images as values: [F1 | F2] along the flattened spatial axis.
             both = torch.cat([rearrange(f, "n c h w -> n c (h w)") for f in (f1, f2)], dim=2)
-            out = F.channel_attention(f1, f2, both, scale=self.scale)
+            out = channel_attention(f1, f2, both, scale=self.scale)
             fw1, fw2 = (
                 rearrange(o, "n c (h w) -> n c h w", h=f1.shape[2]) for o in out.chunk(2, dim=2)
             )
         else:
-            fw1 = F.channel_attention(f1, f2, f1, scale=self.scale)
-            fw2 = F.channel_attention(f2, f1, f2, scale=self.scale)
+            fw1 = channel_attention(f1, f2, f1, scale=self.scale)
+            fw2 = channel_attention(f2, f1, f2, scale=self.scale)
         if self.residual:
             fw1, fw2 = fw1 + f1, fw2 + f2
         return fw1, fw2

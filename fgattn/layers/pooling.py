@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -48,7 +48,7 @@ class BilinearPooling(nn.Module):
             y3 = rearrange(y.float(), "b c h w -> b c (h w)")
             b = torch.bmm(x3, y3.transpose(1, 2)) / length
             b = signed_sqrt(rearrange(b, "b c d -> b (c d)"), self.eps)
-            return TF.normalize(b, dim=1).to(x.dtype)
+            return F.normalize(b, dim=1).to(x.dtype)
 
 
 class BilinearAttentionPooling(nn.Module):
@@ -82,13 +82,13 @@ class BilinearAttentionPooling(nn.Module):
             )
         h, w = features.shape[2:]
         if attention.shape[2:] != features.shape[2:]:
-            attention = TF.interpolate(attention, size=(h, w), mode="bilinear", align_corners=False)
+            attention = F.interpolate(attention, size=(h, w), mode="bilinear", align_corners=False)
         with torch.autocast(features.device.type, enabled=False):
             f3 = rearrange(features.float(), "b c h w -> b c (h w)")
             a3 = rearrange(attention.float(), "b m h w -> b m (h w)")
             p = torch.bmm(a3, f3.transpose(1, 2)) / (h * w)
             p = signed_sqrt(rearrange(p, "b m c -> b (m c)"), self.eps)
-            return (TF.normalize(p, dim=1) * self.scale).to(features.dtype)
+            return (F.normalize(p, dim=1) * self.scale).to(features.dtype)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, scale={self.scale}"

@@ -6,13 +6,9 @@ import torch
 from torch import nn
 
 from .. import _args
-from .. import functional as F
 from .._shapes import check_image_batch
-
-
-def logit_scale(scale: float, length_normalized: bool, x: torch.Tensor) -> float:
-    """scale, or scale / (H·W) for x (B, C, H, W) when length-normalised (Hawkeye's variant)."""
-    return scale / (x.shape[-2] * x.shape[-1]) if length_normalized else scale
+from ..functional import channel_attention
+from .helpers import logit_scale
 
 
 class SCI(nn.Module):
@@ -60,7 +56,7 @@ class SCI(nn.Module):
                 f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
                 f"(wanted (B, {self.channels}, H, W))"
             )
-        return F.channel_attention(x, scale=self.effective_scale(x))
+        return channel_attention(x, scale=self.effective_scale(x))
 
     def forward(
         self, x: torch.Tensor, return_interaction: bool = False

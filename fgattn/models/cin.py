@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from einops import reduce
 from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
@@ -136,7 +136,7 @@ class CIN(TimmModelMixin, nn.Module):
         feats = self.backbone(x)
         z, y = self.sci(feats, return_interaction=True)
         logits = self.forward_head(z)
-        loss_cls = TF.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss_cls = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
         x_a, x_b = feats.chunk(2)
         y_a, y_b = y.chunk(2)
@@ -148,7 +148,7 @@ class CIN(TimmModelMixin, nn.Module):
         out = dict(logits=logits, loss_cls=loss_cls)
         if self.cci_cls_loss:
             out["logits_cci"] = self.forward_head(z_cci)
-            out["loss_cls_cci"] = TF.cross_entropy(
+            out["loss_cls_cci"] = F.cross_entropy(
                 out["logits_cci"], target, label_smoothing=self.label_smoothing
             )
             loss_cls = loss_cls + out["loss_cls_cci"]

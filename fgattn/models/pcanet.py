@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
@@ -225,7 +225,7 @@ class PCANet(TimmModelMixin, nn.Module):
         for (name, _), p in zip(branches.items(), pooled, strict=True):
             logits = self._logits(p)
             out["logits" if name == "o" else f"logits_{name}"] = logits
-            ce = TF.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
             out[f"loss_cls_{name}"] = ce
             losses.append(ce)
         loss_cls = torch.stack(losses).sum()
