@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything fgattn owes to a GPU, in two steps that each fit a 10-minute call:
+# The tests and measurements that need a GPU, in two steps that each fit a 10-minute call:
 #
 #   bash benchmarks/gpu_session.sh tests  OUT_DIR   # GPU tests of the Triton kernels
 #   bash benchmarks/gpu_session.sh bench  OUT_DIR   # every implementation vs auto, model overheads
