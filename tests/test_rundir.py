@@ -28,6 +28,13 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     assert not (run / "last.pth").exists() and not (run / "config.yaml").exists()
 
 
+def test_a_failed_start_does_not_block_the_next_attempt(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data_root: /wrong\n")  # died before its first epoch
+    rundir.claim(run).release()
+
+
 def test_other_files_of_the_user_are_never_deleted(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

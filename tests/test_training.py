@@ -21,6 +21,7 @@ from _fgvc_trees import KINDS, make_tree
 from fgattn.train import TrainConfig, load_checkpoint, main, resolve_config, save_atomic
 from fgattn.train import engine as E
 from fgattn.train import logging as L
+from fgattn.train.rundir import RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -180,8 +181,10 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
            "--output", str(tmp_path), "--name", "sig"]  # fmt: skip
     last = tmp_path / "sig" / "last.pth"
 
-    def start_and_wait_for_checkpoint():
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    def start_and_wait_for_checkpoint(*extra):
+        proc = subprocess.Popen(
+            [*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+        )
         deadline = time.time() + 240
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -197,7 +200,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
     assert 1 <= ckpt["epoch"] < 40 and len(ckpt["history"]) == ckpt["epoch"]
 
     last.unlink()
-    proc = start_and_wait_for_checkpoint()
+    proc = start_and_wait_for_checkpoint("--overwrite")  # a new run in the same folder
     proc.kill()  # SIGKILL: no chance to save; the atomic last.pth must still be loadable
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -228,6 +231,22 @@ def test_resume_errors(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an fgattn training checkpoint"):
         main("cin", ["--resume", str(tmp_path / "other.pth")])
+
+
+def test_run_folders_are_never_mixed_or_silently_replaced(tmp_path):
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path), "--name", "r"]
+    main("cin", args)
+    last = tmp_path / "r" / "last.pth"
+    before = last.read_bytes()
+    with pytest.raises(RunFolderError, match=r"already holds a run .*--resume .*--overwrite"):
+        main("cin", args)
+    assert last.read_bytes() == before  # the earlier run is untouched
+    main("cin", [*args, "--overwrite", "--epochs", "2"])  # replaced, as asked
+    assert load_checkpoint(last)["epoch"] == 2
+    with pytest.raises(ValueError, match=r"holds weights only \(best.pth does\); resume from"):
+        main("cin", ["--resume", str(tmp_path / "r" / "best.pth")])
+    with pytest.raises(ValueError, match="--epochs 1 is below the 2 epochs"):
+        main("cin", ["--resume", str(last), "--epochs", "1"])
 
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

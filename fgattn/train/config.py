@@ -81,6 +81,7 @@ class TrainConfig:
     output: str = "runs"  # runs are written to <output>/<name>/
     name: str | None = None  # default: <arch>-<dataset>-<backbone>-<timestamp>
     resume: str | None = None  # checkpoint to continue from ("auto": <output>/<name>/last.pth)
+    overwrite: bool = False  # replace the run already in <output>/<name>/ (else that is an error)
     progress: bool = True  # tqdm progress bars on rank 0
     plots: bool = True  # loss / accuracy PNGs (needs matplotlib)
 

@@ -25,6 +25,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import data as fgdata
 from ..models import create_model
+from . import rundir
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig, resolve_config, save_yaml
 from .logging import log_epoch
@@ -167,9 +169,11 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def _make_run_dir(cfg: TrainConfig, device: torch.device, world: int) -> Path:
-    """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 creates the
-    folder and writes config.yaml."""
+@contextlib.contextmanager
+def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[Path]:
+    """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 claims the
+    folder for the run's duration (`rundir.claim`: no other run's files, no second writer) and
+    writes config.yaml."""
     name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_initialized():
         box = [name]
@@ -177,11 +181,13 @@ def _make_run_dir(cfg: TrainConfig, device: torch.device, world: int) -> Path:
         name = box[0]
     cfg.name = name
     run_dir = Path(cfg.output) / name
-    if _is_primary():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not _is_primary():
+        yield run_dir
+        return
+    with rundir.claim(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite):
         save_yaml(cfg, run_dir / "config.yaml")
         _print(f"run directory: {run_dir}  (world size {world}, device {device})")
-    return run_dir
+        yield run_dir
 
 
 def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
@@ -519,50 +525,49 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
     dev = init_distributed_device_so(device=_resolve_device(cfg.device))
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
-    run_dir = _make_run_dir(cfg, device, world)
+    with _run_folder(cfg, device, world) as run_dir:
+        train_set, test_set = build_datasets(cfg)
+        classes = list(train_set.classes)
+        sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
+        loader = build_train_loader(train_set, sampler, cfg, device)
+        test_loader = build_eval_loader(test_set, cfg, rank, world, device)
+        steps = _steps_per_epoch(sampler, cfg)
 
-    train_set, test_set = build_datasets(cfg)
-    classes = list(train_set.classes)
-    sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
-    loader = build_train_loader(train_set, sampler, cfg, device)
-    test_loader = build_eval_loader(test_set, cfg, rank, world, device)
-    steps = _steps_per_epoch(sampler, cfg)
+        model = _place_model(build_model(cfg, len(classes)), cfg, device)
+        state = create_train_state(cfg, model, device)
+        if resume_ckpt is not None:
+            load_train_state(state, resume_ckpt, rank, world)
+        train_model, eval_model = _wrap_model(state.model, cfg, device)
 
-    model = _place_model(build_model(cfg, len(classes)), cfg, device)
-    state = create_train_state(cfg, model, device)
-    if resume_ckpt is not None:
-        load_train_state(state, resume_ckpt, rank, world)
-    train_model, eval_model = _wrap_model(state.model, cfg, device)
-
-    result: dict[str, Any] = {"status": "finished", "run_dir": str(run_dir)}
-    with _StopFlag() as stop:
-        for epoch in range(state.epoch, cfg.epochs):
-            t0 = time.time()
-            state.scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
-            sampler.set_epoch(epoch, start_batch=state.step)
-            if not train_one_epoch(cfg, state, train_model, loader, steps, device, stop):
+        result: dict[str, Any] = {"status": "finished", "run_dir": str(run_dir)}
+        with _StopFlag() as stop:
+            for epoch in range(state.epoch, cfg.epochs):
+                t0 = time.time()
+                state.scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
+                sampler.set_epoch(epoch, start_batch=state.step)
+                if not train_one_epoch(cfg, state, train_model, loader, steps, device, stop):
+                    last = save_last(cfg, classes, state, run_dir)
+                    _print(f"stop requested: saved {last} at epoch {epoch}, step {state.step}; "
+                           f"continue with --resume {last}")  # fmt: skip
+                    return {**result, "status": "interrupted"}
+                row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
+                row.update(_reduce_sums(state.partial_sums, device))
+                state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    row.update(_test_metrics(cfg, state, eval_model, test_loader, device))
+                    if row["test_top1"] > state.best_top1:
+                        state.best_top1 = row["test_top1"]
+                        save_best(cfg, classes, state, run_dir)
+                row["epoch_time_s"] = time.time() - t0
+                state.history.append(row)
                 last = save_last(cfg, classes, state, run_dir)
-                _print(f"stop requested: saved {last} at epoch {epoch}, step {state.step}; "
-                       f"continue with --resume {last}")  # fmt: skip
-                return {**result, "status": "interrupted"}
-            row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
-            row.update(_reduce_sums(state.partial_sums, device))
-            state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                row.update(_test_metrics(cfg, state, eval_model, test_loader, device))
-                if row["test_top1"] > state.best_top1:
-                    state.best_top1 = row["test_top1"]
-                    save_best(cfg, classes, state, run_dir)
-            row["epoch_time_s"] = time.time() - t0
-            state.history.append(row)
-            last = save_last(cfg, classes, state, run_dir)
-            if _is_primary():
-                log_epoch(state.history, run_dir, cfg.plots)
-            result.update(row)
-            if stop.agreed(device):
-                _print(f"stop requested: saved {last} after epoch {epoch + 1}")
-                return {**result, "status": "interrupted"}
-    return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
+                if _is_primary():
+                    log_epoch(state.history, run_dir, cfg.plots)
+                result.update(row)
+                if stop.agreed(device):
+                    _print(f"stop requested: saved {last} after epoch {epoch + 1}")
+                    return {**result, "status": "interrupted"}
+        return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -593,11 +598,15 @@ def _resume(cfg: TrainConfig, arch: str, argv: list[str] | None):
             raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
         return cfg, None
     ckpt = load_checkpoint(path)
-    if ckpt.get("format") != CKPT_FORMAT or "optimizer" not in ckpt:
+    if ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(
             f"--resume {path}: not a training checkpoint of this version (wanted format "
-            f"{CKPT_FORMAT!r} with optimizer state, got {ckpt.get('format')!r}); "
-            "best.pth holds weights only — resume from last.pth"
+            f"{CKPT_FORMAT!r}, got {ckpt.get('format')!r})"
+        )
+    if "optimizer" not in ckpt:
+        raise ValueError(
+            f"--resume {path}: this checkpoint holds weights only (best.pth does); resume from "
+            f"{path.parent / 'last.pth'}"
         )
     if ckpt["config"].get("arch") != arch:
         raise ValueError(
@@ -605,6 +614,11 @@ def _resume(cfg: TrainConfig, arch: str, argv: list[str] | None):
             f"{ckpt['config'].get('arch')!r}, this script trains {arch!r}"
         )
     cfg = resolve_config(arch, argv, base=ckpt["config"])
+    if cfg.epochs < ckpt["epoch"]:
+        raise ValueError(
+            f"--epochs {cfg.epochs} is below the {ckpt['epoch']} epochs {path} has trained: "
+            f"nothing to do; pass --epochs above {ckpt['epoch']} to train further"
+        )
     flags = " ".join(argv if argv is not None else sys.argv[1:])
     if "--output" not in flags:
         cfg.output = str(path.parent.parent)

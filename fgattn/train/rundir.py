@@ -21,8 +21,10 @@ try:
 except ImportError:  # Windows: no advisory locks; the folder checks still apply
     fcntl = None
 
-# What a run writes into its folder (engine and train/logging.py).
-RUN_FILES = ("config.yaml", "summary.csv", "last.pth", "best.pth", "loss.png", "accuracy.png")
+# What a run writes into its folder (engine and train/logging.py). A folder holds a run once it has
+# any of OUTPUTS; config.yaml alone is a start that failed before its first epoch.
+OUTPUTS = ("summary.csv", "last.pth", "best.pth", "loss.png", "accuracy.png")
+RUN_FILES = ("config.yaml", *OUTPUTS)
 LOCK_FILE = ".lock"
 
 
@@ -69,7 +71,7 @@ def claim(run_dir: str | Path, *, resume: bool = False, overwrite: bool = False)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing and not (resume or overwrite):
+    if set(existing) & set(OUTPUTS) and not (resume or overwrite):
         lock.release()
         raise RunFolderError(
             f"run folder {run_dir} already holds a run ({', '.join(existing)}); continue it with "
