@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 # Tile sizes, module-level so tests can shrink them to exercise the multi-block and masked paths.
-# Not tuned on hardware (no GPU was available when they were chosen); see benchmarks/README.md.
+# How they were chosen and what they measure: benchmarks/README.md.
 TILES = {
     "block_m": 64,  # rows of the output a program owns
     "block_n": 64,  # columns of the C x C logits a program handles per loop step
