@@ -299,10 +299,14 @@ RULES = (
 LAST_RESORT = ("sdpa_efficient", "triton", "sdpa_flash", "reference")
 
 
+def rule_for(call: Call) -> Rule:
+    """The first row of `RULES` that matches `call` (the last row matches everything)."""
+    return next(r for r in RULES if r.matches(call))
+
+
 def by_rule(call: Call) -> Implementation:
     """The implementation the rule table picks for `call`."""
-    rule = next(r for r in RULES if r.matches(call))
-    return _first_supported((*rule.prefer, *LAST_RESORT), call)
+    return _first_supported((*rule_for(call).prefer, *LAST_RESORT), call)
 
 
 def _first_supported(names: Sequence[str], call: Call) -> Implementation:
@@ -375,7 +379,7 @@ def _caller_outside_fgattn() -> int:
 
 
 def _rule_rank(call: Call) -> Callable[[str], int]:
-    prefer = next(r for r in RULES if r.matches(call)).prefer
+    prefer = rule_for(call).prefer
     return lambda name: prefer.index(name) if name in prefer else len(prefer)
 
 
