@@ -7,7 +7,15 @@ for the channel-bilinear softmax behind `fgattn.functional`.
 from . import backends, data, functional, models
 from .backbone import TimmBackbone
 from .functional import channel_attention, channel_attention_weights, contrastive_channel_attention
-from .layers import CCI, SCI, AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
+from .layers import (
+    CCI,
+    SCI,
+    AttentionErase,
+    BilinearAttentionPooling,
+    BilinearPooling,
+    ChannelAttentionModule,
+    CoAttention,
+)
 from .losses import CenterLoss, ContrastiveLoss
 from .models import create_model
 
@@ -20,6 +28,7 @@ __all__ = [
     "BilinearAttentionPooling",
     "BilinearPooling",
     "CenterLoss",
+    "ChannelAttentionModule",
     "CoAttention",
     "ContrastiveLoss",
     "TimmBackbone",

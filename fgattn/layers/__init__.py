@@ -3,6 +3,7 @@
 from .attention_erase import AttentionErase
 from .cci import CCI
 from .co_attention import CoAttention
+from .danet import ChannelAttentionModule
 from .pooling import BilinearAttentionPooling, BilinearPooling
 from .sci import SCI
 
@@ -12,5 +13,6 @@ __all__ = [
     "AttentionErase",
     "BilinearAttentionPooling",
     "BilinearPooling",
+    "ChannelAttentionModule",
     "CoAttention",
 ]
