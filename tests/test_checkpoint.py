@@ -31,6 +31,8 @@ def test_round_trip_stores_and_checks_a_digest(tmp_path):
     torch.testing.assert_close(loaded["model"]["weight"], saved["model"]["weight"])
     ck.save_atomic(loaded, path)  # a loaded checkpoint saves again with a fresh digest
     ck.load_checkpoint(path)
+    ck.save_atomic({**saved, ck.DIGEST_KEY: "stale"}, path)  # a stale digest is replaced
+    assert ck.load_checkpoint(path)["epoch"] == 3
 
 
 def test_flipped_bytes_in_the_weights_are_an_error(tmp_path):

@@ -59,7 +59,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     if isinstance(obj, dict):
-        obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: content_digest(obj)}
+        content = {k: v for k, v in obj.items() if k != DIGEST_KEY}  # a stale digest goes
+        obj = {**content, DIGEST_KEY: content_digest(content)}
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
