@@ -34,6 +34,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _args
+
 ENV_BACKEND = "FGATTN_BACKEND"
 ENV_BENCHMARK = "FGATTN_BENCHMARK"
 BACKENDS = ("auto", "reference", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton")
@@ -42,11 +44,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 def check_backend(backend: object, name: str = "backend") -> str:
     """`backend` if it names a backend, else a TypeError/ValueError naming `name`."""
-    if not isinstance(backend, str):
-        raise TypeError(f"{name} must be a str, one of {BACKENDS}; got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"{name} must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    return _args.choice(backend, name, BACKENDS)
 
 
 def _env_backend() -> str:
@@ -95,9 +93,7 @@ def set_benchmark(flag: bool) -> None:
     """Benchmark mode on or off: with it on, `auto` times every candidate implementation once per
     call signature (op, dtype, sizes, grad) on the device and keeps the fastest."""
     global _benchmark
-    if not isinstance(flag, bool):
-        raise TypeError(f"fgattn.backends.benchmark must be a bool, got {type(flag).__name__}")
-    _benchmark = flag
+    _benchmark = _args.boolean(flag, "fgattn.backends.benchmark")
 
 
 def resolve(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
