@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import socket
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -11,6 +16,84 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 __all__ = ["TimmBackbone", "resolve_backbone"]
+
+
+# timm's weight files on the Hugging Face Hub, in the order it tries them.
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+PROBE_TIMEOUT_S = 5.0
+
+
+def pretrained_fix(name: str) -> str:
+    """How to get a backbone's ImageNet weights without a download, for error messages."""
+    return (
+        f"download them where there is internet (timm.create_model({name!r}, pretrained=True) "
+        f"caches them in ~/.cache/huggingface) and copy the cache, or pass the weights file: "
+        f"pretrained_cfg_overlay=dict(file='/path/to/{name.split('.')[0]}.safetensors') "
+        f"(fgattn-train: --pretrained-file PATH); or train from scratch with pretrained=False "
+        f"(--no-pretrained)"
+    )
+
+
+def _weights_download(name: str, overlay: dict[str, Any]) -> str | None:
+    """The URL timm would download the pretrained weights of ``name`` from, or None when no
+    download is needed (a local file, weights in the cache, or a source fgattn does not know)."""
+    if overlay.get("file") or overlay.get("state_dict") is not None or ":" in name:
+        return None
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or cfg.file:
+        return None
+    if cfg.hf_hub_id and importlib.util.find_spec("huggingface_hub") is not None:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in names):
+            return None
+        return f"{constants.ENDPOINT}/{cfg.hf_hub_id}"
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        return None if cached.is_file() else cfg.url
+    return None
+
+
+def _check_weights_reachable(name: str, timm_kwargs: dict[str, Any]) -> None:
+    """Fail in seconds, with the fix, where timm would retry an unreachable download for a
+    minute or more: a local file that is missing, Hugging Face offline mode, or no connection to
+    the weights' host (not probed behind a proxy)."""
+    overlay = dict(timm_kwargs.get("pretrained_cfg_overlay") or {})
+    if overlay.get("file") and not Path(overlay["file"]).is_file():
+        raise FileNotFoundError(
+            f"pretrained_cfg_overlay file not found: {overlay['file']} (the backbone's "
+            f"ImageNet weights for {name!r})"
+        )
+    url = _weights_download(name, overlay)
+    if url is None:
+        return
+    reason = None
+    if url.startswith(_hub_endpoint()) and _hub_offline():
+        reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    elif not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        host = urlparse(url).hostname or ""
+        try:
+            socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            reason = f"{host} cannot be reached ({err})"
+    if reason is not None:
+        raise ConnectionError(
+            f"cannot download the pretrained weights of backbone {name!r} from {url}: {reason}. "
+            f"To use them offline, {pretrained_fix(name)}"
+        )
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _wants_dynamic_size(name: str, timm_kwargs: dict[str, Any]) -> bool:
@@ -41,8 +124,10 @@ class TimmBackbone(nn.Module):
 
     Args:
         name: timm model name, optionally with a pretrained tag ("resnet50.a1_in1k").
-        pretrained: load timm's pretrained weights (any timm weight source: hub, URL, or a local
-            file with ``pretrained_cfg_overlay=dict(file=path)``).
+        pretrained: load timm's pretrained weights (default False: random init). Any timm
+            weight source: hub, URL, or a local file with ``pretrained_cfg_overlay=dict(file=
+            path)``. A download that cannot happen (offline, host unreachable) fails within
+            seconds with that fix in the message.
         norm: apply the model's final norm to the map (ViT/Swin final LayerNorm), so the map is
             what the model's own head would see. No-op for most CNNs.
         dynamic_img_size: True/False forwarded to timm; None decides as described above.
@@ -74,6 +159,13 @@ class TimmBackbone(nn.Module):
                     f"got {key}={timm_kwargs[key]!r}"
                 )
         self.name = name
+        if ":" not in name and not timm.is_model(name):
+            raise ValueError(
+                f"backbone {name!r} is not a timm model name; timm.list_models("
+                f"'{name.split('.')[0][:6]}*') lists similar ones"
+            )
+        if pretrained:
+            _check_weights_reachable(name, timm_kwargs)
         kwargs = dict(pretrained=pretrained, **timm_kwargs)
         if dynamic_img_size is not None:
             kwargs["dynamic_img_size"] = dynamic_img_size
@@ -87,6 +179,13 @@ class TimmBackbone(nn.Module):
                 raise
             kwargs.pop("dynamic_img_size")
             model = timm.create_model(name, **kwargs)
+        except OSError as err:  # the download or the weights file failed
+            if not pretrained:
+                raise
+            raise OSError(
+                f"cannot load the pretrained weights of backbone {name!r}: {err}. "
+                f"{pretrained_fix(name)[0].upper()}{pretrained_fix(name)[1:]}"
+            ) from err
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(
                 f"timm model {name!r} cannot be used as a backbone: it has no "

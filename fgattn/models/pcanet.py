@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = ["BilinearHead", "PCANet"]
 
 POOLINGS = ("bilinear", "attention")
 BRANCH_REDUCTIONS = ("sum", "mean")
+PAIR_POLICIES = ("warn", "error", "ignore")
 
 
 class BilinearHead(nn.Module):
@@ -117,6 +119,9 @@ class PCANet(TimmModelMixin, nn.Module):
             with attention pooling); the centre loss always sees the unit-norm vector.
         label_smoothing: of the cross-entropies (paper: none).
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
+        mismatched_pairs: what a training batch whose pair i (image i and image i + N) has two
+            different labels does: "warn" (once per model, default), "error" (ValueError) or
+            "ignore". The co-attention of eq. 1–2 assumes same-class partners.
         **backbone_kwargs: forwarded to timm for a named backbone.
 
     Shapes:
@@ -148,9 +153,12 @@ class PCANet(TimmModelMixin, nn.Module):
         feature_scale: float = 1.0,
         label_smoothing: float = 0.0,
         drop_rate: float = 0.0,
+        mismatched_pairs: str = "warn",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.mismatched_pairs = _args.choice(mismatched_pairs, "mismatched_pairs", PAIR_POLICIES)
+        self._warned_pairs = False
         if branch_reduction not in BRANCH_REDUCTIONS:
             raise ValueError(
                 f"branch_reduction must be one of {BRANCH_REDUCTIONS}, got {branch_reduction!r}"
@@ -208,9 +216,31 @@ class PCANet(TimmModelMixin, nn.Module):
 
     # training
 
+    def _check_pair_labels(self, target: torch.Tensor, n: int) -> None:
+        """Act on pairs (i, i + N) of different classes as ``mismatched_pairs`` says."""
+        if self.mismatched_pairs == "ignore" or torch.compiler.is_compiling():
+            return
+        differ = int((target[:n] != target[n:]).sum())
+        if not differ:
+            return
+        what = (
+            f"{differ} of the {n} pairs in this batch have different labels; PCA-Net's "
+            f"co-attention pairs image i with a same-class partner at i + {n} "
+            f"(fgattn.data.PairBatchSampler draws such batches)"
+        )
+        if self.mismatched_pairs == "error":
+            raise ValueError(f"target: {what}; PCANet(mismatched_pairs='warn') allows them")
+        if not self._warned_pairs:
+            self._warned_pairs = True
+            warnings.warn(
+                f"{what}. Warned once; PCANet(mismatched_pairs='error') makes it an error, "
+                f"'ignore' silences it",
+                stacklevel=3,
+            )
+
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring."""
-        check_paired_batch(x, target)
+        self._check_pair_labels(target, check_paired_batch(x, target))
         f_o = self.backbone(x)
         f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2
         erased, mask = self.erase(x, f_w)

@@ -1,8 +1,10 @@
-"""Reference training for CIN and PCA-Net: the engine behind examples/train_*.py.
+"""Reference training for CIN and PCA-Net: the engine behind ``fgattn-train`` (`fgattn.cli.train`,
+also ``python -m fgattn.train``) and examples/train_*.py.
 
-``python examples/train_pcanet.py`` (or ``train_cin.py``) with no arguments trains on the built-in
-synthetic dataset; ``--dataset cub --data-root PATH`` runs the paper recipe. See `engine` for the
-run directory layout, resume and distributed behaviour, and `config` for every option.
+``fgattn-train`` with no arguments trains PCA-Net on the built-in synthetic dataset
+(``--arch cin`` for CIN); ``--recipe pcanet-cub --data-root PATH`` (or ``--dataset cub
+--data-root PATH``) runs the paper recipe. See `engine` for the run directory layout, resume and
+distributed behaviour, and `config` for every option.
 """
 
 from .checkpoint import load_checkpoint, save_atomic

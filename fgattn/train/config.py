@@ -1,15 +1,21 @@
 """Training configuration: the papers' recipes, the synthetic quick-start preset, YAML and CLI.
 
 Resolution order (later wins): the paper recipe of the architecture -> the synthetic preset (only
-when the dataset is "synthetic", the default) -> ``--config`` YAML -> command-line flags. With
-``--resume`` the checkpoint's saved config replaces the first three. The resolved config is written
-to ``<run dir>/config.yaml`` and stored in every checkpoint.
+when the dataset is "synthetic", the default) -> ``--recipe`` (a packaged YAML,
+``fgattn/recipes/<arch>-<dataset>.yaml``) -> ``--config`` (a YAML path or a packaged name) ->
+command-line flags. With ``--resume`` the checkpoint's saved config replaces the first two. The
+resolved config is written to ``<run dir>/config.yaml`` and stored in every checkpoint.
+
+``--help`` shows, for each flag, the value this run would use without it: the flags that decide
+those values (``--arch``, ``--dataset``, ``--recipe``, ``--config``) are read first.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from timm.utils import ParseKwargs
 from ..data import DATASETS
 
 ARCHS = ("pcanet", "cin")
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data: <arch>-<dataset>.yaml
 AMP_MODES = ("none", "bf16", "fp16")
 CHOICES = {
     "dataset": DATASETS,
@@ -31,59 +38,61 @@ CHOICES = {
 
 @dataclass
 class TrainConfig:
-    """Every option of the training scripts (each is also a ``--kebab-case`` flag)."""
+    """Every option of the training command (each is also a ``--kebab-case`` flag; `HELP` says
+    what each one does)."""
 
     # Model
-    arch: str = "pcanet"  # "pcanet" or "cin"
-    backbone: str = "resnet50"  # any timm model name
-    pretrained: bool = True  # timm ImageNet weights for the backbone (the papers start from them)
-    model_kwargs: dict = field(default_factory=dict)  # extra fgattn.create_model(...) arguments
+    arch: str = "pcanet"
+    backbone: str = "resnet50"
+    pretrained: bool = True
+    pretrained_file: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
     # Data
-    dataset: str = "synthetic"  # synthetic | cub | aircraft | cars | imagefolder
+    dataset: str = "synthetic"
     data_root: str | None = None
-    image_size: int = 448  # crop side (paper: 448)
-    resize: int = 512  # shorter side before the crop (paper: 512)
+    image_size: int = 448
+    resize: int = 512
     hflip: float = 0.5
-    annotation_level: str = "variant"  # FGVC-Aircraft: variant | family | manufacturer
-    crop_banner: bool = False  # FGVC-Aircraft: cut the 20-px copyright banner
+    annotation_level: str = "variant"
+    crop_banner: bool = False
     synthetic_classes: int = 16
     synthetic_train_per_class: int = 64
     synthetic_test_per_class: int = 16
     workers: int = 4
     # Batches: PCA-Net takes batch_size anchors + as many partners; CIN takes P classes × K images
-    batch_size: int = 16  # PCA-Net: anchors per process (the batch holds 2x this many images)
-    pk_classes: int = 4  # CIN: P
-    pk_images: int = 5  # CIN: K
+    batch_size: int = 16
+    pk_classes: int = 4
+    pk_images: int = 5
     eval_batch_size: int = 32
-    max_steps_per_epoch: int | None = None  # cap on training steps per epoch (quick tests)
+    max_steps_per_epoch: int | None = None
     # Optimisation
     epochs: int = 180
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    lr_step: int = 2  # StepLR: multiply the lr by lr_gamma every lr_step epochs
+    lr_step: int = 2
     lr_gamma: float = 0.9
     grad_clip: float | None = None
-    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema: bool = False
     ema_decay: float = 0.9998
     # Hardware
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 uses a GradScaler)
+    device: str = "auto"
+    amp: str = "none"
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model
-    sync_bn: bool = False  # SyncBatchNorm under DistributedDataParallel
+    compile: bool = False
+    sync_bn: bool = False
     find_unused_parameters: bool = False
     # Evaluation
-    test_flip: bool = False  # average logits of the image and its mirror at evaluation
-    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    test_flip: bool = False
+    eval_every: int = 1
     # Run
     seed: int = 0
-    output: str = "runs"  # runs are written to <output>/<name>/
-    name: str | None = None  # default: <arch>-<dataset>-<backbone>-<timestamp>
-    resume: str | None = None  # checkpoint to continue from ("auto": <output>/<name>/last.pth)
-    overwrite: bool = False  # replace the run already in <output>/<name>/ (else that is an error)
-    progress: bool = True  # tqdm progress bars on rank 0
-    plots: bool = True  # loss / accuracy PNGs (needs matplotlib)
+    output: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    plots: bool = True
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -108,10 +117,66 @@ class TrainConfig:
                 f"config data_root must name the folder of dataset {self.dataset!r}, got None "
                 "(pass --data-root PATH, or omit --dataset to train on the built-in synthetic set)"
             )
+        if self.pretrained_file and not self.pretrained:
+            raise ValueError(
+                f"config pretrained_file is {self.pretrained_file!r} but pretrained is False: "
+                "add --pretrained to load it, or drop --pretrained-file"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# One line per option: the ``--help`` text of its flag (a test checks that every field has one).
+HELP: dict[str, str] = {
+    "arch": "model to train: pcanet (PCA-Net, ICME 2021) or cin (CIN, AAAI 2020)",
+    "backbone": "timm model name of the backbone, optionally with a weight tag (resnet50.tv_in1k)",
+    "pretrained": "start the backbone from timm's ImageNet weights (downloaded once, then cached)",
+    "pretrained_file": "load the backbone's ImageNet weights from this local file (offline use; "
+    "timm's pretrained_cfg_overlay=dict(file=...)); needs --pretrained",
+    "model_kwargs": "extra fgattn.create_model arguments as key=value, e.g. bilinear_dim=128",
+    "dataset": "synthetic (built in, no download) | cub | aircraft | cars | imagefolder",
+    "data_root": "folder of the dataset (cub: the folder holding CUB_200_2011/)",
+    "image_size": "side of the square training crop and test centre crop, in pixels",
+    "resize": "shorter image side before cropping, in pixels (>= --image-size)",
+    "hflip": "probability of a horizontal flip in training",
+    "annotation_level": "FGVC-Aircraft labels: variant | family | manufacturer",
+    "crop_banner": "FGVC-Aircraft: cut the 20-px copyright banner off each image",
+    "synthetic_classes": "synthetic set: number of classes",
+    "synthetic_train_per_class": "synthetic set: training images per class",
+    "synthetic_test_per_class": "synthetic set: test images per class",
+    "workers": "dataloader worker processes (0: load in the main process)",
+    "batch_size": "PCA-Net: anchor images per process; each gets a same-class partner (2x images)",
+    "pk_classes": "CIN: classes per batch (P of P x K)",
+    "pk_images": "CIN: images per class in a batch (K of P x K)",
+    "eval_batch_size": "images per batch at evaluation",
+    "max_steps_per_epoch": "stop each epoch after this many steps (quick tests; None: full epochs)",
+    "epochs": "number of training epochs",
+    "lr": "SGD learning rate at epoch 0",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay (on every parameter, as the papers)",
+    "lr_step": "multiply the learning rate by --lr-gamma every this many epochs",
+    "lr_gamma": "learning-rate decay factor of each step",
+    "grad_clip": "clip the gradient norm to this value (None: no clipping)",
+    "ema": "also keep and evaluate an exponential moving average of the weights (timm ModelEmaV3)",
+    "ema_decay": "decay of the weight EMA",
+    "device": "auto (CUDA if available, else CPU) | cpu | cuda | cuda:N",
+    "amp": "mixed precision: none | bf16 | fp16 (fp16 adds a GradScaler)",
+    "channels_last": "run the model in channels_last memory format",
+    "compile": "torch.compile the model",
+    "sync_bn": "SyncBatchNorm across processes under torchrun (CUDA only)",
+    "find_unused_parameters": "DistributedDataParallel's find_unused_parameters",
+    "test_flip": "at evaluation, average the logits of each image and its mirror image",
+    "eval_every": "evaluate on the test split every this many epochs (and after the last)",
+    "seed": "random seed of the data order, augmentation and initialisation",
+    "output": "parent folder of the run folders",
+    "name": "run folder name under --output (None: <arch>-<dataset>-<backbone>-<timestamp>)",
+    "resume": "continue from this last.pth (auto: <output>/<name>/last.pth if it exists)",
+    "overwrite": "replace the run already in <output>/<name>/ (otherwise that is an error)",
+    "progress": "show progress bars",
+    "plots": "write loss.png and accuracy.png after each epoch (needs matplotlib)",
+}
 
 
 # Paper recipes. PCA-Net (Zhang et al., ICME 2021, §4.1): SGD, lr 0.01 decayed ×0.9 every 2 epochs,
@@ -211,52 +276,173 @@ def _parse_optional(tp):
     return parse
 
 
-def build_parser(arch: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=f"Train {'PCA-Net' if arch == 'pcanet' else 'CIN'} (fgattn). Defaults: the "
-        "paper recipe on a real dataset; the synthetic quick-start preset when no --dataset is "
-        "given. Flags override --config, which overrides the defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # only flags actually given override anything
+# ----------------------------------------------------------------------------- packaged recipes
+def recipe_names() -> list[str]:
+    """Names of the paper recipes shipped in ``fgattn/recipes/`` ("pcanet-cub", ...)."""
+    return sorted(p.name.removesuffix(".yaml") for p in RECIPE_DIR.iterdir() if p.suffix == ".yaml")
+
+
+def find_config(name_or_path: str, flag: str = "--config") -> Path:
+    """The YAML file of ``--config`` (a path or a packaged recipe name) or ``--recipe`` (a name)."""
+    packaged = RECIPE_DIR / f"{name_or_path}.yaml"
+    if flag == "--config" and Path(name_or_path).is_file():
+        return Path(name_or_path)
+    if packaged.is_file():
+        return packaged
+    what = "a YAML file or a packaged recipe" if flag == "--config" else "a packaged recipe"
+    raise FileNotFoundError(
+        f"{flag} {name_or_path!r} is not {what}; packaged recipes: {', '.join(recipe_names())}"
     )
-    parser.add_argument("--config", help="YAML file of options (keys as in config.yaml)")
-    defaults = {**TrainConfig().to_dict(), **RECIPES[arch]}
+
+
+# ----------------------------------------------------------------------------- command line
+METAVARS = {"data_root": "PATH", "pretrained_file": "PATH", "output": "PATH", "resume": "PATH"}
+ARCH_TITLES = {"pcanet": "PCA-Net (Zhang et al., ICME 2021)", "cin": "CIN (Gao et al., AAAI 2020)"}
+EPILOG = """\
+examples:
+  fgattn-train                                   PCA-Net on the built-in synthetic set (CPU is fine)
+  fgattn-train --arch cin                        CIN on the synthetic set
+  fgattn-train --recipe pcanet-cub --data-root data/cub        the paper recipe on CUB-200-2011
+  fgattn-train --arch cin --dataset cars --data-root data --amp bf16
+  fgattn-train --resume runs/<run>/last.pth      continue a run exactly where it stopped
+  fgattn-train --dataset cub --help              the values a CUB run would use
+
+Order (later wins): the paper recipe of --arch, the synthetic quick-start preset (when the
+dataset is synthetic), --recipe, --config, the flags.
+Packaged recipes: {recipes}."""
+
+
+def _preparse(argv: list[str], prog: str | None) -> argparse.Namespace:
+    """The flags that decide the other flags' defaults: --arch, --dataset, --recipe, --config."""
+    pre = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    for flag in ("--arch", "--dataset", "--recipe", "--config"):
+        pre.add_argument(flag)
+    return pre.parse_known_args(argv)[0]
+
+
+def _pick_arch(script: str | None, flag: str | None, config: str | None, ckpt: str | None) -> str:
+    """The architecture: the script's or --arch, else the config's, the checkpoint's, pcanet."""
+    for source, arch in (("this script", script), ("--arch", flag), ("the config", config)):
+        if arch is not None and arch not in ARCHS:
+            raise ValueError(f"{source}: arch must be one of {ARCHS}, got {arch!r}")
+    if script and flag and script != flag:
+        raise ValueError(
+            f"--arch {flag}: this script trains {script!r}; run fgattn-train --arch {flag}"
+        )
+    chosen = script or flag
+    if chosen and config and config != chosen:
+        raise ValueError(
+            f"the --recipe / --config given is for arch {config!r}, this run trains {chosen!r}; "
+            f"choose a {chosen} recipe ({', '.join(n for n in recipe_names() if chosen in n)})"
+        )
+    return chosen or config or ckpt or "pcanet"
+
+
+def _defaults(
+    arch: str, dataset: str, yaml_values: dict[str, Any], base: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Every option's value before the flags: recipe -> preset (or ``base``) -> YAML."""
+    values = {**TrainConfig().to_dict(), **RECIPES[arch]}
+    if base is not None:
+        values.update({k: _coerce(k, v) for k, v in base.items() if k in values})
+    elif dataset == "synthetic":
+        values.update(SYNTHETIC_PRESETS[arch])
+    values.update(yaml_values)
+    values.update(arch=arch, dataset=dataset)
+    return values
+
+
+def _source(values: dict[str, Any], base: Any, sources: list[str]) -> str:
+    what = f"{values['backbone']}, {values['image_size']} px, {values['epochs']} epochs"
+    if base is not None:
+        origin = "the checkpoint's saved config"
+    elif values["dataset"] == "synthetic":
+        origin = f"the synthetic quick-start preset ({what})"
+    else:
+        origin = f"the paper recipe on {values['dataset']} ({what})"
+    return ", then ".join([origin, *sources])
+
+
+def build_parser(
+    arch: str, defaults: dict[str, Any] | None = None, prog: str | None = None, source: str = ""
+) -> argparse.ArgumentParser:
+    """The training command's parser; each flag's help ends with the value the run will use
+    (``defaults``: by default the synthetic quick start of ``arch``)."""
+    if defaults is None:
+        defaults = _defaults(arch, "synthetic", {}, None)
+        source = _source(defaults, None, [])
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage="%(prog)s [--arch {pcanet,cin}] [--recipe NAME] [--config NAME|PATH] "
+        "[--FLAG VALUE ...]",
+        description=textwrap.fill(
+            f"Train {ARCH_TITLES[arch]} with fgattn. [Values in brackets] are what this run will "
+            f"use unless the flag is given: {source}.",
+            width=88,
+        ),
+        epilog=EPILOG.format(recipes=", ".join(recipe_names())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only flags actually given override anything
+        allow_abbrev=False,  # --epoch is an error, not --epochs
+    )
+    parser.add_argument("--arch", choices=ARCHS, help=f"{HELP['arch']} [{arch}]")
+    parser.add_argument("--recipe", metavar="NAME", help="a packaged paper recipe (see below)")
+    parser.add_argument(
+        "--config", metavar="NAME|PATH", help="YAML file of options (keys as in config.yaml) or "
+        "a packaged recipe name"
+    )  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "arch":
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(_field_types()[f.name])
-        shown = f"(recipe: {defaults[f.name]!r})"
+        shown = f"{HELP[f.name]} [{_shown(defaults[f.name])}]".replace("%", "%%")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=shown)
         elif tp is dict:
-            parser.add_argument(flag, nargs="*", action=ParseKwargs, help=f"key=value ... {shown}")
+            parser.add_argument(flag, nargs="*", action=ParseKwargs, metavar="KEY=VALUE",
+                                help=shown)  # fmt: skip
         else:
             parse = _parse_optional(tp) if optional else tp
-            parser.add_argument(flag, type=parse, choices=CHOICES.get(f.name), help=shown)
+            metavar = None if f.name in CHOICES else METAVARS.get(f.name, tp.__name__.upper())
+            parser.add_argument(flag, type=parse, choices=CHOICES.get(f.name), metavar=metavar,
+                                help=shown)  # fmt: skip
     return parser
 
 
-def resolve_config(
-    arch: str, argv: list[str] | None = None, base: dict[str, Any] | None = None
-) -> TrainConfig:
-    """The config of a run: recipe -> synthetic preset -> YAML -> flags (see the module docstring).
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v!r}" for k, v in value.items()) or "none"
+    return str(value)
 
-    ``base`` (a saved config, e.g. from a checkpoint) replaces recipe and preset when given.
+
+def resolve_config(
+    arch: str | None = None,
+    argv: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    prog: str | None = None,
+) -> TrainConfig:
+    """The config of a run: recipe -> synthetic preset -> --recipe -> --config -> flags (see the
+    module docstring).
+
+    ``arch`` fixes the architecture (a script that trains one model); None takes ``--arch``, else
+    the YAML's, else ``base``'s, else "pcanet". ``base`` (a saved config, e.g. from a checkpoint)
+    replaces recipe and preset when given.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    args = vars(build_parser(arch).parse_args(argv))
-    yaml_values = load_yaml(args.pop("config")) if "config" in args else {}
-    flags = {k: v for k, v in args.items()}
-    values = {**TrainConfig().to_dict(), **RECIPES[arch]}
-    if base is not None:
-        values.update({k: _coerce(k, v) for k, v in base.items() if k in values})
-    else:
-        dataset = flags.get("dataset", yaml_values.get("dataset", values["dataset"]))
-        if dataset == "synthetic":
-            values.update(SYNTHETIC_PRESETS[arch])
-    values.update(yaml_values)
-    values.update(flags)
-    values["arch"] = arch
-    return TrainConfig(**values).validate()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _preparse(argv, prog)
+    yaml_values: dict[str, Any] = {}
+    sources = []
+    for flag, value in (("--recipe", pre.recipe), ("--config", pre.config)):
+        if value is not None:
+            yaml_values.update(load_yaml(find_config(value, flag)))
+            sources.append(f"{flag} {value}")
+    arch = _pick_arch(arch, pre.arch, yaml_values.get("arch"), (base or {}).get("arch"))
+    dataset = pre.dataset or yaml_values.get("dataset") or (base or {}).get("dataset", "synthetic")
+    defaults = _defaults(arch, dataset, yaml_values, base)
+    source = _source(defaults, base, sources)
+    args = vars(build_parser(arch, defaults, prog, source).parse_args(argv))
+    for key in ("arch", "recipe", "config", "debug"):
+        args.pop(key, None)
+    return TrainConfig(**{**defaults, **args}).validate()

@@ -117,13 +117,19 @@ def build_eval_loader(dataset, cfg: TrainConfig, rank: int, world: int, device: 
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """``fgattn.create_model`` of ``cfg.arch`` on ``cfg.backbone``."""
+    """``fgattn.create_model`` of ``cfg.arch`` on ``cfg.backbone``; ``cfg.pretrained_file`` is
+    timm's ``pretrained_cfg_overlay=dict(file=...)`` (ImageNet weights from a local file)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.pretrained and cfg.pretrained_file:
+        if not Path(cfg.pretrained_file).is_file():
+            raise FileNotFoundError(f"--pretrained-file not found: {cfg.pretrained_file}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.pretrained_file))
     return create_model(
         cfg.arch,
         backbone=cfg.backbone,
         num_classes=num_classes,
         pretrained=cfg.pretrained,
-        **cfg.model_kwargs,
+        **kwargs,
     )
 
 
@@ -173,7 +179,8 @@ def _resolve_device(name: str) -> str:
 def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[Path]:
     """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 claims the
     folder for the run's duration (`rundir.claim`: no other run's files, no second writer) and
-    writes config.yaml."""
+    writes config.yaml. A folder this run created is removed if the run fails before writing
+    any output."""
     name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_initialized():
         box = [name]
@@ -184,10 +191,16 @@ def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[
     if not _is_primary():
         yield run_dir
         return
+    fresh = not run_dir.exists()
     with rundir.claim(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite):
         save_yaml(cfg, run_dir / "config.yaml")
         _print(f"run directory: {run_dir}  (world size {world}, device {device})")
-        yield run_dir
+        try:
+            yield run_dir
+        except BaseException:
+            if fresh:  # a start that failed before its first checkpoint leaves no folder behind
+                rundir.remove_failed_start(run_dir)
+            raise
 
 
 def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
@@ -516,8 +529,68 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- the recipe
-def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class _Setup:
+    """What `train` builds before it claims the run folder: data, model, state."""
+
+    classes: list[str]
+    sampler: Any
+    loader: Any
+    test_loader: Any
+    steps: int
+    state: TrainState
+    train_model: Any
+    eval_model: Any
+
+
+def _set_up(cfg: TrainConfig, resume_ckpt, device: torch.device, rank: int, world: int) -> _Setup:
+    """Data, model and optimiser of ``cfg`` (and the checkpoint's state when resuming)."""
+    train_set, test_set = build_datasets(cfg)
+    sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
+    model = _place_model(build_model(cfg, len(train_set.classes)), cfg, device)
+    state = create_train_state(cfg, model, device)
+    if resume_ckpt is not None:
+        load_train_state(state, resume_ckpt, rank, world)
+    train_model, eval_model = _wrap_model(state.model, cfg, device)
+    return _Setup(
+        classes=list(train_set.classes),
+        sampler=sampler,
+        loader=build_train_loader(train_set, sampler, cfg, device),
+        test_loader=build_eval_loader(test_set, cfg, rank, world, device),
+        steps=_steps_per_epoch(sampler, cfg),
+        state=state,
+        train_model=train_model,
+        eval_model=eval_model,
+    )
+
+
+def banner(cfg: TrainConfig, setup: _Setup) -> str:
+    """The run in one line: model, weights, data, schedule."""
+    if not cfg.pretrained:
+        weights = "random init (--no-pretrained)"
+    elif cfg.pretrained_file:
+        weights = f"ImageNet weights from {cfg.pretrained_file} (--pretrained)"
+    else:
+        weights = "timm's ImageNet weights (--pretrained)"
+    batch = (f"{cfg.batch_size} + {cfg.batch_size} partners" if cfg.arch == "pcanet"
+             else f"{cfg.pk_classes} classes x {cfg.pk_images}")  # fmt: skip
+    return (
+        f"{cfg.arch} on {cfg.dataset} ({len(setup.classes)} classes) | backbone {cfg.backbone}, "
+        f"{weights} | {cfg.image_size} px | batch {batch} | {cfg.epochs} epochs x "
+        f"{setup.steps} steps, lr {cfg.lr:g}"
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    resume_ckpt: dict[str, Any] | None = None,
+    on_start: Any = None,
+) -> dict[str, Any]:
     """Run (or continue) training as configured; returns the final metrics.
+
+    The data, model and optimiser are built before the run folder is claimed, so a bad data root
+    or model option leaves no folder behind. ``on_start(run_dir)``, if given, is called once the
+    run has started (folder claimed, before the first step).
 
     Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
     test metrics ("test_top1", ...).
@@ -525,69 +598,83 @@ def train(cfg: TrainConfig, resume_ckpt: dict[str, Any] | None = None) -> dict[s
     dev = init_distributed_device_so(device=_resolve_device(cfg.device))
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
+    setup = _set_up(cfg, resume_ckpt, device, rank, world)
     with _run_folder(cfg, device, world) as run_dir:
-        train_set, test_set = build_datasets(cfg)
-        classes = list(train_set.classes)
-        sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
-        loader = build_train_loader(train_set, sampler, cfg, device)
-        test_loader = build_eval_loader(test_set, cfg, rank, world, device)
-        steps = _steps_per_epoch(sampler, cfg)
+        _print(banner(cfg, setup))
+        if on_start is not None:
+            on_start(run_dir)
+        result = _train_epochs(cfg, setup, device, run_dir)
+        return {**result, "run_dir": str(run_dir)}
 
-        model = _place_model(build_model(cfg, len(classes)), cfg, device)
-        state = create_train_state(cfg, model, device)
-        if resume_ckpt is not None:
-            load_train_state(state, resume_ckpt, rank, world)
-        train_model, eval_model = _wrap_model(state.model, cfg, device)
 
-        result: dict[str, Any] = {"status": "finished", "run_dir": str(run_dir)}
-        with _StopFlag() as stop:
-            for epoch in range(state.epoch, cfg.epochs):
-                t0 = time.time()
-                state.scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
-                sampler.set_epoch(epoch, start_batch=state.step)
-                if not train_one_epoch(cfg, state, train_model, loader, steps, device, stop):
-                    last = save_last(cfg, classes, state, run_dir)
-                    _print(f"stop requested: saved {last} at epoch {epoch}, step {state.step}; "
-                           f"continue with --resume {last}")  # fmt: skip
-                    return {**result, "status": "interrupted"}
-                row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
-                row.update(_reduce_sums(state.partial_sums, device))
-                state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    row.update(_test_metrics(cfg, state, eval_model, test_loader, device))
-                    if row["test_top1"] > state.best_top1:
-                        state.best_top1 = row["test_top1"]
-                        save_best(cfg, classes, state, run_dir)
-                row["epoch_time_s"] = time.time() - t0
-                state.history.append(row)
+def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dict[str, Any]:
+    """The epochs of `train`, from where ``setup.state`` stands."""
+    state, classes, sampler = setup.state, setup.classes, setup.sampler
+    result: dict[str, Any] = {"status": "finished"}
+    with _StopFlag() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            t0 = time.time()
+            state.scheduler.step(epoch)  # lr is a function of the epoch alone: exact on resume
+            sampler.set_epoch(epoch, start_batch=state.step)
+            if not train_one_epoch(
+                cfg, state, setup.train_model, setup.loader, setup.steps, device, stop
+            ):
                 last = save_last(cfg, classes, state, run_dir)
-                if _is_primary():
-                    log_epoch(state.history, run_dir, cfg.plots)
-                result.update(row)
-                if stop.agreed(device):
-                    _print(f"stop requested: saved {last} after epoch {epoch + 1}")
-                    return {**result, "status": "interrupted"}
-        return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
+                _print_stop(cfg, f"saved {last} at epoch {epoch}, step {state.step}; continue "
+                                 f"with --resume {last}")  # fmt: skip
+                return {**result, "status": "interrupted"}
+            row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
+            row.update(_reduce_sums(state.partial_sums, device))
+            state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                row.update(_test_metrics(cfg, state, setup.eval_model, setup.test_loader, device))
+                if row["test_top1"] > state.best_top1:
+                    state.best_top1 = row["test_top1"]
+                    save_best(cfg, classes, state, run_dir)
+            row["epoch_time_s"] = time.time() - t0
+            state.history.append(row)
+            last = save_last(cfg, classes, state, run_dir)
+            if _is_primary():
+                log_epoch(state.history, run_dir, cfg.plots)
+            result.update(row)
+            if stop.agreed(device):
+                _print_stop(cfg, f"saved {last} after epoch {epoch + 1}")
+                return {**result, "status": "interrupted"}
+    return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
+
+
+def _print_stop(cfg: TrainConfig, what: str) -> None:
+    # On a line of its own: a progress bar (stderr) or the terminal's ^C may hold the cursor.
+    _print(f"{chr(10) if cfg.progress else ''}stop requested: {what}")
 
 
 # ----------------------------------------------------------------------------- entry point
-def main(arch: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point of the training scripts (see ``--help``)."""
-    cfg = resolve_config(arch, argv)
+def main(
+    arch: str | None = None,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    on_start: Any = None,
+) -> dict[str, Any]:
+    """Command-line entry point of the training command (see ``--help``); returns `train`'s
+    result. ``arch`` fixes the architecture (None: ``--arch``, the config's, the checkpoint's, or
+    pcanet). Errors are raised (`fgattn.cli.train` turns user errors into one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = resolve_config(arch, argv, prog=prog)
     ckpt = None
     if cfg.resume:
-        cfg, ckpt = _resume(cfg, arch, argv)
+        cfg, ckpt = _resume(cfg, arch, argv, prog)
     try:
-        return train(cfg, ckpt)
+        return train(cfg, ckpt, on_start)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _resume(cfg: TrainConfig, arch: str, argv: list[str] | None):
+def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | None):
     """(config, checkpoint) of ``--resume``: the checkpoint's saved config under the command's
     flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say otherwise.
-    ``--resume auto`` with no last.pth yet starts afresh."""
+    ``--resume auto`` with no last.pth yet starts afresh. The architecture is the checkpoint's
+    unless the command names another (an error)."""
     path = Path(cfg.resume)
     if cfg.resume == "auto":
         if not cfg.name:
@@ -598,30 +685,31 @@ def _resume(cfg: TrainConfig, arch: str, argv: list[str] | None):
             raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
         return cfg, None
     ckpt = load_checkpoint(path)
-    if ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(
-            f"--resume {path}: not a training checkpoint of this version (wanted format "
-            f"{CKPT_FORMAT!r}, got {ckpt.get('format')!r})"
-        )
     if "optimizer" not in ckpt:
         raise ValueError(
             f"--resume {path}: this checkpoint holds weights only (best.pth does); resume from "
             f"{path.parent / 'last.pth'}"
         )
-    if ckpt["config"].get("arch") != arch:
+    if ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(
-            f"--resume {path}: checkpoint was trained with arch "
-            f"{ckpt['config'].get('arch')!r}, this script trains {arch!r}"
+            f"--resume {path}: not a training checkpoint of this version (wanted format "
+            f"{CKPT_FORMAT!r}, got {ckpt.get('format')!r})"
         )
-    cfg = resolve_config(arch, argv, base=ckpt["config"])
+    trained = ckpt["config"].get("arch")
+    cfg = resolve_config(arch, argv, base=ckpt["config"], prog=prog)
+    if cfg.arch != trained:
+        raise ValueError(
+            f"--resume {path}: checkpoint was trained with arch {trained!r}, this command trains "
+            f"{cfg.arch!r}; drop --arch (the checkpoint's is used)"
+        )
     if cfg.epochs < ckpt["epoch"]:
         raise ValueError(
             f"--epochs {cfg.epochs} is below the {ckpt['epoch']} epochs {path} has trained: "
             f"nothing to do; pass --epochs above {ckpt['epoch']} to train further"
         )
-    flags = " ".join(argv if argv is not None else sys.argv[1:])
-    if "--output" not in flags:
+    given = {arg.split("=")[0] for arg in argv}
+    if "--output" not in given:
         cfg.output = str(path.parent.parent)
-    if "--name" not in flags:
+    if "--name" not in given:
         cfg.name = path.parent.name
     return cfg, ckpt

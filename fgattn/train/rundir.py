@@ -83,3 +83,20 @@ def claim(run_dir: str | Path, *, resume: bool = False, overwrite: bool = False)
             (run_dir / name).unlink()
     remove_stale_temp_files(run_dir)
     return lock
+
+
+def remove_failed_start(run_dir: str | Path) -> bool:
+    """Remove a run folder that holds only what a start writes (config.yaml, the lock, temporary
+    files): the run failed before its first output. A folder with any output, or with files of
+    the user's, is left as it is. Returns whether the folder was removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in OUTPUTS):
+        return False
+    for name in ("config.yaml", LOCK_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    remove_stale_temp_files(run_dir)
+    try:
+        run_dir.rmdir()  # only if nothing else is left
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,135 @@
+"""``fgattn-eval``: top-1 / top-5 of a training checkpoint on the test split.
+
+    fgattn-eval runs/<run>/best.pth
+    fgattn-eval runs/<run>/best.pth --flip          # + mirror image, logits averaged
+    fgattn-eval runs/<run>/last.pth --ema --data-root /data/cub
+    torchrun --nproc_per_node 4 -m fgattn.cli.evaluate runs/<run>/best.pth   # exact, sharded
+
+The model, dataset and transforms come from the config stored in the checkpoint; ``--dataset``,
+``--data-root``, ``--image-size`` and ``--resize`` override it (e.g. to evaluate elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from timm.utils.distributed import init_distributed_device_so
+
+from ..train import (
+    TrainConfig,
+    build_dataset,
+    build_eval_loader,
+    build_model,
+    evaluate,
+    load_checkpoint,
+)
+from ..train.config import AMP_MODES, CHOICES
+from . import UserErrors
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("checkpoint", help="last.pth or best.pth of a training run")
+    p.add_argument("--flip", action="store_true", help="average logits with the mirrored image")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--dataset", choices=CHOICES["dataset"],
+                   help="dataset to evaluate on [the checkpoint's]")  # fmt: skip
+    p.add_argument("--data-root", help="folder of the dataset [the checkpoint's]")
+    p.add_argument("--image-size", type=int, help="centre-crop side in pixels [the checkpoint's]")
+    p.add_argument("--resize", type=int, help="shorter side before the crop [the checkpoint's]")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size [the checkpoint's]")
+    p.add_argument("--workers", type=int, help="dataloader workers [the checkpoint's]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision [none]")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def _config(args: argparse.Namespace, ckpt: dict) -> TrainConfig:
+    """The checkpoint's config under the command's overrides."""
+    values = dict(ckpt["config"])
+    for key in ("dataset", "data_root", "image_size", "resize", "workers"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.batch_size is not None:
+        values["eval_batch_size"] = args.batch_size
+    values.update(test_flip=args.flip, amp=args.amp, device=args.device, progress=False)
+    # The checkpoint holds the weights: no ImageNet download, no local weights file needed.
+    values.update(pretrained=False, pretrained_file=None)
+    return TrainConfig(**values).validate()
+
+
+def _weights(args: argparse.Namespace, ckpt: dict) -> dict:
+    if not args.ema:
+        return ckpt["model"]
+    if ckpt.get("ema") is None:
+        raise ValueError(
+            f"--ema: checkpoint {args.checkpoint} holds no EMA weights (train with --ema)"
+        )
+    # ModelEmaV3 keeps the averaged copy as `module`.
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, float]:
+    """Evaluate as ``argv`` says; returns the metrics (top1, top5, loss, count). Raises errors."""
+    args = build_parser(prog).parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = _config(args, ckpt)
+    device_name = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # fmt: skip
+    dev = init_distributed_device_so(device=device_name)
+    device = torch.device(dev["device"])
+    try:
+        test_set = build_dataset(cfg, "test")
+        if len(test_set.classes) != len(ckpt["classes"]):
+            raise ValueError(
+                f"test set has {len(test_set.classes)} classes, the checkpoint was trained on "
+                f"{len(ckpt['classes'])}"
+            )
+        model = build_model(cfg, len(ckpt["classes"]))
+        model.load_state_dict(_weights(args, ckpt))
+        model.to(device)
+        loader = build_eval_loader(test_set, cfg, dev["global_rank"], dev["world_size"], device)
+        metrics = evaluate(model, loader, device, cfg)
+        if dev["global_rank"] == 0:
+            _report(args, cfg, metrics)
+        return metrics
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report(args: argparse.Namespace, cfg: TrainConfig, metrics: dict[str, float]) -> None:
+    mode = "centre crop + flip" if args.flip else "centre crop"
+    print(
+        f"{args.checkpoint}: {cfg.dataset} test, {metrics['count']} images, {mode}: "
+        f"top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  "
+        f"loss {metrics['loss']:.4f}",
+        flush=True,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``fgattn-eval``: `run`, with user errors as one line and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with UserErrors(argv, prog):
+        run(argv, prog)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
