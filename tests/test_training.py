@@ -117,11 +117,15 @@ def test_config_precedence_yaml_and_flags(tmp_path):
     pca = resolve_config("pcanet", ["--dataset", "cars", "--data-root", "/x"])
     assert (pca.lr, pca.lr_step, pca.lr_gamma, pca.weight_decay, pca.batch_size, pca.epochs) == (
         0.01, 2, 0.9, 1e-5, 16, 180)  # fmt: skip
-    for arch in ("pcanet", "cin"):  # the example YAMLs spell out exactly the paper recipes
-        from_yaml = resolve_config(arch, ["--config", str(EXAMPLES / f"configs/{arch}_cub.yaml")])
-        flags = resolve_config(arch, ["--dataset", "cub", "--data-root", "data/cub",
-                                      "--workers", "8"])  # fmt: skip
-        assert from_yaml.to_dict() == {**flags.to_dict(), "model_kwargs": from_yaml.model_kwargs}
+    for arch in ("pcanet", "cin"):  # the packaged recipes spell out exactly the paper recipes
+        for kind, root in (("cub", "data/cub"), ("cars", "data"), ("aircraft", "data")):
+            from_yaml = resolve_config(None, ["--recipe", f"{arch}-{kind}"])
+            by_name = resolve_config(arch, ["--config", f"{arch}-{kind}"])
+            flags = resolve_config(arch, ["--dataset", kind, "--data-root", root,
+                                          "--workers", "8"])  # fmt: skip
+            assert from_yaml == by_name
+            assert from_yaml.to_dict() == {**flags.to_dict(),
+                                           "model_kwargs": from_yaml.model_kwargs}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text("dataset: cub\ndata_root: /y\nlr: 0.5\nepochs: 3\nmodel_kwargs: {alpha: 1}\n")
     cfg = resolve_config("cin", ["--config", str(path), "--epochs", "7"])
@@ -271,7 +275,7 @@ def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pth")
     assert len(ckpt["rng"]) == 2  # both ranks' RNG states, for exact resume
     logged = ckpt["history"][-1]
-    single = _example("evaluate").main([str(tmp_path / "ddp" / "last.pth"), "--device", "cpu"])
+    single = _example("evaluate").run([str(tmp_path / "ddp" / "last.pth"), "--device", "cpu"])
     assert single["count"] == 15
     assert single["top1"] == pytest.approx(logged["test_top1"], abs=1e-9)
     assert single["top5"] == pytest.approx(logged["test_top5"], abs=1e-9)
@@ -287,14 +291,14 @@ def test_evaluate_and_visualize(tmp_path, arch):
     main(arch, [*TINY, "--output", str(tmp_path), "--name", "r"])
     best = tmp_path / "r" / "best.pth"
     evaluate = _example("evaluate")
-    plain = evaluate.main([str(best), "--json", str(tmp_path / "m.json")])
-    flip = evaluate.main([str(best), "--flip"])
+    plain = evaluate.run([str(best), "--json", str(tmp_path / "m.json")])
+    flip = evaluate.run([str(best), "--flip"])
     assert plain["count"] == flip["count"] == 12
     assert plain["loss"] != flip["loss"]  # the mirrored view changes the averaged logits
     logged = load_checkpoint(tmp_path / "r" / "last.pth")["history"][-1]
     assert plain["top1"] == pytest.approx(logged["test_top1"])
     with pytest.raises(ValueError, match="EMA"):
-        evaluate.main([str(best), "--ema"])
+        evaluate.run([str(best), "--ema"])
     files = _example("visualize").main([str(best), "--out", str(tmp_path / "vis"),
                                         "--num-pairs", "2"])  # fmt: skip
     expected = 4 if arch == "cin" else 2

@@ -1,0 +1,234 @@
+"""The training and evaluation commands as a user meets them: --help, recipes, one-line errors,
+run folders of failed starts, pretrained weights offline, PCA-Net's pair check."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+
+from fgattn import TimmBackbone
+from fgattn.cli import evaluate as cli_evaluate
+from fgattn.cli import train as cli_train
+from fgattn.models import PCANet
+from fgattn.train import TrainConfig, load_checkpoint, resolve_config
+from fgattn.train import engine as E
+from fgattn.train.config import HELP, RECIPES, SYNTHETIC_PRESETS, recipe_names
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--backbone", "test_resnet", "--image-size", "32", "--resize", "36",
+    "--synthetic-classes", "4", "--synthetic-train-per-class", "4",
+    "--synthetic-test-per-class", "2", "--batch-size", "4", "--pk-classes", "2",
+    "--pk-images", "2", "--eval-batch-size", "8", "--workers", "0", "--epochs", "1",
+    "--no-progress", "--no-plots", "--no-pretrained",
+]  # fmt: skip
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_config(None, [*argv, "--help"], prog="fgattn-train")
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def _user_error(capsys, main, argv: list[str]) -> str:
+    """The one stderr line of a command that fails with a user error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, prog="fgattn-x")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fgattn-x: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- --help
+def test_every_option_has_a_one_line_help():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(HELP) == names
+    assert all(text and "\n" not in text for text in HELP.values())
+
+
+def test_help_shows_the_values_the_run_will_use(capsys):
+    quick = _help(capsys, [])
+    preset = SYNTHETIC_PRESETS["pcanet"]
+    assert "synthetic quick-start preset" in quick
+    for flag, value in (
+        ("--backbone STR", "resnet10t"),
+        ("--epochs INT", preset["epochs"]),
+        ("--image-size INT", preset["image_size"]),
+        ("--lr FLOAT", preset["lr"]),
+    ):
+        assert f"{flag} " in quick and f"[{value}]" in quick.split(flag)[1].split("--")[0]
+    assert "learning rate" in quick and "(recipe:" not in quick  # a description, not just a value
+    cub = _help(capsys, ["--dataset", "cub"])
+    assert "paper recipe on cub" in cub
+    for flag, value in (
+        ("--backbone STR", "resnet50"),
+        ("--epochs INT", RECIPES["pcanet"]["epochs"]),
+        ("--image-size INT", 448),
+        ("--pretrained, --no-pretrained", True),
+    ):
+        assert f"[{value}]" in cub.split(flag)[1].split("--")[0], flag
+    cin = _help(capsys, ["--recipe", "cin-cub"])
+    assert "Train CIN" in cin and "[0.001]" in cin.split("--lr FLOAT")[1].split("--")[0]
+
+
+def test_abbreviated_flags_are_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_config("pcanet", ["--epoch", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --epoch 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_evaluate.run(["x.pth", "--fl"])
+
+
+# ----------------------------------------------------------------------------- recipes
+def test_packaged_recipes_and_arch_selection():
+    assert recipe_names() == sorted(f"{a}-{d}" for a in ("cin", "pcanet")
+                                    for d in ("aircraft", "cars", "cub"))  # fmt: skip
+    cfg = resolve_config(None, ["--recipe", "cin-aircraft", "--data-root", "/d", "--epochs", "3"])
+    assert (cfg.arch, cfg.dataset, cfg.data_root, cfg.epochs, cfg.lr) == ("cin", "aircraft", "/d",
+                                                                           3, 0.001)  # fmt: skip
+    assert resolve_config(None, []).arch == "pcanet"
+    assert resolve_config(None, ["--arch", "cin"]).backbone == "resnet10t"
+    with pytest.raises(ValueError, match=r"for arch 'pcanet', this run trains 'cin'"):
+        resolve_config(None, ["--arch", "cin", "--recipe", "pcanet-cub"])
+    with pytest.raises(ValueError, match=r"this script trains 'pcanet'; run fgattn-train --arch"):
+        resolve_config("pcanet", ["--arch", "cin"])
+    with pytest.raises(FileNotFoundError, match="packaged recipes: cin-aircraft"):
+        resolve_config(None, ["--recipe", "cin_cub"])
+    with pytest.raises(ValueError, match=r"pretrained is False: add --pretrained"):
+        resolve_config(None, ["--pretrained-file", "w.pth"])
+
+
+# ----------------------------------------------------------------------------- errors
+def test_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    common = [*TINY, "--output", str(out)]
+    line = _user_error(capsys, cli_train.main,
+                       [*common, "--dataset", "cub", "--data-root", str(tmp_path)])  # fmt: skip
+    assert "CUB-200-2011" in line and "images.txt" in line
+    line = _user_error(capsys, cli_train.main, [*common, "--backbone", "resnet_nope"])
+    assert "'resnet_nope' is not a timm model name" in line
+    line = _user_error(capsys, cli_train.main, [*common, "--model-kwargs", "pooling=max"])
+    assert "pooling must be one of" in line
+    line = _user_error(capsys, cli_train.main, ["--resume", str(tmp_path / "nope.pth")])
+    assert "--resume checkpoint file not found" in line
+    assert not out.exists()  # data and model are built before the run folder
+    with pytest.raises(FileNotFoundError, match="CUB-200-2011"):  # --debug: the exception itself
+        cli_train.main([*common, "--dataset", "cub", "--data-root", str(tmp_path), "--debug"])
+    _user_error(capsys, cli_evaluate.main, [str(tmp_path / "nope.pth")])
+
+
+def test_failed_first_epoch_removes_the_folder_and_keeps_the_traceback(tmp_path, monkeypatch):
+    def broken_step(*args, **kwargs):
+        raise ValueError("a bug in the training step")
+
+    monkeypatch.setattr(E, "train_step", broken_step)
+    # After the run started, a ValueError is not the user's: it propagates, not one line.
+    with pytest.raises(ValueError, match="a bug in the training step"):
+        cli_train.main([*TINY, "--output", str(tmp_path), "--name", "r"])
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "mine").mkdir()  # a folder that existed before the run is left alone
+    with pytest.raises(ValueError):
+        cli_train.main([*TINY, "--output", str(tmp_path), "--name", "mine"])
+    assert (tmp_path / "mine" / "config.yaml").exists()
+
+
+def test_resume_from_best_and_arch_of_the_checkpoint(tmp_path, capsys):
+    assert cli_train.main([*TINY, "--arch", "cin", "--output", str(tmp_path), "--name", "r"]) == 0
+    banner = capsys.readouterr().out
+    assert "cin on synthetic (4 classes) | backbone test_resnet, random init (--no-pretrained)" in (
+        banner
+    )
+    line = _user_error(capsys, cli_train.main, ["--resume", str(tmp_path / "r" / "best.pth")])
+    assert "holds weights only (best.pth does); resume from" in line
+    assert "fgattn-train-1" not in line
+    last = str(tmp_path / "r" / "last.pth")
+    line = _user_error(capsys, cli_train.main, ["--resume", last, "--arch", "pcanet"])
+    assert "trained with arch 'cin'" in line
+    # Without --arch the checkpoint's architecture continues.
+    result = E.main(None, ["--resume", str(tmp_path / "r" / "last.pth"), "--epochs", "2"])
+    assert result["status"] == "finished"
+    assert load_checkpoint(tmp_path / "r" / "last.pth")["config"]["arch"] == "cin"
+
+
+# ----------------------------------------------------------------------------- pretrained
+def test_unreachable_pretrained_weights_fail_fast_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"huggingface.co cannot be reached") as err:
+        TimmBackbone("resnet10t", pretrained=True)
+    assert "pretrained_cfg_overlay=dict(file='/path/to/resnet10t.safetensors')" in str(err.value)
+    assert "--no-pretrained" in str(err.value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set"):
+        TimmBackbone("convnext_tiny", pretrained=True)
+    assert time.perf_counter() - start < 10  # timm's own retries take about a minute
+    with pytest.raises(FileNotFoundError, match="pretrained_cfg_overlay file not found"):
+        TimmBackbone("resnet10t", pretrained=True,
+                     pretrained_cfg_overlay=dict(file=str(tmp_path / "no.pth")))  # fmt: skip
+
+
+def test_pretrained_file_flag_loads_local_weights(tmp_path, capsys):
+    import timm
+
+    torch.manual_seed(3)
+    weights = timm.create_model("test_resnet").state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    args = [*TINY, "--pretrained", "--pretrained-file", str(tmp_path / "w.pth"),
+            "--max-steps-per-epoch", "1", "--lr", "1e-12",
+            "--weight-decay", "0", "--output", str(tmp_path), "--name", "p"]  # fmt: skip
+    cli_train.main(args)
+    assert f"ImageNet weights from {tmp_path / 'w.pth'} (--pretrained)" in capsys.readouterr().out
+    model = load_checkpoint(tmp_path / "p" / "last.pth")["model"]
+    conv = "backbone.body.model.conv1.0.weight"  # unchanged by a 1e-12 step
+    torch.testing.assert_close(model[conv], weights["conv1.0.weight"])
+
+
+# ----------------------------------------------------------------------------- PCA-Net pairs
+def test_pcanet_warns_once_on_pairs_of_different_labels():
+    x = torch.randn(4, 3, 32, 32)
+    same, mixed = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 1])
+    model = PCANet("test_resnet", num_classes=3, bilinear_dim=8).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x, same)
+        assert not caught
+        model(x, mixed)
+        model(x, mixed)
+    assert len(caught) == 1 and "1 of the 2 pairs in this batch have different labels" in str(
+        caught[0].message
+    )
+    strict = PCANet("test_resnet", num_classes=3, bilinear_dim=8, mismatched_pairs="error")
+    with pytest.raises(ValueError, match="different labels"):
+        strict.train()(x, mixed)
+    with pytest.raises(ValueError, match="mismatched_pairs must be one of"):
+        PCANet("test_resnet", num_classes=3, mismatched_pairs="never")
+
+
+def test_python_dash_m_fgattn_train(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fgattn.train", "--epoch", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "python -m fgattn.train: error: unrecognized arguments: --epoch 1" in proc.stderr
