@@ -46,7 +46,8 @@ class CIN(TimmModelMixin, nn.Module):
     Args:
         backbone: timm model name or a module (B, 3, H, W) -> (B, C, h, w) with ``out_channels``.
         num_classes: K.
-        pretrained: timm ImageNet weights for a named backbone.
+        pretrained: timm ImageNet weights for a named backbone (default False: random init;
+            the paper fine-tunes ImageNet weights, so pass True to reproduce it).
         embed_dim: r, the size of h's projection (paper: 512).
         alpha: α, weight of the contrastive loss (paper: 2).
         margin: β, contrastive margin (paper: 0.5).

@@ -39,7 +39,10 @@ def create_model(
         backbone: timm model name (any family, optionally with a weight tag) or a module with
             ``out_channels``; defaults to "resnet50" for "cin"/"pcanet".
         num_classes: K.
-        pretrained: ImageNet backbone weights through timm.
+        pretrained: ImageNet backbone weights through timm (default False: random init, as
+            timm; the papers fine-tune ImageNet weights). Offline, pass
+            ``pretrained_cfg_overlay=dict(file=path)``; a download that cannot happen fails
+            within seconds with that fix in the message.
         **kwargs: model options (see `CIN`, `PCANet`) and timm backbone arguments (img_size,
             drop_path_rate, pretrained_cfg_overlay, ...).
 

@@ -96,7 +96,8 @@ class PCANet(TimmModelMixin, nn.Module):
     Args:
         backbone: timm model name or a module (B, 3, H, W) -> (B, C, h, w) with ``out_channels``.
         num_classes: K.
-        pretrained: timm ImageNet weights for a named backbone.
+        pretrained: timm ImageNet weights for a named backbone (default False: random init;
+            the paper fine-tunes ImageNet weights, so pass True to reproduce it).
         pooling: "bilinear" (paper) or "attention" (official code), see `BilinearHead`.
         bilinear_dim: channels of the 1×1 reduction before pooling (None: no reduction, paper-exact
             but 4.2M-d for ResNet-50). Default 256 -> 65,536-d.
