@@ -133,9 +133,11 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setattr(bb.body, "forward", lambda x: [torch.zeros(x.shape[0], 5, 8)])
     with pytest.raises(ValueError, match=r"no single spatial feature map.*\(2, 5, 8\)"):
         bb(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="'anything' is not a timm model name"):
+        TimmBackbone("anything")
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: nn.Linear(2, 2))
     with pytest.raises(ValueError, match="forward_intermediates"):
-        TimmBackbone("anything")
+        TimmBackbone("test_resnet")
 
 
 def test_resolve_backbone():

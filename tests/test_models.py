@@ -28,6 +28,7 @@ def _model(arch: str, key: str = "test_resnet", **kwargs):
     name, base = BACKBONES[key]
     if arch == "pcanet":
         kwargs.setdefault("bilinear_dim", 16)  # 256-d bilinear vectors keep the tests light
+        kwargs.setdefault("mismatched_pairs", "ignore")  # TARGET's pair (1, 2) is for CIN
     torch.manual_seed(0)
     return create_model(arch, backbone=name, num_classes=K, **dict(base, **kwargs))
 
