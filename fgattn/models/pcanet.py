@@ -219,8 +219,9 @@ class PCANet(TimmModelMixin, nn.Module):
 
     def _check_pair_labels(self, target: torch.Tensor, n: int) -> None:
         """Act on pairs (i, i + N) of different classes as ``mismatched_pairs`` says."""
-        if self.mismatched_pairs == "ignore" or torch.compiler.is_compiling():
-            return
+        warned = self.mismatched_pairs == "warn" and self._warned_pairs
+        if self.mismatched_pairs == "ignore" or warned or torch.compiler.is_compiling():
+            return  # (the count below waits for the GPU: skipped once there is nothing to say)
         differ = int((target[:n] != target[n:]).sum())
         if not differ:
             return
