@@ -214,6 +214,14 @@ def test_head_trains_every_part():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_channels_last_input_gives_the_same_numbers():
+    x = torch.randn(2, 32, 5, 6).relu()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    for layer in (PositionAttentionModule(32, gamma_init=0.5), randomize(DualAttentionHead(32, 3))):
+        layer.eval()
+        torch.testing.assert_close(layer(cl), layer(x), atol=1e-5, rtol=1e-5)
+
+
 def test_head_compiles_fullgraph():
     head = randomize(DualAttentionHead(32, 3)).eval()
     x = torch.randn(2, 32, 5, 5).relu()

@@ -434,7 +434,7 @@ def _warn_for_export(name: str, op: str, call: str) -> bool:
             f"fgattn: {call} would run on the {name!r} implementation, a torch.library custom "
             f"op that torch.export keeps opaque and torch.onnx.export cannot translate; the "
             f"exported graph computes it with the plain-PyTorch 'reference' implementation "
-            f"instead (same result; eager calls still run on {name!r})",
+            f"instead (same result up to rounding; eager calls still run on {name!r})",
             stacklevel=_caller_outside_fgattn(traced=True),
         )
     return True
