@@ -55,9 +55,13 @@ class Segmenter(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int) -> None:
         super().__init__()
+        with torch.device("meta"):  # the stages' strides, without weights or random numbers
+            reductions = timm.create_model(backbone, features_only=True).feature_info.reduction()
+        if 8 not in reductions:
+            raise ValueError(f"{backbone} has no stride-8 feature stage (strides {reductions})")
         self.backbone = timm.create_model(
-            backbone, pretrained=False, features_only=True, out_indices=(2,)
-        )  # ResNets: stem (0), layer1 (1, stride 4), layer2 (2, stride 8), ...
+            backbone, pretrained=False, features_only=True, out_indices=(reductions.index(8),)
+        )
         self.head = DualAttentionHead(self.backbone.feature_info.channels()[-1], num_classes)
 
     def forward(self, images: torch.Tensor, return_branches: bool = False):
