@@ -15,6 +15,8 @@ from .layers import (
     BilinearPooling,
     ChannelAttentionModule,
     CoAttention,
+    DualAttentionHead,
+    PositionAttentionModule,
 )
 from .losses import CenterLoss, ContrastiveLoss
 from .models import create_model
@@ -31,6 +33,8 @@ __all__ = [
     "ChannelAttentionModule",
     "CoAttention",
     "ContrastiveLoss",
+    "DualAttentionHead",
+    "PositionAttentionModule",
     "TimmBackbone",
     "backends",
     "channel_attention",

@@ -1,15 +1,66 @@
-"""Deployment: the inference models export with torch.export and the exported program agrees with
-eager (CPU; the dispatched attention is traced like any PyTorch code)."""
+"""Deployment: the inference models and layers export with torch.export and to ONNX (the dynamo
+exporter, run in onnxruntime on CPU), and the exported programs agree with eager. While an exporter
+traces, an implementation it cannot translate (fgattn's Triton custom ops) gives way to the
+plain-PyTorch reference, with one warning.
+
+The ONNX tests need the `test` extra (onnx, onnxscript, onnxruntime); without it they fail."""
+
+import warnings
 
 import pytest
 import torch
 
 import fgattn
+from fgattn.ops import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_model(arch):
+    model = fgattn.create_model(arch, backbone="resnet10t", num_classes=5, pretrained=False)
+    return model.eval()
+
+
+def layers():
+    torch.manual_seed(0)
+    head = fgattn.DualAttentionHead(32, 3).eval()
+    with torch.no_grad():  # γ = 0 would hide both attention modules
+        head.sa.gamma.fill_(0.5)
+        head.sc.gamma.fill_(0.5)
+    return {
+        "sci": fgattn.SCI(32).eval(),
+        "cam": fgattn.ChannelAttentionModule(gamma_init=0.5).eval(),
+        "pam": fgattn.PositionAttentionModule(32, gamma_init=0.5).eval(),
+        "dual_attention_head": head,
+    }
+
+
+def export_onnx(model, x, path, **kwargs):
+    """The README's commands: the dynamo exporter, saved, then an onnxruntime CPU session."""
+    import onnxruntime  # the test extra installs it; missing, the test fails
+
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, **kwargs)
+    program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(inp):
+        (out,) = session.run(None, {session.get_inputs()[0].name: inp.cpu().numpy()})
+        return torch.from_numpy(out)
+
+    return program, run
+
+
+# onnxruntime against eager in fp32: the same operations with other kernels (convolution
+# algorithms, summation order), so the outputs differ by rounding: measured at most 1e-6 absolute
+# on outputs up to 12 (SCI, CAM, PAM), 7e-8 on CIN's logits (up to 0.18), 6e-9 on PCA-Net's (up to
+# 0.007). PCA-Net's signed square root amplifies an error δ near 0 to about δ / (2 sqrt|x|), hence
+# the relative tolerance; atol stays below PCA-Net's logits.
+ONNX_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 
 
 @pytest.mark.parametrize("arch", ["cin", "pcanet"])
 def test_torch_export_of_inference_models(arch):
-    model = fgattn.create_model(arch, backbone="resnet10t", num_classes=5, pretrained=False).eval()
+    model = tiny_model(arch)
     x = torch.randn(2, 3, 64, 64)
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), model(x))
@@ -17,8 +68,78 @@ def test_torch_export_of_inference_models(arch):
     torch.testing.assert_close(program.module()(other), model(other))
 
 
-def test_torch_export_of_the_layers():
-    x = torch.randn(2, 16, 7, 7).relu()
-    for layer in (fgattn.SCI(16), fgattn.ChannelAttentionModule(gamma_init=0.5)):
-        program = torch.export.export(layer.eval(), (x,))
-        torch.testing.assert_close(program.module()(x), layer(x))
+@pytest.mark.parametrize("name", ["sci", "cam", "pam", "dual_attention_head"])
+def test_torch_export_of_the_layers(name):
+    layer = layers()[name]
+    x = torch.randn(2, 32, 7, 7).relu()
+    program = torch.export.export(layer, (x,))
+    torch.testing.assert_close(program.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_onnx_export_of_inference_models_runs_in_onnxruntime(arch, tmp_path):
+    model = tiny_model(arch)
+    x = torch.randn(2, 3, 64, 64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    _, run = export_onnx(model, x, tmp_path / f"{arch}.onnx", dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x), **ONNX_TOLERANCE)
+        other = torch.randn(3, 3, 64, 64)  # another batch size, other values
+        torch.testing.assert_close(run(other), model(other), **ONNX_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["sci", "cam", "pam", "dual_attention_head"])
+def test_onnx_export_of_the_layers_runs_in_onnxruntime(name, tmp_path):
+    layer = layers()[name]
+    x = (torch.randn(2, 32, 7, 7) * 3).relu()  # post-ReLU, logits of a few hundred
+    _, run = export_onnx(layer, x, tmp_path / f"{name}.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), layer(x), **ONNX_TOLERANCE)
+
+
+def fgattn_ops(graph_module):
+    return [n for n in graph_module.graph.nodes if str(n.target).startswith("fgattn.")]
+
+
+def test_export_replaces_fused_custom_ops_with_the_reference_and_says_so(monkeypatch, tmp_path):
+    model = tiny_model("cin").to(DEVICE)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    monkeypatch.setattr(dispatch, "_export_warned", set())
+    with fgattn.backends.use_backend("triton"):
+        # Eager runs the fused custom op (on CPU through Triton's interpreter, see conftest), and
+        # without the fallback so would the exported program ...
+        assert fgattn.backends.resolve("self", model.forward_features(x).flatten(2)) == "triton"
+        with monkeypatch.context() as without_fallback:
+            without_fallback.setattr(dispatch, "exporting", lambda: False)
+            assert fgattn_ops(torch.export.export(model, (x,)).graph_module)
+        # ... with it, it does not, and the warning points at the line that exported.
+        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'") as record:
+            program = torch.export.export(model, (x,))
+        assert fgattn_ops(program.graph_module) == []
+        assert any(w.filename == __file__ for w in record)
+        with warnings.catch_warnings(record=True) as again:  # said once: a second export is silent
+            warnings.simplefilter("always")
+            torch.export.export(model, (x,))
+        assert not [w for w in again if "fgattn" in str(w.message)]
+        monkeypatch.setattr(dispatch, "_export_warned", set())
+        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'"):
+            onnx_program, run = export_onnx(model, x, tmp_path / "cin.onnx")
+        with torch.no_grad():
+            eager = model(x)
+    assert {node.domain for node in onnx_program.model_proto.graph.node} <= {""}  # plain ONNX
+    torch.testing.assert_close(program.module()(x), eager)
+    torch.testing.assert_close(run(x), eager.cpu(), **ONNX_TOLERANCE)
+
+
+def test_strict_export_falls_back_too(monkeypatch):
+    # torch.export(strict=True) traces with dynamo, which runs the warning eagerly.
+    sci = layers()["sci"].to(DEVICE)
+    x = torch.randn(2, 32, 7, 7, device=DEVICE).relu()
+    monkeypatch.setattr(dispatch, "_export_warned", set())
+    with fgattn.backends.use_backend("triton"):
+        assert fgattn.backends.resolve("self", x.flatten(2)) == "triton"
+        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'") as record:
+            program = torch.export.export(sci, (x,), strict=True)
+    assert fgattn_ops(program.graph_module) == []
+    assert any(w.filename == __file__ for w in record)
+    torch.testing.assert_close(program.module()(x), sci(x))

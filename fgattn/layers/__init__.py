@@ -3,7 +3,7 @@
 from .attention_erase import AttentionErase
 from .cci import CCI
 from .co_attention import CoAttention
-from .danet import ChannelAttentionModule
+from .danet import ChannelAttentionModule, DualAttentionHead, PositionAttentionModule
 from .pooling import BilinearAttentionPooling, BilinearPooling
 from .sci import SCI
 
@@ -15,4 +15,6 @@ __all__ = [
     "BilinearPooling",
     "ChannelAttentionModule",
     "CoAttention",
+    "DualAttentionHead",
+    "PositionAttentionModule",
 ]

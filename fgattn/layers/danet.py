@@ -1,9 +1,12 @@
-"""DANet's channel attention module (Fu et al., Dual Attention Network for Scene Segmentation,
-CVPR 2019, §3.3): the same channel softmax as CIN's SCI, behind a learned residual gate."""
+"""DANet (Fu et al., Dual Attention Network for Scene Segmentation, CVPR 2019): its channel
+attention module (§3.3), the same channel softmax as CIN's SCI behind a learned residual gate, its
+position attention module (§3.2) and the dual attention head that runs both (§3.4)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .. import _args
@@ -42,3 +45,130 @@ class ChannelAttentionModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+class PositionAttentionModule(nn.Module):
+    """DANet's position attention: E_j = α Σ_i s_ji D_i + A_j, s_ji = softmax_i(B_i · C_j).
+
+    DANet eq. 1–2 over the N = H·W positions: B, C, D are 1×1 convolutions of A (queries and keys
+    with C/8 channels, values with C), s the (N, N) attention of position j to position i and α
+    one learned scalar, zero at the start. This is ordinary spatial attention with one head and
+    no 1/sqrt(d) (DANet has none), so it runs on `F.scaled_dot_product_attention` with scale 1,
+    which never builds the N × N matrix on its fused kernels.
+
+    Args:
+        channels: C, the channels of A.
+        reduction: the query and key convolutions have C // reduction channels (DANet: 8).
+        gamma_init: the starting α (DANet: 0).
+
+    Shapes:
+        x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8, gamma_init: float = 0.0) -> None:
+        super().__init__()
+        self.channels = _args.integer(channels, "channels", minimum=1)
+        reduction = _args.integer(reduction, "reduction", minimum=1)
+        if channels < reduction:
+            raise ValueError(
+                f"channels must be at least reduction ({reduction}) so that the query and key "
+                f"convolutions have C // reduction >= 1 channels, got channels={channels}"
+            )
+        # DANet's names (query_conv, key_conv, value_conv, gamma), so its checkpoints load.
+        self.query_conv = nn.Conv2d(channels, channels // reduction, 1)
+        self.key_conv = nn.Conv2d(channels, channels // reduction, 1)
+        self.value_conv = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.full((1,), _args.real(gamma_init, "gamma_init")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, "x")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
+                f"(wanted (B, {self.channels}, H, W))"
+            )
+        q, k, v = (
+            rearrange(conv(x), "b c h w -> b 1 (h w) c")
+            for conv in (self.query_conv, self.key_conv, self.value_conv)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, 1, N, C)
+        out = rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])
+        return self.gamma.to(out.dtype) * out + x
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def _classifier(in_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(in_channels, num_classes, 1))
+
+
+class DualAttentionHead(nn.Module):
+    """DANet's segmentation head: position and channel attention on a feature map, summed.
+
+    DANet §3.4: each branch reduces the C input channels to C' = C // 4 (3×3 conv, BN, ReLU), runs
+    its attention module (position: `PositionAttentionModule`, eq. 1–2; channel:
+    `ChannelAttentionModule`, eq. 3–4), and a second 3×3 conv-BN-ReLU; the two results are summed
+    and classified by a 1×1 convolution after dropout. Each branch also has its own classifier,
+    whose logits DANet trains with auxiliary losses of equal weight.
+
+    The submodules carry the official DANetHead's names (conv5a/conv5c, sa/sc, conv51/conv52,
+    conv6/conv7/conv8), so its state_dict loads as it is.
+
+    Args:
+        in_channels: C, the channels of the backbone's feature map.
+        num_classes: K, the segmentation classes.
+        reduction: C' = C // reduction (DANet: 4).
+        dropout: Dropout2d probability before each classifier (DANet: 0.1).
+
+    Shapes:
+        x: (B, C, H, W) -> logits (B, K, H, W) at the feature map's resolution (upsample them to
+        the image); with ``return_branches=True`` the tuple (fused, position, channel) of such
+        logits, DANet's three outputs.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, reduction: int = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        in_channels = _args.integer(in_channels, "in_channels", minimum=1)
+        num_classes = _args.integer(num_classes, "num_classes", minimum=1)
+        reduction = _args.integer(reduction, "reduction", minimum=1)
+        dropout = _args.real(dropout, "dropout", low=0.0, high=1.0)
+        inter = in_channels // reduction
+        if inter < 8:  # the position attention's query/key convs have inter // 8 channels
+            raise ValueError(
+                f"in_channels // reduction must be at least 8, got {in_channels} // {reduction}"
+                f" = {inter}; use more input channels or a smaller reduction"
+            )
+        self.in_channels = in_channels
+        self.conv5a = _conv_bn_relu(in_channels, inter)
+        self.conv5c = _conv_bn_relu(in_channels, inter)
+        self.sa = PositionAttentionModule(inter)
+        self.sc = ChannelAttentionModule()
+        self.conv51 = _conv_bn_relu(inter, inter)
+        self.conv52 = _conv_bn_relu(inter, inter)
+        self.conv6 = _classifier(inter, num_classes, dropout)
+        self.conv7 = _classifier(inter, num_classes, dropout)
+        self.conv8 = _classifier(inter, num_classes, dropout)
+
+    def forward(
+        self, x: torch.Tensor, return_branches: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_image_batch(x, "x")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have {self.in_channels} channels, got shape {tuple(x.shape)} "
+                f"(wanted (B, {self.in_channels}, H, W))"
+            )
+        position = self.conv51(self.sa(self.conv5a(x)))
+        channel = self.conv52(self.sc(self.conv5c(x)))
+        fused = self.conv8(position + channel)
+        if return_branches:
+            return fused, self.conv6(position), self.conv7(channel)
+        return fused

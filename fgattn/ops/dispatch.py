@@ -10,7 +10,9 @@ is needed; no tensor data) and asks `choose` for an `Implementation`:
    (figures and commands in benchmarks/README.md, raw data in benchmarks/results/).
 
 Within a row, the first implementation that supports the call runs. An implementation that builds
-the (B, C, C) matrix runs on a GPU only if that matrix fits in free memory.
+the (B, C, C) matrix runs on a GPU only if that matrix fits in free memory. While torch.export or
+torch.onnx.export traces a model, fgattn's custom ops (Triton) give way to the reference, which the
+exporters translate, with a warning.
 
 Everything here is plain Python on sizes and flags, so under torch.compile the choice is made once
 at trace time (guarded on the sizes) and the whole model still compiles with fullgraph=True.
@@ -103,6 +105,7 @@ class Implementation:
     dtypes: tuple[torch.dtype, ...]
     materializes: bool = False  # builds the (B, C, C) matrix
     interpretable: bool = False  # Triton kernels: CPU tensors run under TRITON_INTERPRET=1
+    exportable: bool = True  # torch.export / ONNX can translate it (False: fgattn's custom ops)
     options: tuple[tuple[str, str], ...] = ()  # keyword arguments of every function
 
     def supports(self, call: Call) -> bool:
@@ -146,6 +149,7 @@ IMPLEMENTATIONS = {
             ("cuda",),
             FLOATS,
             interpretable=True,
+            exportable=False,
         ),
     )
 }
@@ -329,7 +333,15 @@ def expand(backend: str) -> tuple[str, ...]:
 def choose(call: Call, backend: str | None = None) -> Implementation:
     """The implementation that runs `call`: `backend` if given ("auto", or one that must support
     the call); for None the global setting where it supports the call; else benchmark mode or the
-    rule table."""
+    rule table. While torch.export or torch.onnx.export traces the call, an implementation they
+    cannot translate gives way to the reference (see `for_export`)."""
+    impl = _choose(call, backend)
+    if not impl.exportable and exporting():
+        return for_export(impl, call)
+    return impl
+
+
+def _choose(call: Call, backend: str | None) -> Implementation:
     if backend is None and backends.get_backend() != "auto":
         impl = _named(call, backends.get_backend(), strict=False)
         if impl is not None:
@@ -368,12 +380,13 @@ def _named(call: Call, backend: str, strict: bool) -> Implementation | None:
     return None
 
 
-def _caller_outside_fgattn() -> int:
+def _caller_outside_fgattn(traced: bool = False) -> int:
     """The `stacklevel` of the first frame outside fgattn and torch (nn.Module calls): the user's
-    line."""
-    packages = tuple(os.path.dirname(m.__file__) for m in (sys.modules["fgattn"], torch))
+    line. With `traced`, also outside the code torch generates while tracing (``<string>``)."""
+    inside = tuple(os.path.dirname(m.__file__) for m in (sys.modules["fgattn"], torch))
+    inside += ("<",) if traced else ()
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(packages):
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -390,6 +403,41 @@ def _supported_text(names: Sequence[str]) -> str:
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in impl.dtypes)
         parts.append(f"{name}: {'/'.join(impl.ops)} on {'/'.join(impl.devices)} in {dtypes}")
     return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: torch.export keeps a custom op as one opaque node, and the ONNX exporter has no
+# translation for it, so the exported graph gets the plain-PyTorch reference instead
+
+_export_warned: set[tuple[str, str]] = set()  # (op, implementation) pairs already warned about
+
+
+def exporting() -> bool:
+    """Whether torch.export or torch.onnx.export is tracing the model now."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def for_export(impl: Implementation, call: Call) -> Implementation:
+    """The reference, in place of `impl` (a custom op the exporters cannot translate), with a
+    warning the first time for each op and implementation."""
+    _warn_for_export(impl.name, call.op, str(call))
+    return IMPLEMENTATIONS["reference"]
+
+
+@torch.compiler.assume_constant_result
+def _warn_for_export(name: str, op: str, call: str) -> bool:
+    # Run eagerly also while torch.export(strict=True) traces with dynamo, which cannot trace the
+    # warning itself (the caller's frame is read from the stack).
+    if (op, name) not in _export_warned:
+        _export_warned.add((op, name))
+        warnings.warn(
+            f"fgattn: {call} would run on the {name!r} implementation, a torch.library custom "
+            f"op that torch.export keeps opaque and torch.onnx.export cannot translate; the "
+            f"exported graph computes it with the plain-PyTorch 'reference' implementation "
+            f"instead (same result up to rounding; eager calls still run on {name!r})",
+            stacklevel=_caller_outside_fgattn(traced=True),
+        )
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
