@@ -1,0 +1,1 @@
+"""Command-line entry points: fgattn-train, fgattn-eval, fgattn-visualize."""

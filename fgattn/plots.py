@@ -1,0 +1,375 @@
+"""Figures for people to read: training curves, the test confusion of the worst classes, and the
+per-pair attention figures of ``fgattn-visualize`` (`fgattn.cli.visualize`).
+
+matplotlib is optional (``pip install "fgattn[plots]"``): `require_matplotlib` raises one clear
+ImportError without it. Figures are `matplotlib.figure.Figure` objects built without pyplot (no
+global state, no GUI backend), so drawing is safe inside a training process; `save` writes a PNG
+atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+INSTALL_HINT = 'pip install "fgattn[plots]"'
+DPI = 100
+PANEL_IN = 5.0  # side of one image panel in inches: 500 px at DPI (at least 448 after layout)
+
+# What each training loss term is, by its key after "train_loss_" (fgattn's models' outputs).
+LOSS_TERMS = {
+    "cls": "cross-entropy, all branches",
+    "cls_o": "CE, original images",
+    "cls_w": "CE, co-attended (eq. 2)",
+    "cls_e": "CE, erased images (eq. 5)",
+    "cls_we": "CE, co-attended erased",
+    "cls_cci": "CE on CCI features",
+    "center": "center loss",
+    "cont": "contrastive (eq. 7-8)",
+}
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError, naming the install command, when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"fgattn's figures need matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from None
+
+
+def new_figure(width_in: float, height_in: float) -> Figure:
+    """A constrained-layout figure of the given size in inches (at `DPI`), without pyplot."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- training curves
+def _series(history: Sequence[dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(int(r["epoch"]), float(r[key])) for r in history if key in r]
+    pts = [(e, v) for e, v in pts if math.isfinite(v)]
+    return [e for e, _ in pts], [v for _, v in pts]
+
+
+def _epoch_axis(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _keys(history: Sequence[dict[str, float]]) -> list[str]:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    return keys
+
+
+def _loss_label(key: str) -> str:
+    term = key.removeprefix("train_loss_")
+    return f"{key} ({LOSS_TERMS[term]})" if term in LOSS_TERMS else key
+
+
+def loss_figure(history: Sequence[dict[str, float]]) -> Figure:
+    """The losses of a run in three panels: total training loss, each training loss term (log
+    scale when their ranges differ by more than 10×), and the test cross-entropy.
+
+    Args:
+        history: one dict per epoch with "epoch" and the summary.csv columns.
+    """
+    keys = _keys(history)
+    panels = [
+        ("training loss (total, minimised)", ["train_loss"]),
+        ("training loss terms", [k for k in keys if k.startswith("train_loss_")]),
+        ("test loss (cross-entropy)", [k for k in keys if k.endswith("test_loss")]),
+    ]
+    panels = [(t, [k for k in ks if k in keys]) for t, ks in panels]
+    panels = [(t, ks) for t, ks in panels if ks]
+    fig = new_figure(4.6 * max(len(panels), 1), 3.8)
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (title, ks) in zip(axes, panels, strict=False):
+        values = []
+        for key in ks:
+            epochs, ys = _series(history, key)
+            values += ys
+            ax.plot(epochs, ys, marker="o", markersize=3, label=_loss_label(key))
+        positive = [v for v in values if v > 0]
+        if len(ks) > 1 and len(positive) == len(values) and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_ylabel("loss")
+        _epoch_axis(ax)
+        ax.legend(fontsize=7)
+    fig.suptitle("Losses per epoch (summary.csv)")
+    return fig
+
+
+def accuracy_figure(history: Sequence[dict[str, float]]) -> Figure:
+    """Training accuracy and test top-1 / top-5 (and their EMA counterparts) per epoch, in %."""
+    keys = [k for k in _keys(history) if k.endswith(("top1", "top5", "_acc"))]
+    fig = new_figure(6.0, 4.0)
+    ax = fig.subplots()
+    for key in keys:
+        epochs, ys = _series(history, key)
+        ax.plot(epochs, ys, marker="o", markersize=3, label=key)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy per epoch (summary.csv)")
+    _epoch_axis(ax)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- confusion
+def worst_classes(confusion: np.ndarray, k: int) -> list[int]:
+    """The (up to) ``k`` classes of lowest test accuracy (recall), among classes with test images;
+    ties by class index. ``confusion[i, j]`` counts test images of class i predicted as j."""
+    confusion = np.asarray(confusion)
+    count = confusion.sum(axis=1)
+    present = np.flatnonzero(count > 0)
+    recall = np.diag(confusion)[present] / count[present]
+    order = np.lexsort((present, recall))  # by recall, then index
+    return [int(c) for c in present[order][:k]]
+
+
+def confusion_figure(
+    confusion: np.ndarray, classes: Sequence[str], k: int = 10, title: str = ""
+) -> Figure:
+    """Rows: the ``k`` classes of lowest test accuracy; columns: those classes, then the other
+    classes their images are most often taken for (up to ``k``), then all remaining classes in one
+    column. Cells: % of the row class's test images (colour) and the image count (text).
+
+    Args:
+        confusion: (K, K) counts, rows true class, columns predicted class.
+        classes: the K class names.
+        k: how many classes to show.
+        title: first line of the figure title (e.g. the run and epoch).
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    rows = worst_classes(confusion, k)
+    received = confusion[rows].sum(axis=0)
+    received[rows] = 0
+    extra = [int(c) for c in np.argsort(-received, kind="stable")[:k] if received[c] > 0]
+    cols = rows + extra
+    shown = confusion[np.ix_(rows, cols)]
+    rest = confusion[rows].sum(axis=1) - shown.sum(axis=1)
+    counts = np.concatenate([shown, rest[:, None]], axis=1)
+    total = np.maximum(confusion[rows].sum(axis=1, keepdims=True), 1)
+    percent = 100.0 * counts / total
+
+    fig = new_figure(3.5 + 0.55 * len(cols), 2.2 + 0.42 * len(rows))
+    ax = fig.subplots()
+    im = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+    for (i, j), n in np.ndenumerate(counts):
+        if n:
+            color = "white" if percent[i, j] > 60 else "black"
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(cols) + 1), [classes[c] for c in cols] + ["all others"])
+    ax.tick_params(axis="x", labelrotation=60)
+    ax.set_yticks(
+        range(len(rows)),
+        [f"{classes[c]} ({100 * confusion[c, c] / total[i, 0]:.0f} % of {total[i, 0]})"
+         for i, c in enumerate(rows)],
+    )  # fmt: skip
+    ax.axvline(len(rows) - 0.5, color="grey", lw=1)
+    ax.axvline(len(cols) - 0.5, color="grey", lw=1)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (test accuracy of the class, of n images)")
+    fig.colorbar(im, ax=ax, label="% of the true class's test images", shrink=0.9)
+    heading = f"Test confusion of the {len(rows)} classes of lowest accuracy"
+    fig.suptitle(f"{title}\n{heading}" if title else heading)
+    return fig
+
+
+# ----------------------------------------------------------------------------- attention figures
+@dataclass
+class MapColumn:
+    """One column of a `pair_figure`: a map per image, drawn over the image.
+
+    Attributes:
+        title: column heading (what the map is, with its equation).
+        maps: one (h, w) array per row, any resolution (bilinearly upsampled to the image).
+        kind: "heat" (values ≥ 0, sequential colours), "signed" (diverging colours around 0) or
+            "mask" (1 kept, 0 erased: the erased region is shaded and outlined).
+        label: colour-bar label.
+        notes: optional text under each row's panel (e.g. a per-image value).
+        limits: fixed (low, high) of the colour scale; None: the range of the column's maps
+            (symmetric around 0 for "signed").
+    """
+
+    title: str
+    maps: Sequence[np.ndarray]
+    kind: str = "heat"
+    label: str = ""
+    notes: Sequence[str] | None = None
+    limits: tuple[float, float] | None = None
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return image @ np.array([0.299, 0.587, 0.114])
+
+
+def _draw_map(ax: Axes, image: np.ndarray, m: np.ndarray, kind: str, norm, cmap: str):
+    h, w = image.shape[:2]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    if kind == "mask":
+        ax.imshow(image, interpolation="nearest")
+        erased = np.zeros((*m.shape, 4))
+        erased[..., 3] = 0.65 * (m < 0.5)
+        ax.imshow(erased, extent=extent, interpolation="nearest")
+        ax.contour(m, levels=[0.5], colors="cyan", linewidths=1.5, extent=extent, origin="upper")
+        return None
+    # The image in grey, dimmed, so the colours belong to the map alone.
+    ax.imshow(0.25 + 0.5 * _gray(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    return ax.imshow(
+        m, cmap=cmap, norm=norm, alpha=0.6, extent=extent, interpolation="bilinear",
+        interpolation_stage="data",
+    )  # fmt: skip
+
+
+def _column_norm(col: MapColumn):
+    from matplotlib.colors import Normalize
+
+    cmap = "RdBu_r" if col.kind == "signed" else "inferno"
+    if col.limits is not None:
+        return Normalize(*col.limits), cmap
+    maps, kind = col.maps, col.kind
+    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
+    values = values[np.isfinite(values)]
+    if kind == "signed":
+        bound = float(np.abs(values).max()) if values.size else 1.0
+        return Normalize(-bound or -1.0, bound or 1.0), cmap
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    return Normalize(lo, hi if hi > lo else lo + 1e-12), cmap
+
+
+def pair_figure(
+    images: Sequence[np.ndarray],
+    row_labels: Sequence[str],
+    columns: Sequence[MapColumn],
+    title: str = "",
+) -> Figure:
+    """One figure for a pair of images: a row per image, the image first, then one column per
+    map drawn transparently over the dimmed image; each column shares one colour scale (and bar)
+    between the rows, so the two images can be compared. Panels are ≥ 448 px.
+
+    Args:
+        images: (H, W, 3) arrays in [0, 1], one per row.
+        row_labels: text left of each row (e.g. class and prediction).
+        columns: the maps, see `MapColumn`.
+        title: figure title.
+    """
+    n_rows, n_cols = len(images), 1 + len(columns)
+    fig = new_figure(PANEL_IN * n_cols + 0.8, PANEL_IN * n_rows + 2.4)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for i, (image, label) in enumerate(zip(images, row_labels, strict=True)):
+        axes[i, 0].imshow(image, interpolation="nearest")
+        axes[i, 0].set_ylabel(label, fontsize=12)
+    axes[0, 0].set_title("image", fontsize=12)
+    for j, col in enumerate(columns, start=1):
+        norm, cmap = _column_norm(col)
+        mappable = None
+        for i, image in enumerate(images):
+            mappable = _draw_map(axes[i, j], image, np.asarray(col.maps[i]), col.kind, norm, cmap)
+            if col.notes:
+                axes[i, j].set_xlabel(col.notes[i], fontsize=11)
+        axes[0, j].set_title(col.title, fontsize=12)
+        if mappable is not None:
+            fig.colorbar(mappable, ax=axes[:, j], location="bottom", shrink=0.85, aspect=30,
+                         label=col.label)  # fmt: skip
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        # The trailing blank line keeps the title clear of the two-line column titles, which
+        # constrained layout places a few pixels too high next to column-spanning colour bars.
+        fig.suptitle(f"{title}\n", fontsize=13)
+    return fig
+
+
+def channel_matrix_figure(
+    weights: np.ndarray,
+    energy: np.ndarray,
+    top: int = 32,
+    max_channels: int = 512,
+    title: str = "",
+) -> Figure:
+    """A C × C channel attention matrix W (rows sum to 1) made readable: channels sorted by their
+    energy in the image, one matrix entry per pixel or more, a log colour scale.
+
+    Panels: (a) W over the ``max_channels`` most energetic channels; (b) the ``top`` most energetic
+    channels, labelled with their indices; (c) how much of Y = W X each channel j supplies
+    (the column mean of W) against its energy ‖X_j‖², which shows whether the softmax reads from
+    active channels or from silent / complementary ones.
+
+    Args:
+        weights: (C, C) row-stochastic W.
+        energy: (C,) ‖X_c‖² of each channel over the feature map.
+        top: channels in panel (b).
+        max_channels: channels in panel (a) (all when C is smaller).
+        title: figure title.
+    """
+    from matplotlib.colors import LogNorm
+
+    weights, energy = np.asarray(weights, np.float64), np.asarray(energy, np.float64)
+    c = weights.shape[0]
+    order = np.argsort(-energy, kind="stable")
+    sorted_w = weights[np.ix_(order, order)]
+    positive = weights[weights > 0]
+    hi = float(positive.max()) if positive.size else 1.0
+    norm = LogNorm(max(float(positive.min()) if positive.size else hi, hi * 1e-6), hi)
+    n_a, n_b = min(c, max_channels), min(c, top)
+
+    fig = new_figure(18.0, 6.8)
+    ax_a, ax_b, ax_c = fig.subplots(1, 3, width_ratios=[1.25, 1.0, 1.0])
+    im = ax_a.imshow(sorted_w[:n_a, :n_a].clip(norm.vmin), norm=norm, cmap="viridis",
+                     interpolation="nearest")  # fmt: skip
+    what = "all" if n_a == c else f"the {n_a} most energetic of"
+    ax_a.set_title(f"(a) W over {what} {c} channels,\nsorted by energy ‖X_c‖² (descending)")
+    ax_a.set_xlabel("channel j (energy rank)")
+    ax_a.set_ylabel("channel i (energy rank)")
+    ax_b.imshow(sorted_w[:n_b, :n_b].clip(norm.vmin), norm=norm, cmap="viridis",
+                interpolation="nearest")  # fmt: skip
+    ticks = range(0, n_b, max(1, n_b // 16))
+    ax_b.set_xticks(ticks, [str(order[t]) for t in ticks], rotation=90, fontsize=7)
+    ax_b.set_yticks(ticks, [str(order[t]) for t in ticks], fontsize=7)
+    ax_b.set_title(f"(b) the {n_b} most energetic channels\n(ticks: channel index)")
+    fig.colorbar(im, ax=[ax_a, ax_b], label="W_ij = softmax_j(scale · X Xᵀ)_ij  (log scale)",
+                 shrink=0.85)  # fmt: skip
+    supply = weights.mean(axis=0)
+    ax_c.scatter(energy + 1e-12 * max(energy.max(), 1e-12), supply, s=6, alpha=0.6)
+    ax_c.axhline(1.0 / c, color="grey", ls="--", lw=1, label="uniform 1/C")
+    ax_c.set_xscale("symlog", linthresh=max(float(energy[energy > 0].min()), 1e-12)
+                    if (energy > 0).any() else 1e-12)  # fmt: skip
+    ax_c.set_xlim(left=0)
+    ax_c.set_yscale("log")
+    ax_c.set_xlabel("channel energy ‖X_j‖² in this image")
+    ax_c.set_ylabel("mean_i W_ij: share of Y = W X taken from channel j")
+    ax_c.set_title("(c) which channels SCI reads")
+    ax_c.legend(fontsize=8)
+    ax_c.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return fig
