@@ -28,7 +28,7 @@ PANEL_IN = 5.0  # side of one image panel in inches: 500 px at DPI (at least 448
 
 # What each training loss term is, by its key after "train_loss_" (fgattn's models' outputs).
 LOSS_TERMS = {
-    "cls": "cross-entropy, all branches",
+    "cls": "cross-entropy",
     "cls_o": "CE, original images",
     "cls_w": "CE, co-attended (eq. 2)",
     "cls_e": "CE, erased images (eq. 5)",
@@ -179,15 +179,19 @@ def confusion_figure(
     total = np.maximum(confusion[rows].sum(axis=1, keepdims=True), 1)
     percent = 100.0 * counts / total
 
-    fig = new_figure(3.5 + 0.55 * len(cols), 2.2 + 0.42 * len(rows))
+    longest = max(len(classes[c]) for c in cols) + 12  # characters of the longest tick label
+    cell = 0.5  # inches
+    fig = new_figure(3.0 + 0.075 * longest + cell * (len(cols) + 1),
+                     1.2 + 0.055 * longest + cell * len(rows))  # fmt: skip
     ax = fig.subplots()
-    im = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+    im = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
     for (i, j), n in np.ndenumerate(counts):
         if n:
             color = "white" if percent[i, j] > 60 else "black"
             ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(cols) + 1), [classes[c] for c in cols] + ["all others"])
-    ax.tick_params(axis="x", labelrotation=60)
+    for label in ax.get_xticklabels():
+        label.set(rotation=50, ha="right", rotation_mode="anchor")
     ax.set_yticks(
         range(len(rows)),
         [f"{classes[c]} ({100 * confusion[c, c] / total[i, 0]:.0f} % of {total[i, 0]})"
@@ -196,7 +200,7 @@ def confusion_figure(
     ax.axvline(len(rows) - 0.5, color="grey", lw=1)
     ax.axvline(len(cols) - 0.5, color="grey", lw=1)
     ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (test accuracy of the class, of n images)")
+    ax.set_ylabel("true class (its test accuracy, of n images)")
     fig.colorbar(im, ax=ax, label="% of the true class's test images", shrink=0.9)
     heading = f"Test confusion of the {len(rows)} classes of lowest accuracy"
     fig.suptitle(f"{title}\n{heading}" if title else heading)

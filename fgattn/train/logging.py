@@ -97,25 +97,26 @@ def write_confusion(
         plots.save(fig, run_dir / "confusion_worst.png")
 
 
-# The console line: epoch and test top-1 first; every loss term stays in summary.csv.
-CONSOLE_COLUMNS = (
-    ("test_top1", "{:.2f}"),
-    ("ema_test_top1", "{:.2f}"),
-    ("test_top5", "{:.2f}"),
-    ("train_loss", "{:.4g}"),
-    ("train_acc", "{:.2f}"),
-    ("lr", "{:.4g}"),
-)
+def _finite(row: dict[str, float], key: str) -> bool:
+    value = row.get(key)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def format_row(row: dict[str, float]) -> str:
-    """One epoch's row as a short console line (test top-1 first; the other losses are in
-    summary.csv): "epoch 3 | test_top1 91.41 | test_top5 100.00 | train_loss 5.42 | ... | 49 s"."""
+    """One epoch's row as a console line under 120 characters, test top-1 first (every loss
+    term is in summary.csv), e.g.
+    "epoch 3 | test_top1 91.41 (ema 90.23) | top5 100.00 | train_loss 5.419 | train_acc 84.18 |
+    lr 0.035 | 49.2 s"."""
     parts = [f"epoch {int(row['epoch'])}"]
-    for key, spec in CONSOLE_COLUMNS:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            parts.append(f"{key} {spec.format(value)}")
-    if "epoch_time_s" in row:
-        parts.append(f"{row['epoch_time_s']:.0f} s")
+    if _finite(row, "test_top1"):
+        ema = f" (ema {row['ema_test_top1']:.2f})" if _finite(row, "ema_test_top1") else ""
+        parts.append(f"test_top1 {row['test_top1']:.2f}{ema}")
+    if _finite(row, "test_top5"):
+        parts.append(f"top5 {row['test_top5']:.2f}")
+    for key, spec in (("train_loss", "{:.4g}"), ("train_acc", "{:.2f}"), ("lr", "{:.4g}")):
+        if _finite(row, key):
+            parts.append(f"{key} {spec.format(row[key])}")
+    if _finite(row, "epoch_time_s"):
+        seconds = row["epoch_time_s"]
+        parts.append(f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s")
     return " | ".join(parts)
