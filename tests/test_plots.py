@@ -14,9 +14,9 @@ from fgattn.train import logging as L
 
 pytest.importorskip("matplotlib")
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from fgattn import plots  # noqa: E402
+from fgattn import plots
 
 HISTORY = [
     {"epoch": e, "lr": 0.05 * 0.7 ** (e // 2), "train_loss": 8.0 / e, "train_loss_cls": 7.0 / e,
@@ -37,8 +37,14 @@ def test_pair_figure_panels_are_at_least_448_px_with_titles_and_colour_bars():
     images = [rng.random((64, 64, 3)) for _ in range(2)]
     columns = [
         plots.MapColumn("heat\n(eq. 1)", [rng.random((2, 2)) for _ in range(2)], label="a"),
-        plots.MapColumn("signed", [rng.standard_normal((7, 7)) for _ in range(2)], kind="signed",
-                        limits=(-1.0, 1.0), label="b", notes=["x", "y"]),  # fmt: skip
+        plots.MapColumn(
+            "signed",
+            [rng.standard_normal((7, 7)) for _ in range(2)],
+            kind="signed",
+            limits=(-1.0, 1.0),
+            label="b",
+            notes=["x", "y"],
+        ),
         plots.MapColumn("mask", [(rng.random((64, 64)) > 0.3).astype(float)] * 2, kind="mask"),
     ]
     fig = plots.pair_figure(images, ["A: class 1", "B: class 1"], columns, title="pair")
