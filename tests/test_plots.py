@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from fgattn.cli import visualize
 from fgattn.train import logging as L
@@ -133,8 +134,6 @@ def test_summary_csv_rounds_floats(tmp_path):
 
 
 def test_write_confusion_csv_and_png(tmp_path):
-    import torch
-
     confusion = torch.tensor([[3, 1], [0, 2]])
     L.write_confusion(confusion, ["a", "b"], tmp_path, "run, epoch 1")
     rows = (tmp_path / "confusion.csv").read_text().splitlines()
@@ -149,3 +148,16 @@ def test_visualize_without_matplotlib_fails_with_one_line(monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and 'pip install "fgattn[plots]"' in err
+
+
+def test_the_confusion_files_belong_to_the_run(tmp_path):
+    """A folder with only the confusion files holds a run; --overwrite removes them."""
+    from fgattn.train import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    L.write_confusion(torch.tensor([[1, 0], [0, 1]]), ["a", "b"], run, "old run")
+    with pytest.raises(rundir.RunFolderError, match="already holds a run"):
+        rundir.claim(run)
+    rundir.claim(run, overwrite=True).release()
+    assert not (run / "confusion.csv").exists() and not (run / "confusion_worst.png").exists()
