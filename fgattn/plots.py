@@ -28,7 +28,7 @@ PANEL_IN = 5.0  # side of one image panel in inches: 500 px at DPI (at least 448
 
 # What each training loss term is, by its key after "train_loss_" (fgattn's models' outputs).
 LOSS_TERMS = {
-    "cls": "cross-entropy",
+    "cls": "cross-entropy; PCA-Net: the branches' sum",
     "cls_o": "CE, original images",
     "cls_w": "CE, co-attended (eq. 2)",
     "cls_e": "CE, erased images (eq. 5)",
@@ -325,8 +325,8 @@ def channel_matrix_figure(
 
     Panels: (a) W over the ``max_channels`` most energetic channels; (b) the ``top`` most energetic
     channels, labelled with their indices; (c) how much of Y = W X each channel j supplies
-    (the column mean of W) against its energy ‖X_j‖², which shows whether the softmax reads from
-    active channels or from silent / complementary ones.
+    (the column mean of W) by energy rank, which shows whether the softmax reads from active
+    channels or from silent / complementary ones.
 
     Args:
         weights: (C, C) row-stochastic W.
@@ -346,7 +346,7 @@ def channel_matrix_figure(
     norm = LogNorm(max(float(positive.min()) if positive.size else hi, hi * 1e-6), hi)
     n_a, n_b = min(c, max_channels), min(c, top)
 
-    fig = new_figure(18.0, 6.8)
+    fig = new_figure(18.0, 7.5)
     ax_a, ax_b, ax_c = fig.subplots(1, 3, width_ratios=[1.25, 1.0, 1.0])
     im = ax_a.imshow(sorted_w[:n_a, :n_a].clip(norm.vmin), norm=norm, cmap="viridis",
                      interpolation="nearest")  # fmt: skip
@@ -362,18 +362,26 @@ def channel_matrix_figure(
     ax_b.set_title(f"(b) the {n_b} most energetic channels\n(ticks: channel index)")
     fig.colorbar(im, ax=[ax_a, ax_b], label="W_ij = softmax_j(scale · X Xᵀ)_ij  (log scale)",
                  shrink=0.85)  # fmt: skip
-    supply = weights.mean(axis=0)
-    ax_c.scatter(energy + 1e-12 * max(energy.max(), 1e-12), supply, s=6, alpha=0.6)
-    ax_c.axhline(1.0 / c, color="grey", ls="--", lw=1, label="uniform 1/C")
-    ax_c.set_xscale("symlog", linthresh=max(float(energy[energy > 0].min()), 1e-12)
-                    if (energy > 0).any() else 1e-12)  # fmt: skip
-    ax_c.set_xlim(left=0)
-    ax_c.set_yscale("log")
-    ax_c.set_xlabel("channel energy ‖X_j‖² in this image")
-    ax_c.set_ylabel("mean_i W_ij: share of Y = W X taken from channel j")
-    ax_c.set_title("(c) which channels SCI reads")
-    ax_c.legend(fontsize=8)
-    ax_c.grid(alpha=0.3)
+    _supply_panel(ax_c, weights[:, order], energy[order])
     if title:
         fig.suptitle(title, fontsize=13)
     return fig
+
+
+def _supply_panel(ax: Axes, weights: np.ndarray, energy: np.ndarray) -> None:
+    """Column means of W (how much of Y = W X each channel supplies) by energy rank, silent
+    channels (‖X_j‖ = 0 in this image) marked; columns of ``weights`` in descending energy."""
+    supply = weights.mean(axis=0)
+    rank = np.arange(len(energy))
+    silent = energy <= 0
+    ax.scatter(rank[~silent], supply[~silent], s=6, label="active channels")
+    if silent.any():
+        ax.scatter(rank[silent], supply[silent], s=6, color="tab:orange",
+                   label="silent in this image (‖X_j‖ = 0)")  # fmt: skip
+    ax.axhline(1.0 / len(energy), color="grey", ls="--", lw=1, label="uniform 1/C")
+    ax.set_yscale("log")
+    ax.set_xlabel("channel j (energy rank)")
+    ax.set_ylabel("mean_i W_ij: share of Y = W X read from channel j")
+    ax.set_title("(c) which channels SCI reads\n(column means of W)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)

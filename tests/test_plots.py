@@ -66,9 +66,9 @@ def test_pair_figure_panels_are_at_least_448_px_with_titles_and_colour_bars():
     assert (first.vmin, first.vmax) == (second.vmin, second.vmax)
 
 
-def test_channel_matrix_figure_sorts_channels_by_energy():
+def test_channel_matrix_figure_sorts_channels_by_energy_at_full_resolution():
     rng = np.random.default_rng(1)
-    c = 40
+    c = 512  # ResNet-18/34's channels: at least one screen pixel per matrix entry
     logits = rng.standard_normal((c, c))
     w = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     energy = rng.random(c)
@@ -80,6 +80,8 @@ def test_channel_matrix_figure_sorts_channels_by_energy():
     assert ax_b.get_images()[0].get_array().shape == (8, 8)
     assert [t.get_text() for t in ax_b.get_xticklabels()][:2] == [str(order[0]), str(order[1])]
     assert ax_a.get_images()[0].norm.__class__.__name__ == "LogNorm"
+    box = ax_a.get_window_extent(_renderer(fig))
+    assert box.width >= c and box.height >= c
 
 
 def test_loss_figure_has_total_term_and_test_panels_with_integer_epochs():
@@ -139,6 +141,12 @@ def test_write_confusion_csv_and_png(tmp_path):
     rows = (tmp_path / "confusion.csv").read_text().splitlines()
     assert rows == ["true \\ predicted,a,b", "a,3,1", "b,0,2"]
     assert (tmp_path / "confusion_worst.png").stat().st_size > 0
+
+
+def test_visualize_rejects_a_bad_pair_count(capsys):
+    with pytest.raises(SystemExit):
+        visualize.main(["best.pth", "--num-pairs", "0"])
+    assert "--num-pairs: wanted an int >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_visualize_without_matplotlib_fails_with_one_line(monkeypatch, capsys):

@@ -43,6 +43,16 @@ from .. import functional, models, plots
 EPS = 1e-6  # relative floor of ‖X‖ in the relative-change maps (positions with no activation)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"wanted an int >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fgattn-visualize",
@@ -52,10 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("checkpoint", help="best.pth or last.pth of a training run")
     p.add_argument("--out", default="vis", help="folder for the PNG files (default: vis)")
-    p.add_argument("--num-pairs", type=int, default=4, help="same-class test pairs to draw")
+    p.add_argument("--num-pairs", type=_positive_int, default=4,
+                   help="same-class test pairs to draw (default: 4)")  # fmt: skip
     p.add_argument("--data-root", help="the dataset's folder, if not the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="which pairs are drawn (default: 0)")
-    p.add_argument("--top-channels", type=int, default=32,
+    p.add_argument("--top-channels", type=_positive_int, default=32,
                    help="CIN: channels in the SCI matrix's zoomed panel (default: 32)")  # fmt: skip
     return p.parse_args(argv)
 
@@ -153,13 +164,16 @@ def cin_maps(model: models.CIN, f: torch.Tensor) -> tuple[list[plots.MapColumn],
 def pcanet_maps(model: models.PCANet, f: torch.Tensor, size: tuple[int, int]):
     """Co-attention and erase columns for a pair of feature maps f = [F_A; F_B]."""
     fw = model.co_attention(f)
+    co = model.co_attention
+    w = f"softmax({co.scale:g} · F_A F_Bᵀ)" if co.shared_weights else "softmax(scale · F F′ᵀ)"
+    residual = " + F" if co.residual else ""
     attention = model.erase.attention_map(fw)  # eval: deterministic ("sampled" draws anyway)
     mask = model.erase.mask(fw, size)[:, 0]
     theta = model.erase.thresholds(1, f.device).item()
     kept = mask.flatten(1).mean(1)
     return [
         plots.MapColumn(
-            "co-attention map (eq. 1–3)\nA = max_c F_W, F_W = softmax(−F_A F_Bᵀ) F",
+            f"co-attention map (eq. 1–3)\nA = max_c F_W, F_W = {w} F{residual}",
             list(attention.numpy()), label="A (before the min-max normalisation of eq. 4)",
         ),
         plots.MapColumn(
