@@ -47,6 +47,8 @@ from .config import TrainConfig, resolve_config, save_yaml
 from .logging import log_epoch, write_confusion
 
 CKPT_FORMAT = "fgattn-train-1"
+# Up to this many classes a run keeps the test confusion matrix (K² int64 counts: 32 MiB here).
+CONFUSION_MAX_CLASSES = 2048
 
 
 # ----------------------------------------------------------------------------- builders
@@ -519,12 +521,13 @@ def evaluate(
 
 def _test_metrics(
     cfg: TrainConfig, state: TrainState, model, loader, device, num_classes: int
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor | None]:
     """``test_*`` metrics of the model (and ``ema_test_*`` of its EMA), with rank 0's buffers,
-    and the model's (K, K) test confusion matrix."""
+    and the model's (K, K) test confusion matrix (None above `CONFUSION_MAX_CLASSES`)."""
     _sync_buffers(state.model)
-    metrics = evaluate(model, loader, device, cfg, num_classes=num_classes)
-    confusion = metrics.pop("confusion")
+    k = num_classes if num_classes <= CONFUSION_MAX_CLASSES else None
+    metrics = evaluate(model, loader, device, cfg, num_classes=k)
+    confusion = metrics.pop("confusion", None)
     row = {f"test_{k}": v for k, v in metrics.items()}
     if state.ema is not None:
         ema_metrics = evaluate(state.ema.module, loader, device, cfg, "test (EMA)")
