@@ -253,13 +253,11 @@ def _draw_map(ax: Axes, image: np.ndarray, m: np.ndarray, kind: str, norm, cmap:
     )  # fmt: skip
 
 
-def _column_norm(col: MapColumn):
+def _norm(maps: Sequence[np.ndarray], kind: str):
+    """(Normalize over the finite values of ``maps``, colour map name) for a map ``kind``."""
     from matplotlib.colors import Normalize
 
-    cmap = "RdBu_r" if col.kind == "signed" else "inferno"
-    if col.limits is not None:
-        return Normalize(*col.limits), cmap
-    maps, kind = col.maps, col.kind
+    cmap = "RdBu_r" if kind == "signed" else "inferno"
     values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
     values = values[np.isfinite(values)]
     if kind == "signed":
@@ -269,6 +267,33 @@ def _column_norm(col: MapColumn):
     return Normalize(lo, hi if hi > lo else lo + 1e-12), cmap
 
 
+def _draw_column(fig: Figure, axes, images: Sequence[np.ndarray], col: MapColumn) -> None:
+    """One `MapColumn` down ``axes`` (one per image), with its colour bar(s) below."""
+    from matplotlib.colors import Normalize
+
+    shared = None
+    if col.limits is not None:
+        shared = Normalize(*col.limits), ("RdBu_r" if col.kind == "signed" else "inferno")
+    for i, (ax, image) in enumerate(zip(axes, images, strict=True)):
+        m = np.asarray(col.maps[i])
+        norm, cmap = shared or _norm([m], col.kind)
+        mappable = _draw_map(ax, image, m, col.kind, norm, cmap)
+        if col.notes:
+            ax.set_xlabel(col.notes[i], fontsize=11)
+        if mappable is not None and shared is None:
+            _colorbar(fig, mappable, ax, col.label)
+    if mappable is not None and shared is not None:
+        _colorbar(fig, mappable, list(axes), col.label)
+    axes[0].set_title(col.title, fontsize=12)
+
+
+def _colorbar(fig: Figure, mappable, ax, label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    bar = fig.colorbar(mappable, ax=ax, location="bottom", shrink=0.8, aspect=25, label=label)
+    bar.ax.xaxis.set_major_locator(MaxNLocator(5))
+
+
 def pair_figure(
     images: Sequence[np.ndarray],
     row_labels: Sequence[str],
@@ -276,8 +301,9 @@ def pair_figure(
     title: str = "",
 ) -> Figure:
     """One figure for a pair of images: a row per image, the image first, then one column per
-    map drawn transparently over the dimmed image; each column shares one colour scale (and bar)
-    between the rows, so the two images can be compared. Panels are ≥ 448 px.
+    map drawn transparently over the dimmed image. Each map has its own colour scale and bar
+    (so neither image's map washes out), except columns with fixed ``limits``, which share one.
+    Panels are ≥ 448 px.
 
     Args:
         images: (H, W, 3) arrays in [0, 1], one per row.
@@ -286,29 +312,20 @@ def pair_figure(
         title: figure title.
     """
     n_rows, n_cols = len(images), 1 + len(columns)
-    fig = new_figure(PANEL_IN * n_cols + 0.8, PANEL_IN * n_rows + 2.4)
+    fig = new_figure(PANEL_IN * n_cols + 0.8, (PANEL_IN + 1.1) * n_rows + 1.2)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, (image, label) in enumerate(zip(images, row_labels, strict=True)):
         axes[i, 0].imshow(image, interpolation="nearest")
         axes[i, 0].set_ylabel(label, fontsize=12)
     axes[0, 0].set_title("image", fontsize=12)
     for j, col in enumerate(columns, start=1):
-        norm, cmap = _column_norm(col)
-        mappable = None
-        for i, image in enumerate(images):
-            mappable = _draw_map(axes[i, j], image, np.asarray(col.maps[i]), col.kind, norm, cmap)
-            if col.notes:
-                axes[i, j].set_xlabel(col.notes[i], fontsize=11)
-        axes[0, j].set_title(col.title, fontsize=12)
-        if mappable is not None:
-            fig.colorbar(mappable, ax=axes[:, j], location="bottom", shrink=0.85, aspect=30,
-                         label=col.label)  # fmt: skip
+        _draw_column(fig, axes[:, j], images, col)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         # The trailing blank line keeps the title clear of the two-line column titles, which
-        # constrained layout places a few pixels too high next to column-spanning colour bars.
+        # constrained layout places a few pixels too high next to colour bars.
         fig.suptitle(f"{title}\n", fontsize=13)
     return fig
 

@@ -58,12 +58,12 @@ def test_pair_figure_panels_are_at_least_448_px_with_titles_and_colour_bars():
     titles = [ax.get_title() for ax in image_axes if ax.get_title()]
     assert titles == ["image", "heat\n(eq. 1)", "signed", "mask"]
     colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-    assert len(colorbars) == 2  # one per heat / signed column, none for the mask
+    assert len(colorbars) == 3  # one per heat map, one shared by the fixed-limit column
     signed = image_axes[2].get_images()[-1]
     assert signed.norm.vmin == -1.0 and signed.norm.vmax == 1.0
-    # The two rows of a column share one colour scale.
-    first, second = (ax.get_images()[-1].norm for ax in (image_axes[1], image_axes[5]))
-    assert (first.vmin, first.vmax) == (second.vmin, second.vmax)
+    for ax, m in ((image_axes[1], columns[0].maps[0]), (image_axes[5], columns[0].maps[1])):
+        norm = ax.get_images()[-1].norm  # each heat map on its own scale: none washes out
+        assert (norm.vmin, norm.vmax) == pytest.approx((m.min(), m.max()))
 
 
 def test_channel_matrix_figure_sorts_channels_by_energy_at_full_resolution():
