@@ -331,55 +331,53 @@ def pair_figure(
 
 
 def channel_matrix_figure(
-    weights: np.ndarray,
+    log_weights: np.ndarray,
     energy: np.ndarray,
     top: int = 32,
     max_channels: int = 512,
     title: str = "",
 ) -> Figure:
-    """A C × C channel attention matrix W (rows sum to 1) made readable: channels sorted by their
-    energy in the image, one matrix entry per pixel or more, a log colour scale.
+    """A C × C channel attention matrix W made readable: channels sorted by their energy in the
+    image, one matrix entry per screen pixel or more, colours on a log scale (log10 W).
 
-    Panels: (a) W over the ``max_channels`` most energetic channels; (b) the ``top`` most energetic
-    channels, labelled with their indices; (c) how much of Y = W X each channel j supplies
-    (the column mean of W) by energy rank, which shows whether the softmax reads from active
-    channels or from silent / complementary ones.
+    Panels: (a) W over the ``max_channels`` most energetic channels, clipped at 10⁻⁶ of its largest
+    entry; (b) the ``top`` most energetic channels on their own (unclipped) scale, labelled with
+    their indices; (c) how much of Y = W X each channel j supplies (the column mean of W) by
+    energy rank, which shows whether the softmax reads from active channels or from silent /
+    complementary ones.
 
     Args:
-        weights: (C, C) row-stochastic W.
+        log_weights: (C, C) natural log of the row-stochastic W (e.g. ``log_softmax``: entries
+            far below float precision stay finite).
         energy: (C,) ‖X_c‖² of each channel over the feature map.
         top: channels in panel (b).
         max_channels: channels in panel (a) (all when C is smaller).
         title: figure title.
     """
-    from matplotlib.colors import LogNorm
-
-    weights, energy = np.asarray(weights, np.float64), np.asarray(energy, np.float64)
-    c = weights.shape[0]
+    log_w, energy = np.asarray(log_weights, np.float64) / np.log(10), np.asarray(energy, np.float64)
+    c = log_w.shape[0]
     order = np.argsort(-energy, kind="stable")
-    sorted_w = weights[np.ix_(order, order)]
-    positive = weights[weights > 0]
-    hi = float(positive.max()) if positive.size else 1.0
-    norm = LogNorm(max(float(positive.min()) if positive.size else hi, hi * 1e-6), hi)
+    sorted_w = log_w[np.ix_(order, order)]
     n_a, n_b = min(c, max_channels), min(c, top)
 
     fig = new_figure(18.0, 7.5)
     ax_a, ax_b, ax_c = fig.subplots(1, 3, width_ratios=[1.25, 1.0, 1.0])
-    im = ax_a.imshow(sorted_w[:n_a, :n_a].clip(norm.vmin), norm=norm, cmap="viridis",
+    block = sorted_w[:n_a, :n_a]
+    high = float(block.max())
+    im = ax_a.imshow(block.clip(high - 6), vmin=high - 6, vmax=high, cmap="viridis",
                      interpolation="nearest")  # fmt: skip
     what = "all" if n_a == c else f"the {n_a} most energetic of"
     ax_a.set_title(f"(a) W over {what} {c} channels,\nsorted by energy ‖X_c‖² (descending)")
     ax_a.set_xlabel("channel j (energy rank)")
     ax_a.set_ylabel("channel i (energy rank)")
-    ax_b.imshow(sorted_w[:n_b, :n_b].clip(norm.vmin), norm=norm, cmap="viridis",
-                interpolation="nearest")  # fmt: skip
+    fig.colorbar(im, ax=ax_a, label="log₁₀ W_ij (clipped 6 decades below the max)", shrink=0.8)
+    im = ax_b.imshow(sorted_w[:n_b, :n_b], cmap="viridis", interpolation="nearest")
     ticks = range(0, n_b, max(1, n_b // 16))
     ax_b.set_xticks(ticks, [str(order[t]) for t in ticks], rotation=90, fontsize=7)
     ax_b.set_yticks(ticks, [str(order[t]) for t in ticks], fontsize=7)
     ax_b.set_title(f"(b) the {n_b} most energetic channels\n(ticks: channel index)")
-    fig.colorbar(im, ax=[ax_a, ax_b], label="W_ij = softmax_j(scale · X Xᵀ)_ij  (log scale)",
-                 shrink=0.85)  # fmt: skip
-    _supply_panel(ax_c, weights[:, order], energy[order])
+    fig.colorbar(im, ax=ax_b, label="log₁₀ W_ij", shrink=0.8)
+    _supply_panel(ax_c, np.exp(log_weights)[:, order], energy[order])
     if title:
         fig.suptitle(title, fontsize=13)
     return fig

@@ -69,17 +69,19 @@ def test_pair_figure_panels_are_at_least_448_px_with_titles_and_colour_bars():
 def test_channel_matrix_figure_sorts_channels_by_energy_at_full_resolution():
     rng = np.random.default_rng(1)
     c = 512  # ResNet-18/34's channels: at least one screen pixel per matrix entry
-    logits = rng.standard_normal((c, c))
-    w = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    logits = 30 * rng.standard_normal((c, c))
+    log_w = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     energy = rng.random(c)
-    fig = plots.channel_matrix_figure(w, energy, top=8)
+    fig = plots.channel_matrix_figure(log_w, energy, top=8)
     ax_a, ax_b = fig.axes[:2]
     order = np.argsort(-energy)
-    shown = ax_a.get_images()[0].get_array()
-    np.testing.assert_allclose(shown, w[np.ix_(order, order)])  # full resolution, energy order
-    assert ax_b.get_images()[0].get_array().shape == (8, 8)
+    expected = log_w[np.ix_(order, order)] / np.log(10)
+    shown = ax_a.get_images()[0]
+    np.testing.assert_allclose(shown.get_array(), expected.clip(expected.max() - 6))
+    assert shown.norm.vmax - shown.norm.vmin == pytest.approx(6.0)
+    zoom = ax_b.get_images()[0].get_array()
+    np.testing.assert_allclose(zoom, expected[:8, :8])  # unclipped: its own scale
     assert [t.get_text() for t in ax_b.get_xticklabels()][:2] == [str(order[0]), str(order[1])]
-    assert ax_a.get_images()[0].norm.__class__.__name__ == "LogNorm"
     box = ax_a.get_window_extent(_renderer(fig))
     assert box.width >= c and box.height >= c
 
@@ -169,3 +171,26 @@ def test_the_confusion_files_belong_to_the_run(tmp_path):
         rundir.claim(run)
     rundir.claim(run, overwrite=True).release()
     assert not (run / "confusion.csv").exists() and not (run / "confusion_worst.png").exists()
+
+
+@pytest.mark.parametrize("length_normalized", [False, True])
+def test_cin_maps_match_the_model(length_normalized):
+    import fgattn
+
+    model = fgattn.create_model("cin", backbone="test_resnet", num_classes=3,
+                                length_normalized=length_normalized).eval()  # fmt: skip
+    f = torch.randn(2, model.backbone.out_channels, 3, 3).relu()
+    columns, sci = visualize.cin_maps(model, f)
+    expected = fgattn.functional.channel_attention_weights(
+        f[:1], scale=model.sci.effective_scale(f)
+    )[0]
+    torch.testing.assert_close(torch.from_numpy(np.exp(sci["log_weights"])).float(), expected)
+    # CCI column against the materialised matrices of eq. 5: ‖|W_A − η W_B| X_A‖ / ‖W_A X_A‖.
+    w = fgattn.functional.channel_attention_weights(f, scale=model.sci.effective_scale(f))
+    x = f.flatten(2)
+    y = w @ x
+    eta, gamma = model.cci.weights(y[:1].view_as(f[:1]), y[1:].view_as(f[1:]))
+    y_ab = torch.stack([(w[0] - eta * w[1]).abs() @ x[0], (w[1] - gamma * w[0]).abs() @ x[1]])
+    expected_cci = (y_ab.norm(dim=1) / y.norm(dim=1)).view(2, 3, 3).detach()
+    np.testing.assert_allclose(np.stack(columns[1].maps), expected_cci.numpy(), rtol=1e-4)
+    assert all(m.shape == (3, 3) for col in columns for m in col.maps)

@@ -155,9 +155,10 @@ def cin_maps(model: models.CIN, f: torch.Tensor) -> tuple[list[plots.MapColumn],
                    f"γ = {float(gamma[0]):.3g} (B given A)"],
         ),
     ]  # fmt: skip
-    weights = functional.channel_attention_weights(f[:1].float(), scale=scale)[0]
-    energy = f[0].flatten(1).pow(2).sum(1)
-    return columns, {"weights": weights.numpy(), "energy": energy.numpy(), "scale": scale}
+    x = f[0].flatten(1).double()
+    log_w = torch.log_softmax(scale * x @ x.T, dim=-1)  # log W (eq. 2), tiny entries finite
+    energy = x.pow(2).sum(1)
+    return columns, {"log_weights": log_w.numpy(), "energy": energy.numpy(), "scale": scale}
 
 
 @torch.no_grad()
@@ -204,7 +205,7 @@ def pair_figures(model, classes, x: torch.Tensor, y: torch.Tensor, top: int):
         extra, sci = cin_maps(model, f)
         name = "CIN"
         matrix = plots.channel_matrix_figure(
-            sci["weights"], sci["energy"], top=top,
+            sci["log_weights"], sci["energy"], top=top,
             title=f"SCI's channel attention W of image A ({classes[int(y[0])]}), "
                   f"scale {sci['scale']:g}, X of {f.shape[1]} channels × {h}×{w}",
         )  # fmt: skip
