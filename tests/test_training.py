@@ -5,12 +5,15 @@ All runs use the real fgattn models on timm's tiny ``test_resnet`` at 64 px for 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,12 @@ def _weights_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _confusion(run: Path) -> torch.Tensor:
+    """The run's confusion.csv as a (K, K) tensor (rows true class, columns predicted)."""
+    rows = list(csv.reader((run / "confusion.csv").read_text().splitlines()))[1:]
+    return torch.tensor([[int(v) for v in row[1:]] for row in rows])
+
+
 def _history(ckpt: dict) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in ckpt["history"]]
 
@@ -64,7 +73,8 @@ def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
-    assert "epoch 1 |" in proc.stdout and "test_top1" in proc.stdout
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("epoch 1 |")]
+    assert line.startswith("epoch 1 | test_top1 ") and len(line) < 120, line
     rows = (run / "summary.csv").read_text().splitlines()
     assert len(rows) == 2
     header = rows[0].split(",")
@@ -76,7 +86,8 @@ def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["backbone"] == "test_resnet" and saved["dataset"] == "synthetic"
     if importlib.util.find_spec("matplotlib") is not None:
-        assert (run / "loss.png").stat().st_size > 0 and (run / "accuracy.png").stat().st_size > 0
+        for name in ("loss.png", "accuracy.png", "confusion_worst.png"):
+            assert (run / name).stat().st_size > 0, name
     if arch == "cin":  # positive pairs exist, so the contrastive term is live (not ≡ 0)
         row = dict(zip(header, rows[1].split(","), strict=True))
         assert float(row["train_loss_cont"]) > 0
@@ -280,6 +291,9 @@ def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
     assert single["top1"] == pytest.approx(logged["test_top1"], abs=1e-9)
     assert single["top5"] == pytest.approx(logged["test_top5"], abs=1e-9)
     assert logged["test_count"] == 15  # every test image once: no padding, no duplicates
+    # The confusion matrix is summed over the ranks: every test image once, top-1 on its diagonal.
+    counts = _confusion(tmp_path / "ddp")
+    assert counts.sum() == 15 and counts.trace() == round(logged["test_top1"] * 15 / 100)
     # Same weights and buffers (rank 0's are broadcast before evaluating): same loss up to the
     # order of the float64 sums.
     assert single["loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
@@ -299,11 +313,17 @@ def test_evaluate_and_visualize(tmp_path, arch):
     assert plain["top1"] == pytest.approx(logged["test_top1"])
     with pytest.raises(ValueError, match="EMA"):
         evaluate.run([str(best), "--ema"])
-    files = _example("visualize").main([str(best), "--out", str(tmp_path / "vis"),
-                                        "--num-pairs", "2"])  # fmt: skip
-    expected = 4 if arch == "cin" else 2
-    assert len(files) == expected and all(f.stat().st_size > 0 for f in files)
-    from torchvision.io import read_image
-
-    grid = read_image(str(files[0]))
-    assert grid.shape[0] == 3 and grid.shape[1] > 2 * 64 and grid.shape[2] > 4 * 64
+    counts = _confusion(tmp_path / "r")
+    assert counts.sum() == 12 and counts.trace() == round(logged["test_top1"] * 12 / 100)
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        files = _example("visualize").run([str(best), "--out", str(tmp_path / "vis"),
+                                            "--num-pairs", "2"])  # fmt: skip
+    names = ["pair0.png", "pair0_sci_weights.png", "pair1.png", "pair1_sci_weights.png"]
+    assert [f.name for f in files] == (names if arch == "cin" else names[::2])
+    # One figure per pair: 2 rows (the images) x 5 columns (image, energy, Grad-CAM, 2 maps),
+    # each panel at least 448 px.
+    width, height = struct.unpack(">II", files[0].read_bytes()[16:24])
+    assert width >= 5 * 448 and height >= 2 * 448

@@ -7,7 +7,8 @@ sums exact counts over ranks.
 
 Run directory ``<output>/<name>/``: config.yaml (resolved config), summary.csv (one row per
 epoch), loss.png / accuracy.png, last.pth (end of every epoch, or on SIGTERM mid-epoch), best.pth
-(model weights of the best test top-1).
+(model weights of the best test top-1), confusion.csv / confusion_worst.png (the test confusion
+of best.pth's weights; the PNG shows the classes of lowest accuracy).
 
 Resume is exact: a checkpoint holds the model, optimizer, scheduler, grad scaler, EMA, the epoch and
 step within it, every rank's RNG states and the metric sums of the unfinished epoch. Data
@@ -43,9 +44,11 @@ from ..models import create_model
 from . import rundir
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig, resolve_config, save_yaml
-from .logging import log_epoch
+from .logging import log_epoch, write_confusion
 
 CKPT_FORMAT = "fgattn-train-1"
+# Up to this many classes a run keeps the test confusion matrix (K² int64 counts: 32 MiB here).
+CONFUSION_MAX_CLASSES = 2048
 
 
 # ----------------------------------------------------------------------------- builders
@@ -334,10 +337,21 @@ def save_last(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: 
     return path
 
 
-def save_best(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: Path) -> None:
-    """Write best.pth (rank 0): the weights of ``state`` and their test top-1."""
-    if _is_primary():
-        save_atomic(checkpoint_state(cfg, classes, state), run_dir / "best.pth")
+def save_best(
+    cfg: TrainConfig,
+    classes: list[str],
+    state: TrainState,
+    run_dir: Path,
+    confusion: torch.Tensor | None = None,
+) -> None:
+    """Write best.pth (rank 0): the weights of ``state`` and their test top-1; with their test
+    ``confusion`` matrix, also confusion.csv and confusion_worst.png (`write_confusion`)."""
+    if not _is_primary():
+        return
+    save_atomic(checkpoint_state(cfg, classes, state), run_dir / "best.pth")
+    if confusion is not None:
+        caption = f"{cfg.name}, epoch {state.epoch}: test top-1 {state.best_top1:.2f} %"
+        write_confusion(confusion, classes, run_dir, caption, cfg.plots)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -474,15 +488,20 @@ def evaluate(
     device: torch.device,
     cfg: TrainConfig,
     desc: str = "test",
-) -> dict[str, float]:
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set.
 
     Each rank evaluates its own shard (`ShardedEvalSampler`, no padding); correct counts and loss
     sums are added over ranks, so the numbers are exact whatever the number of processes.
     With ``cfg.test_flip`` the logits of each image and its mirror image are averaged.
+    With ``num_classes`` (K) the result also holds "confusion", the (K, K) int64 CPU tensor of
+    test images of class i predicted as j, likewise summed over ranks.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    k = num_classes or 0
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
     for images, targets in _progress(loader, desc, cfg):
         images, targets = _to_device(images, targets, cfg, device)
         with autocast_context(cfg, device):
@@ -498,22 +517,35 @@ def evaluate(
                 torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
             ]
         )
+        if k:
+            confusion += torch.bincount(targets * k + logits.argmax(1), minlength=k * k)
     if dist.is_initialized():
         dist.all_reduce(sums)
+        if k:
+            dist.all_reduce(confusion)
     loss, top1, top5, n = sums.tolist()
     n = max(n, 1.0)
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "count": int(n)}
+    out: dict[str, Any] = {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n,
+                           "count": int(n)}  # fmt: skip
+    if k:
+        out["confusion"] = confusion.view(k, k).cpu()
+    return out
 
 
-def _test_metrics(cfg: TrainConfig, state: TrainState, model, loader, device) -> dict[str, float]:
-    """``test_*`` metrics of the model (and ``ema_test_*`` of its EMA), with rank 0's buffers."""
+def _test_metrics(
+    cfg: TrainConfig, state: TrainState, model, loader, device, num_classes: int
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """``test_*`` metrics of the model (and ``ema_test_*`` of its EMA), with rank 0's buffers,
+    and the model's (K, K) test confusion matrix (None above `CONFUSION_MAX_CLASSES`)."""
     _sync_buffers(state.model)
-    metrics = evaluate(model, loader, device, cfg)
+    k = num_classes if num_classes <= CONFUSION_MAX_CLASSES else None
+    metrics = evaluate(model, loader, device, cfg, num_classes=k)
+    confusion = metrics.pop("confusion", None)
     row = {f"test_{k}": v for k, v in metrics.items()}
     if state.ema is not None:
         ema_metrics = evaluate(state.ema.module, loader, device, cfg, "test (EMA)")
         row.update({f"ema_test_{k}": v for k, v in ema_metrics.items() if k != "count"})
-    return row
+    return row, confusion
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -627,10 +659,13 @@ def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dic
             row.update(_reduce_sums(state.partial_sums, device))
             state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                row.update(_test_metrics(cfg, state, setup.eval_model, setup.test_loader, device))
+                metrics, confusion = _test_metrics(
+                    cfg, state, setup.eval_model, setup.test_loader, device, len(classes)
+                )
+                row.update(metrics)
                 if row["test_top1"] > state.best_top1:
                     state.best_top1 = row["test_top1"]
-                    save_best(cfg, classes, state, run_dir)
+                    save_best(cfg, classes, state, run_dir, confusion)
             row["epoch_time_s"] = time.time() - t0
             state.history.append(row)
             last = save_last(cfg, classes, state, run_dir)

@@ -23,7 +23,15 @@ except ImportError:  # Windows: no advisory locks; the folder checks still apply
 
 # What a run writes into its folder (engine and train/logging.py). A folder holds a run once it has
 # any of OUTPUTS; config.yaml alone is a start that failed before its first epoch.
-OUTPUTS = ("summary.csv", "last.pth", "best.pth", "loss.png", "accuracy.png")
+OUTPUTS = (
+    "summary.csv",
+    "last.pth",
+    "best.pth",
+    "loss.png",
+    "accuracy.png",
+    "confusion.csv",
+    "confusion_worst.png",
+)
 RUN_FILES = ("config.yaml", *OUTPUTS)
 LOCK_FILE = ".lock"
 
