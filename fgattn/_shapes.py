@@ -58,10 +58,16 @@ def check_same(
         )
 
 
-def check_image_batch(x: torch.Tensor, name: str) -> None:
+def check_image_batch(x: torch.Tensor, name: str, channels: int | None = None) -> None:
+    """A float (B, C, H, W) tensor, with C == ``channels`` when given."""
     check_float(x, name)
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{name} must have {channels} channels, got shape {tuple(x.shape)} "
+            f"(wanted (B, {channels}, H, W))"
+        )
 
 
 def split_pairs(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,10 @@
 """The cuobjdump reader of `benchmarks/kernel_resources.py`, on (abridged) real cuobjdump output."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+from _scripts import load_script
 
 
 def _kernel_resources():
-    spec = importlib.util.spec_from_file_location("kernel_resources", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/kernel_resources.py")
 
 
 def test_usage_records_of_an_object_file():

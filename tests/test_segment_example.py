@@ -1,18 +1,11 @@
 """examples/segment_danet.py: DualAttentionHead on a timm backbone learns synthetic masks."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segment_danet.py"
+from _scripts import load_script
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("segment_danet", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/segment_danet.py")
 
 
 def test_synthetic_masks_are_the_shapes_drawn():

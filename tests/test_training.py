@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from _fgvc_trees import KINDS, make_tree
+from _scripts import load_script
 
 from fgattn.train import TrainConfig, load_checkpoint, main, resolve_config, save_atomic
 from fgattn.train import engine as E
@@ -38,10 +39,7 @@ TINY = [
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def _env() -> dict[str, str]:

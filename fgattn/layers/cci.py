@@ -74,16 +74,11 @@ class CCI(nn.Module):
             x_a, x_b = split_pairs(x_a, "x")
             if y_a is not None:
                 y_a, y_b = split_pairs(y_a, "y")
-        check_image_batch(x_a, "x_a")
+        check_image_batch(x_a, "x_a", self.channels)
         check_image_batch(x_b, "x_b")
         if x_a.shape != x_b.shape:
             raise ValueError(
                 f"x_b must have x_a's shape {tuple(x_a.shape)}, got shape {tuple(x_b.shape)}"
-            )
-        if x_a.shape[1] != self.channels:
-            raise ValueError(
-                f"x_a must have {self.channels} channels, got shape {tuple(x_a.shape)} "
-                f"(wanted (N, {self.channels}, H, W))"
             )
         for y, name in ((y_a, "y_a"), (y_b, "y_b")):
             if y is not None and (not isinstance(y, torch.Tensor) or y.shape != x_a.shape):

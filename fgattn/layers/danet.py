@@ -81,12 +81,7 @@ class PositionAttentionModule(nn.Module):
         self.gamma = nn.Parameter(torch.full((1,), _args.real(gamma_init, "gamma_init")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, "x")
-        if x.shape[1] != self.channels:
-            raise ValueError(
-                f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
-                f"(wanted (B, {self.channels}, H, W))"
-            )
+        check_image_batch(x, "x", self.channels)
         q, k, v = (
             rearrange(conv(x), "b c h w -> b 1 (h w) c")
             for conv in (self.query_conv, self.key_conv, self.value_conv)
@@ -160,12 +155,7 @@ class DualAttentionHead(nn.Module):
     def forward(
         self, x: torch.Tensor, return_branches: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_image_batch(x, "x")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have {self.in_channels} channels, got shape {tuple(x.shape)} "
-                f"(wanted (B, {self.in_channels}, H, W))"
-            )
+        check_image_batch(x, "x", self.in_channels)
         position = self.conv51(self.sa(self.conv5a(x)))
         channel = self.conv52(self.sc(self.conv5c(x)))
         fused = self.conv8(position + channel)

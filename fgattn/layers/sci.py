@@ -50,12 +50,7 @@ class SCI(nn.Module):
 
     def interaction(self, x: torch.Tensor) -> torch.Tensor:
         """Y = W X (CIN eq. 1), same shape as x."""
-        check_image_batch(x, "x")
-        if x.shape[1] != self.channels:
-            raise ValueError(
-                f"x must have {self.channels} channels, got shape {tuple(x.shape)} "
-                f"(wanted (B, {self.channels}, H, W))"
-            )
+        check_image_batch(x, "x", self.channels)
         return channel_attention(x, scale=self.effective_scale(x))
 
     def forward(
