@@ -42,7 +42,11 @@ ARCH_LIMITS = {
     90: {"smem_block": 232448, "smem_sm": 233472, "regs_sm": 65536},  # H100 / H200
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-KERNEL_MODULES = ("fgattn.ops.triton_channel_attention", "fgattn.ops.triton_contrastive")
+KERNEL_MODULES = (
+    "fgattn.ops.triton_channel_attention",
+    "fgattn.ops.triton_contrastive",
+    "fgattn.ops.triton_flash",
+)
 
 
 def parse_args(argv=None):
@@ -78,18 +82,32 @@ class StubDriver:
 
 
 class Recorder:
-    """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching."""
+    """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching.
+    An autotuned kernel compiles every config its prune function keeps for this target."""
 
     def __init__(self, fn, log):
         self.fn, self.log = fn, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            start = time.perf_counter()
-            compiled = self.fn.warmup(*args, grid=grid, **kwargs)
-            self.log.append((self.fn, grid, kwargs, compiled, time.perf_counter() - start))
+            for fn, full in self.variants(args, kwargs):
+                g = grid(full) if callable(grid) else grid
+                start = time.perf_counter()
+                compiled = fn.warmup(*args, grid=g, **full)
+                self.log.append((fn, g, full, compiled, time.perf_counter() - start))
 
         return launch
+
+    def variants(self, args, kwargs):
+        """(JITFunction, keyword arguments) of every compilation this launch stands for."""
+        from triton.runtime.autotuner import Autotuner
+
+        if not isinstance(self.fn, Autotuner):
+            return [(self.fn, kwargs)]
+        self.fn.nargs = dict(zip(self.fn.arg_names, args))
+        configs = self.fn.prune_configs(kwargs)
+        self.fn.nargs = None
+        return [(self.fn.fn, {**kwargs, **cfg.all_kwargs()}) for cfg in configs]
 
 
 def cuda_home() -> str | None:
@@ -169,6 +187,7 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     the functional API does."""
     from fgattn.ops import triton_channel_attention as tca
     from fgattn.ops import triton_contrastive as tcc
+    from fgattn.ops import triton_flash as tfa
 
     def x_like(width=length, channels_last=False):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
@@ -191,27 +210,47 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         _, lse_a, lse_b = tcc.contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
         tcc.contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
 
-    return [
+    def flash_self_attention():
+        x = x_like()
+        _, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, tf32)
+        tfa.flash_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
+
+    def flash_co_attention():  # the forward; its backward is triton_channel_attention's
+        q, v = x_like(), x_like(2 * length)
+        tfa.flash_channel_attention_fwd(q, q, v, -1.0, tf32)
+
+    runs = [
         ("self", self_attention),
         ("self channels_last", lambda: self_attention(channels_last=True)),
         ("co-attention", co_attention),
         ("contrastive", contrastive),
     ]
+    if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
+        runs += [("fa self", flash_self_attention), ("fa co-attention", flash_co_attention)]
+    return runs
 
 
 def find_kernels() -> dict:
     """{(module, name): JITFunction} of every kernel the Triton backend launches."""
     import importlib
 
-    import triton
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
 
     found = {}
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(module_name)
         for name, obj in vars(module).items():
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            if isinstance(obj, (JITFunction, Autotuner)) and name.endswith("_kernel"):
                 found[(module, name)] = obj
     return found
+
+
+def jit_function(fn):
+    """The JITFunction under an autotuned kernel (or the kernel itself)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return fn.fn if isinstance(fn, Autotuner) else fn
 
 
 def qualified(fn) -> str:
@@ -246,7 +285,7 @@ def compile_all(args) -> list[dict]:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]
             _triton_common.shared_memory_limit = lambda x, limit=limit: limit  # tiles as there
-            for fn in kernels.values():  # binders and caches hold the target: start afresh
+            for fn in map(jit_function, kernels.values()):  # binders and caches hold the target
                 fn.device_caches = defaultdict(fn.create_binder)
             variants = [(d, False) for d in args.dtype if not (arch < 80 and d == "bf16")]
             if args.tf32 and "fp32" in args.dtype:
@@ -310,17 +349,18 @@ def main(argv=None) -> int:
     records = compile_all(args)
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
-        f"{'warps':>5}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
+        f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
     )
     for r in records:
         blocks = "x".join(str(v) for v in r["blocks"].values())
         print(
             f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
-            f"{blocks:24}{r['num_warps']:>5}{r['shared_bytes'] / 1024:8.1f}{r['regs']:>5}"
+            f"{blocks:24}{r['num_warps']:>5}{r['num_stages']:>7}{r['shared_bytes'] / 1024:8.1f}"
+            f"{r['regs']:>5}"
             f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
             f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
-    names = sorted({qualified(fn) for fn in find_kernels().values()})
+    names = sorted({qualified(jit_function(fn)) for fn in find_kernels().values()})
     compiled = sorted({r["kernel"] for r in records})
     print(f"\n{len(records)} kernels compiled for sm_{args.arch}; kernels: {', '.join(compiled)}")
     if args.json:

@@ -29,6 +29,7 @@ backward is `triton_channel_attention`'s (same row statistics).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -105,7 +106,9 @@ def fits(kind: str):
             smem, words = estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
             if (limit is None or smem <= limit) and words <= REGISTER_BUDGET:
                 kept.append(cfg)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        # 64-row tiles or more get Hopper's warpgroup MMA; narrower ones only where nothing else fits
+        wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
+        return wide or kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
 
@@ -175,8 +178,10 @@ def _fwd_kernel(
     IS_SELF: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    # grid: (row blocks of q, column tiles of v (width TV, pieces V0..V2), batch).
-    # IS_SELF: k = v = q, one tile load serves the logits and the product.
+    # grid: (row blocks of q, column tiles of out (width TV), batch). q and k come zero-padded to
+    # L = K0 + K1 + K2 columns and each column tile of v to V0 + V1 + V2 (`_aligned`): rows start
+    # 16-byte aligned, which the pipelined (cp.async / TMA) loads need. IS_SELF: k = v = q, one
+    # tile load serves the logits and the product.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -185,8 +190,10 @@ def _fwd_kernel(
     V += b * svb
     Out += b * sob
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d0 = pid_d * TV
+    d0 = pid_d * TV  # this tile's first column of out; of the padded v: pid_d · (V0 + V1 + V2)
     d_end = tl.minimum(d0 + TV, LV)
+    dv0 = pid_d * (V0 + V1 + V2)
+    dv_end = dv0 + V0 + V1 + V2
 
     # q resident for the whole sweep, as up to three power-of-two pieces of L
     q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
@@ -214,20 +221,20 @@ def _fwd_kernel(
         if IS_SELF:
             v0 = k0
         else:
-            v0 = _rows(V, offs_n, C, d0, V0, d_end, svc, svl)
+            v0 = _rows(V, offs_n, C, dv0, V0, dv_end, svc, svl)
         p = p.to(v0.dtype)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
         if V1 > 0:
             if IS_SELF:
                 v1 = k1
             else:
-                v1 = _rows(V, offs_n, C, d0 + V0, V1, d_end, svc, svl)
+                v1 = _rows(V, offs_n, C, dv0 + V0, V1, dv_end, svc, svl)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         if V2 > 0:
             if IS_SELF:
                 v2 = k2
             else:
-                v2 = _rows(V, offs_n, C, d0 + V0 + V1, V2, d_end, svc, svl)
+                v2 = _rows(V, offs_n, C, dv0 + V0 + V1, V2, dv_end, svc, svl)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
 
     # -- epilogue: normalise, store; the first column tile stores the row statistics
@@ -254,7 +261,8 @@ def _bwd_delta_self_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    # grid: (row blocks m, batch). Rows m of x and do resident; x_n streamed. Writes BST (B, 3, C)
+    # grid: (row blocks m, batch); x and do padded as in _bwd_self_kernel. Rows m of x and do
+    # resident; x_n streamed. Writes BST (B, 3, C)
     # = [max, log Σ + log r, δ / r] with r_i = Σ_j p_ij and δ_i = Σ_j p_ij dp_ij from the
     # recomputed p and dp (see triton_channel_attention._bwd_delta_kernel for why not do · o).
     pid_m = tl.program_id(0)
@@ -290,12 +298,13 @@ def _bwd_delta_self_kernel(
 @triton.jit
 def _bwd_self_kernel(
     X, DO, BST, DX,
-    C, L, scale,
+    C, L, L_OUT, scale,
     sxb, sxc, sxl, sdb, sdc, sdl, sgb, sgc, sgl,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    # grid: (row blocks n of dX, batch). BLOCK_M rows n resident (x_n, do_n, the dX_n accumulator);
+    # grid: (row blocks n of dX, batch); x and do padded to L = K0 + K1 + K2 columns, dX is
+    # (B, C, L_OUT). BLOCK_M rows n resident (x_n, do_n, the dX_n accumulator);
     # BLOCK_N rows m streamed. In the [n, m] layout, with s symmetric:
     #   st = s_mn = s_nm,  pt = p_mn (rows m's stats),  p = p_nm (rows n's stats)
     #   dpt = x_n · do_m = dp_mn,  dp = do_n · x_m = dp_nm
@@ -345,11 +354,12 @@ def _bwd_self_kernel(
             acc2 = tl.dot(ds, xm2, acc2, input_precision=PRECISION)
             acc2 = tl.dot(pt, dom2, acc2, input_precision=PRECISION)
 
-    _store_rows(DX, acc0, offs_n, C, 0, K0, L, sgc, sgl)
+    # -- dX in its own (unpadded) width L_OUT
+    _store_rows(DX, acc0, offs_n, C, 0, K0, L_OUT, sgc, sgl)
     if K1 > 0:
-        _store_rows(DX, acc1, offs_n, C, K0, K1, L, sgc, sgl)
+        _store_rows(DX, acc1, offs_n, C, K0, K1, L_OUT, sgc, sgl)
     if K2 > 0:
-        _store_rows(DX, acc2, offs_n, C, K0 + K1, K2, L, sgc, sgl)
+        _store_rows(DX, acc2, offs_n, C, K0 + K1, K2, L_OUT, sgc, sgl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,6 +374,17 @@ def _check_length(length: int) -> None:
         )
 
 
+def _aligned(x: torch.Tensor, tiles: int, tile: int, width: int) -> torch.Tensor:
+    """x (B, C, ≤ tiles·tile) as (B, C, tiles·width): each `tile`-wide column tile zero-padded to
+    `width` (a multiple of 16), contiguous, so every row starts 16-byte aligned. No copy where x
+    already is that."""
+    bsz, c, length = x.shape
+    if tiles == 1 and length == width and x.is_contiguous():
+        return x
+    x = F.pad(x, (0, tiles * tile - length)).unflatten(2, (tiles, tile))
+    return F.pad(x, (0, width - tile)).flatten(2).contiguous()
+
+
 def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
     check_device(q, k, v)
     bsz, c, length = q.shape
@@ -373,6 +394,9 @@ def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
     tv = triton.cdiv(lv, n_tiles)
     kp = pieces(length)
     vp = kp if is_self else pieces(tv)
+    q = _aligned(q, 1, length, sum(kp))
+    k = q if is_self else _aligned(k, 1, length, sum(kp))
+    v = q if is_self else _aligned(v, n_tiles, tv, sum(vp))
     out = torch.empty((bsz, c, lv), device=v.device, dtype=v.dtype)
     stats = torch.empty((bsz, 2, c), device=q.device, dtype=torch.float32)  # [max, log Σ]
 
@@ -380,7 +404,7 @@ def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
         return (triton.cdiv(c, meta["BLOCK_M"]), n_tiles, bsz)
 
     _fwd_kernel[grid](
-        q, k, v, out, stats, c, length, lv, tv, scale,
+        q, k, v, out, stats, c, sum(kp), lv, tv, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         K0=kp[0], K1=kp[1], K2=kp[2], V0=vp[0], V1=vp[1], V2=vp[2],
         IS_SELF=is_self, PRECISION=precision(q, tf32),
@@ -398,18 +422,19 @@ def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
     bsz, c, length = x.shape
     kp = pieces(length)
     prec = precision(x, tf32)
+    dx = torch.empty((bsz, c, length), device=x.device, dtype=x.dtype)
+    x, do = _aligned(x, 1, length, sum(kp)), _aligned(do, 1, length, sum(kp))
     bst = torch.empty((bsz, 3, c), device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
 
     def grid(meta):
         return (triton.cdiv(c, meta["BLOCK_M"]), bsz)
 
     _bwd_delta_self_kernel[grid](
-        x, do, stats, bst, c, length, scale, *x.stride(), *do.stride(),
+        x, do, stats, bst, c, sum(kp), scale, *x.stride(), *do.stride(),
         K0=kp[0], K1=kp[1], K2=kp[2], PRECISION=prec,
     )  # fmt: skip
     _bwd_self_kernel[grid](
-        x, do, bst, dx, c, length, scale, *x.stride(), *do.stride(), *dx.stride(),
+        x, do, bst, dx, c, sum(kp), length, scale, *x.stride(), *do.stride(), *dx.stride(),
         K0=kp[0], K1=kp[1], K2=kp[2], PRECISION=prec,
     )  # fmt: skip
     return dx
