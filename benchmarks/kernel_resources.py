@@ -104,7 +104,7 @@ class Recorder:
 
         if not isinstance(self.fn, Autotuner):
             return [(self.fn, kwargs)]
-        self.fn.nargs = dict(zip(self.fn.arg_names, args))
+        self.fn.nargs = dict(zip(self.fn.arg_names, args, strict=False))
         configs = self.fn.prune_configs(kwargs)
         self.fn.nargs = None
         return [(self.fn.fn, {**kwargs, **cfg.all_kwargs()}) for cfg in configs]

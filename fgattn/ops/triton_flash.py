@@ -106,9 +106,9 @@ def fits(kind: str):
             smem, words = estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
             if (limit is None or smem <= limit) and words <= REGISTER_BUDGET:
                 kept.append(cfg)
-        # 64-row tiles or more get Hopper's warpgroup MMA; narrower ones only where nothing else fits
+        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        return wide or kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return wide or kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
     return prune
 
@@ -140,7 +140,7 @@ def _store_rows(ptr, val, rows, R, col0, W: tl.constexpr, END, stride_r, stride_
 
 @triton.jit
 def _dot_t(a0, a1, a2, b0, b1, b2, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr):
-    """Σ_i a_i b_iᵀ in fp32 over the pieces of L (a_i, b_i: rows x piece i; absent pieces skipped)."""
+    """Σ_i a_i b_iᵀ in fp32 over the pieces of L (a_i, b_i: rows x piece i; absent ones skipped)."""
     acc = tl.dot(a0, tl.trans(b0), input_precision=PRECISION)
     if K1 > 0:
         acc = tl.dot(a1, tl.trans(b1), acc, input_precision=PRECISION)
@@ -218,23 +218,14 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         # -- acc = alpha · acc + p v, piece by piece of the value tile
-        if IS_SELF:
-            v0 = k0
-        else:
-            v0 = _rows(V, offs_n, C, dv0, V0, dv_end, svc, svl)
+        v0 = k0 if IS_SELF else _rows(V, offs_n, C, dv0, V0, dv_end, svc, svl)
         p = p.to(v0.dtype)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
         if V1 > 0:
-            if IS_SELF:
-                v1 = k1
-            else:
-                v1 = _rows(V, offs_n, C, dv0 + V0, V1, dv_end, svc, svl)
+            v1 = k1 if IS_SELF else _rows(V, offs_n, C, dv0 + V0, V1, dv_end, svc, svl)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         if V2 > 0:
-            if IS_SELF:
-                v2 = k2
-            else:
-                v2 = _rows(V, offs_n, C, dv0 + V0 + V1, V2, dv_end, svc, svl)
+            v2 = k2 if IS_SELF else _rows(V, offs_n, C, dv0 + V0 + V1, V2, dv_end, svc, svl)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
 
     # -- epilogue: normalise, store; the first column tile stores the row statistics
@@ -378,7 +369,7 @@ def _aligned(x: torch.Tensor, tiles: int, tile: int, width: int) -> torch.Tensor
     """x (B, C, ≤ tiles·tile) as (B, C, tiles·width): each `tile`-wide column tile zero-padded to
     `width` (a multiple of 16), contiguous, so every row starts 16-byte aligned. No copy where x
     already is that."""
-    bsz, c, length = x.shape
+    length = x.shape[2]
     if tiles == 1 and length == width and x.is_contiguous():
         return x
     x = F.pad(x, (0, tiles * tile - length)).unflatten(2, (tiles, tile))
