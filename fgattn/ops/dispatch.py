@@ -104,9 +104,12 @@ class Implementation:
     materializes: bool = False  # builds the (B, C, C) matrix
     interpretable: bool = False  # Triton kernels: CPU tensors run under TRITON_INTERPRET=1
     options: tuple[tuple[str, str], ...] = ()  # keyword arguments of every function
+    max_length: int | None = None  # the longest L it takes
 
     def supports(self, call: Call) -> bool:
         if call.op not in self.ops or call.dtype not in self.dtypes:
+            return False
+        if self.max_length is not None and call.length > self.max_length:
             return False
         if min(call.batch, call.channels, call.length, call.value_length) == 0:
             return self.name == "reference"  # empty: nothing to be fast at
@@ -146,6 +149,18 @@ IMPLEMENTATIONS = {
             ("cuda",),
             FLOATS,
             interpretable=True,
+        ),
+        # FlashAttention-2-shaped kernels (fgattn/ops/triton_flash.py): not yet timed on a GPU,
+        # so in no rule; benchmark mode and backend="triton_fa" can pick them
+        Implementation(
+            "triton_fa",
+            "fgattn.ops.triton_backend",
+            ATTENTION,
+            ("cuda",),
+            FLOATS,
+            interpretable=True,
+            options=(("kernels", "flash"),),
+            max_length=256,
         ),
     )
 }
@@ -388,7 +403,10 @@ def _supported_text(names: Sequence[str]) -> str:
     for name in names:
         impl = IMPLEMENTATIONS[name]
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in impl.dtypes)
-        parts.append(f"{name}: {'/'.join(impl.ops)} on {'/'.join(impl.devices)} in {dtypes}")
+        longest = f" with L <= {impl.max_length}" if impl.max_length else ""
+        parts.append(
+            f"{name}: {'/'.join(impl.ops)} on {'/'.join(impl.devices)} in {dtypes}{longest}"
+        )
     return "; ".join(parts)
 
 
