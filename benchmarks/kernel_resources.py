@@ -46,6 +46,7 @@ KERNEL_MODULES = (
     "fgattn.ops.triton_channel_attention",
     "fgattn.ops.triton_contrastive",
     "fgattn.ops.triton_flash",
+    "fgattn.ops.triton_flash_contrastive",
 )
 
 
@@ -188,6 +189,7 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     from fgattn.ops import triton_channel_attention as tca
     from fgattn.ops import triton_contrastive as tcc
     from fgattn.ops import triton_flash as tfa
+    from fgattn.ops import triton_flash_contrastive as tfc
 
     def x_like(width=length, channels_last=False):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
@@ -225,8 +227,18 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         ("co-attention", co_attention),
         ("contrastive", contrastive),
     ]
+
+    def flash_contrastive():
+        a, b, eta = x_like(), x_like(), torch.rand(batch)
+        _, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
+        tfc.flash_contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
+
     if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
-        runs += [("fa self", flash_self_attention), ("fa co-attention", flash_co_attention)]
+        runs += [
+            ("fa self", flash_self_attention),
+            ("fa co-attention", flash_co_attention),
+            ("fa contrastive", flash_contrastive),
+        ]
     return runs
 
 

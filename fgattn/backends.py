@@ -18,8 +18,8 @@ Backends:
 - ``"sdpa"``: PyTorch's ``scaled_dot_product_attention`` with the sign folded into q and L padded;
   ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"`` name one SDPA kernel.
 - ``"triton"``: fgattn's fused Triton kernels (CUDA), compiled on first use.
-- ``"triton_fa"``: fgattn's FlashAttention-2-shaped Triton kernels (CUDA; self and cross attention
-  with L ≤ 256), autotuned on the device at first use. Not yet measured on a GPU, so ``"auto"``
+- ``"triton_fa"``: fgattn's FlashAttention-2-shaped Triton kernels (CUDA; every op with L ≤ 256),
+  autotuned on the device at first use. Not yet measured on a GPU, so ``"auto"``
   takes them only in benchmark mode.
 
 A global setting that cannot run a call (``"triton"`` on CPU tensors, any fused path in float64)

@@ -1,11 +1,13 @@
-"""The FlashAttention-2-shaped Triton kernels (`fgattn/ops/triton_flash.py`, backend "triton_fa")
-against the PyTorch reference: outputs and every gradient, fp32 / fp16 / bf16, large logits, odd
-C and L, B > 1, several tile configs; their config pruning, registration and dispatch.
+"""The FlashAttention-2-shaped Triton kernels (`fgattn/ops/triton_flash.py` and
+`triton_flash_contrastive.py`, backend "triton_fa") against the PyTorch reference: outputs and
+every gradient, fp32 / fp16 / bf16, large logits, odd C and L, B > 1, several tile configs; their
+config pruning, registration and dispatch.
 
 Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before Triton is imported), where the autotuner is pruned to one config, `INTERPRETER_TILES`; the
 `tiles` fixture runs each case with more than one. If the kernels were compiled before the
 interpreter was on, the file re-runs itself in a fresh process, as test_triton_kernels.py does.
+bf16 runs on a GPU only (the interpreter's bf16 tl.dot is unreliable).
 """
 
 import os
@@ -23,14 +25,23 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction
 
 from fgattn import backends
-from fgattn.functional import channel_attention
+from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import _triton_common, dispatch, reference
 from fgattn.ops import triton_flash as tfa
+from fgattn.ops import triton_flash_contrastive as tfc
 
 INTERPRETED = isinstance(tfa._fwd_kernel.fn, InterpretedFunction)
 RERUN = not INTERPRETED and not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETED else "cuda"
-KERNELS = (tfa._fwd_kernel, tfa._bwd_delta_self_kernel, tfa._bwd_self_kernel)
+KERNELS = (
+    tfa._fwd_kernel,
+    tfa._bwd_delta_self_kernel,
+    tfa._bwd_self_kernel,
+    tfc._lse_kernel,
+    tfc._fwd_kernel,
+    tfc._bwd_rowsum_kernel,
+    tfc._bwd_kernel,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -109,14 +120,16 @@ def test_pieces(width, want):
     assert sum(got) >= width and sum(got) % 16 == 0
 
 
+SPACES = {"fwd": tfa.FWD_SPACE, "bwd": tfa.BWD_SPACE, "cfwd": tfc.SPACE, "cbwd": tfc.BWD_SPACE}
+
+
 def _prune(kind, limit, dtype, width, monkeypatch, is_self=True):
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
     kp = tfa.pieces(width)
     kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=is_self)
-    space = tfa.FWD_SPACE if kind == "fwd" else tfa.BWD_SPACE
     x = torch.empty(0, dtype=dtype)
-    kept = tfa.fits(kind)(tfa._configs(space), {"X": x, "Q": x}, **kwargs)
+    kept = tfa.fits(kind)(tfa._configs(SPACES[kind]), {"X": x}, **kwargs)
     estimates = [
         tfa.estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                      c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size())
@@ -125,16 +138,30 @@ def _prune(kind, limit, dtype, width, monkeypatch, is_self=True):
     return kept, estimates
 
 
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
-@pytest.mark.parametrize("limit", [227 * 1024, 163 * 1024, 99 * 1024])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# Every kind at sm_90 / sm_80 / sm_86 limits, but the contrastive kernels in fp32 on sm_86, where no
+# config's estimate fits (the fallback below).
+FITTING = [
+    (kind, limit, dtype)
+    for kind in SPACES
+    for limit in (227 * 1024, 163 * 1024, 99 * 1024)
+    for dtype in (torch.bfloat16, torch.float32)
+    if not (kind in ("cfwd", "cbwd") and (limit, dtype) == (99 * 1024, torch.float32))
+]
+
+
+@pytest.mark.parametrize(("kind", "limit", "dtype"), FITTING)
 def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
-    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, is_self=kind == "bwd")
+    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, is_self=kind != "fwd")
     assert kept
     for smem, words in estimates:
         assert smem <= limit and words <= tfa.REGISTER_BUDGET
-    if limit >= 163 * 1024:  # sm_80 / sm_90: 64-row tiles fit, and wgmma needs them on sm_90
+    if limit >= 163 * 1024 and dtype == torch.bfloat16:  # wgmma needs 64-row tiles on sm_90
         assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+
+
+def test_prune_falls_back_to_the_smallest_config(monkeypatch):
+    kept, _ = _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
+    assert len(kept) == 1 and kept[0].kwargs["BLOCK_M"] == min(bm for bm, *_ in tfc.BWD_SPACE)
 
 
 def test_prune_drops_what_the_device_cannot_hold(monkeypatch):
@@ -267,6 +294,70 @@ def test_agrees_with_the_fused_kernels():
 
 
 # ---------------------------------------------------------------------------------------------
+# Contrastive |P_A − η P_B| X_A
+
+
+def check_contrastive(x_a, x_b, eta, scale=-1.0, tol=2e-5):
+    xs = [leaf(x_a), leaf(x_b), leaf(eta)]
+    out = contrastive_channel_attention(*xs, scale=scale, backend="triton_fa")
+    assert out.shape == x_a.shape and out.dtype == x_a.dtype
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
+    grads = torch.autograd.grad(out, xs, g)
+    xs64 = [leaf(t.double()) for t in (x_a, x_b, eta)]
+    ref = reference.contrastive_channel_attention(*xs64, scale)
+    rgrads = torch.autograd.grad(ref, xs64, g.double())
+    close(out, ref, tol)
+    for got, want in zip(grads, rgrads, strict=True):
+        close(got, want, tol)
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "length", "scale"),
+    [(2, 40, 20, -1.0), (2, 40, 20, -0.05), (3, 33, 49, 0.1), (2, 17, 5, -0.2), (1, 20, 196, -0.1)],
+)
+def test_contrastive(tiles, b, c, length, scale):
+    eta = torch.rand(b, dtype=torch.float64).float().to(DEVICE) * 1.5
+    check_contrastive(randn(b, c, length), randn(b, c, length), eta, scale)
+
+
+def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
+    # η = 1, X_B = X_A: W = 0 exactly, and d|u|/du at 0 is 0 as in PyTorch.
+    x = randn(2, 24, 20)
+    a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
+    out = contrastive_channel_attention(a, b, e, backend="triton_fa")
+    assert out.abs().max() == 0
+    for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
+        assert grad.abs().max() == 0
+
+
+def test_contrastive_dead_channels_non_contiguous_half():
+    a = randn(2, 20, 36).transpose(1, 2).relu()  # (2, 36, 20), non-contiguous
+    b = randn(2, 36, 40)[:, :, ::2].relu()
+    a[:, :4] = 0
+    b[:, 10:12] = 0
+    eta = torch.tensor([0.3, 1.2], device=DEVICE)
+    check_contrastive(a, b, eta)
+    check_contrastive(a.half(), b.half(), eta, tol=1e-2)
+
+
+@pytest.mark.parametrize("magnitude", [30.0, 150.0])
+def test_contrastive_large_logits(magnitude):
+    a = randn(2, 32, 49, scale=magnitude).relu()
+    a[:, ::5] = 0
+    b = randn(2, 32, 49, scale=magnitude).relu()
+    eta = torch.tensor([0.5, 1.2], device=DEVICE)
+    errors = _errors(
+        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton_fa"),
+        lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
+        (a, b, eta),
+    )
+    # the dX_B and dη here are ~0 (pure fp32 noise): the floor is the op's largest output/gradient
+    floor = max(size.item() for _, _, size in errors)
+    for err, err_ref32, size in errors:
+        assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration and dispatch
 
 
@@ -279,19 +370,29 @@ def test_opcheck():
         out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
     args = (torch.randn_like(out), x.detach(), stats, -1.0, False)
     torch.library.opcheck(tfa.flash_self_channel_attention_bwd, args)
+    eta = torch.tensor([0.5, 1.1], device=DEVICE, requires_grad=True)
+    args = (q, k, eta, -1.0, False)
+    torch.library.opcheck(tfc.flash_contrastive_channel_attention_fwd, args)
+    with torch.no_grad():
+        out, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), eta.detach(), lse_a, lse_b)
+    torch.library.opcheck(tfc.flash_contrastive_channel_attention_bwd, (*bwd_args, -1.0, False))
 
 
 def test_torch_compile_fullgraph():
     x = leaf(randn(2, 24, 4, 5))
     q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))
 
-    def loss(x, q, k, v, backend):
+    eta = leaf(torch.rand(2, device=DEVICE))
+
+    def loss(x, q, k, v, eta, backend):
         y1 = channel_attention(x, backend=backend)
         y2 = channel_attention(q, k, v, backend=backend)
-        return (y1 * y1).sum() + (y2 * y2).sum()
+        y3 = contrastive_channel_attention(q, k, eta, backend=backend)
+        return (y1 * y1).sum() + (y2 * y2).sum() + (y3 * y3).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    inputs = (x, q, k, v)
+    inputs = (x, q, k, v, eta)
     got = torch.autograd.grad(compiled(*inputs, "triton_fa"), inputs)
     want = torch.autograd.grad(loss(*inputs, "reference"), inputs)
     for a, b in zip(got, want, strict=True):
@@ -312,7 +413,7 @@ def test_no_rule_prefers_it_until_a_gpu_run_does():
     assert all("triton_fa" not in rule.prefer for rule in dispatch.RULES)
     assert "triton_fa" not in dispatch.LAST_RESORT
     call = dispatch.Call("self", "cuda", "cuda:0", (9, 0), torch.bfloat16, 32, 2048, 196, 196, True)
-    assert dispatch.IMPLEMENTATIONS["triton_fa"].ops == ("self", "cross")
+    assert dispatch.IMPLEMENTATIONS["triton_fa"].ops == ("self", "cross", "contrastive")
     assert dispatch.rule_for(call).prefer[0] != "triton_fa"
 
 

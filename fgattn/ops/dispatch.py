@@ -155,7 +155,7 @@ IMPLEMENTATIONS = {
         Implementation(
             "triton_fa",
             "fgattn.ops.triton_backend",
-            ATTENTION,
+            (*ATTENTION, "contrastive"),
             ("cuda",),
             FLOATS,
             interpretable=True,

@@ -75,31 +75,36 @@ def _configs(space):
 
 
 def estimate(kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: int, size: int):
-    """(shared bytes, fp32 words per thread) a config needs, from its tiles.
+    """(shared bytes, fp32 words per thread) a config needs, from its tiles (bm rows resident,
+    bn rows streamed, rows lk wide; lv: the value tile's width, 0 where v is k).
 
-    kind "fwd": q (bm x lk) staged once, k and v tiles (bn x lk, bn x lv) per pipeline stage; in
-    registers the (bm x lv) fp32 accumulator and two (bm x bn) fp32 tiles (s, p). kind "bwd"
-    (rows bm resident, bn streamed): x, do resident (2 · bm x lk), two streamed tiles per stage;
-    in registers the (bm x lk) accumulator and five (bm x bn) fp32 tiles. lv = 0: v is k.
+    "fwd": q staged once, k and v tiles per pipeline stage; in registers the (bm x lv) fp32
+    accumulator and two (bm x bn) fp32 tiles (s, p). "bwd" (self attention): x, do resident, two
+    streamed tiles per stage; the (bm x lk) accumulator and five (bm x bn) tiles. The contrastive
+    kernels: "cfwd" (statistics, forward, row sums) up to three resident and two streamed
+    tiles, one accumulator, four (bm x bn) tiles; "cbwd" three of each, two accumulators and
+    eight tiles.
     """
-    threads = 32 * warps
-    if kind == "fwd":
-        smem = (bm * lk + stages * bn * (lk + lv)) * size
-        words = (bm * (lv or lk) + 2 * bm * bn) / threads
-    else:
-        smem = (2 * bm * lk + stages * 2 * bn * lk) * size
-        words = (bm * lk + 5 * bm * bn) / threads
+    resident, streamed, accumulators, tiles = {
+        "fwd": (1, 1, 1, 2),
+        "bwd": (2, 2, 1, 5),
+        "cfwd": (3, 2, 1, 4),
+        "cbwd": (3, 3, 2, 8),
+    }[kind]
+    smem = (resident * bm * lk + stages * bn * (streamed * lk + lv)) * size
+    words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
     return smem, words
 
 
 def fits(kind: str):
-    """An early_config_prune for `kind`: configs whose estimate fits the device (all of them off
-    the GPU, the widest first); the interpreter's single config under TRITON_INTERPRET."""
+    """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
+    device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
+    any fits; under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
-        x = named_args["X"] if "X" in named_args else named_args["Q"]
+        x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
