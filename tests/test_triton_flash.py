@@ -160,8 +160,10 @@ def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
 
 
 def test_prune_falls_back_to_the_smallest_config(monkeypatch):
-    kept, _ = _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
-    assert len(kept) == 1 and kept[0].kwargs["BLOCK_M"] == min(bm for bm, *_ in tfc.BWD_SPACE)
+    (kept,), (estimate,) = _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
+    assert (kept.kwargs["BLOCK_M"], kept.kwargs["BLOCK_N"]) == (32, 16)
+    others = [tfa.estimate("cbwd", bm, bn, w, st, 208, 0, 4) for bm, bn, w, st in tfc.BWD_SPACE]
+    assert estimate == min(others)
 
 
 def test_prune_drops_what_the_device_cannot_hold(monkeypatch):

@@ -13,7 +13,7 @@ A value wider than 256 (PCA-Net's v = [F1 | F2], Lv = 2L) is split into equal co
 program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
-over `FWD_CONFIGS` / `BWD_CONFIGS` pruned by an estimate of shared memory and registers
+over `FWD_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
 (`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
@@ -108,15 +108,20 @@ def fits(kind: str):
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
-        kept = []
-        for cfg in configs:
+
+        def need(cfg):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
-            smem, words = estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
-            if (limit is None or smem <= limit) and words <= REGISTER_BUDGET:
-                kept.append(cfg)
-        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
+
+        kept = [
+            cfg
+            for cfg in configs
+            if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
+        ]
+        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits,
+        # and where nothing fits, the config that needs the least shared memory
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        return wide or kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+        return wide or kept or [min(configs, key=lambda cfg: need(cfg)[0])]
 
     return prune
 
