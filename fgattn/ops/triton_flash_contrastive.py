@@ -34,7 +34,7 @@ from .triton_flash import (
 
 # (BLOCK_M resident rows, BLOCK_N streamed rows, num_warps, num_stages); see triton_flash.
 SPACE = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2),
-         (32, 32, 4, 1)]  # fmt: skip
+         (32, 32, 4, 1), (32, 16, 4, 1)]  # fmt: skip
 BWD_SPACE = [(64, 32, 8, 2), (64, 32, 8, 1), (64, 16, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)]
 
 
