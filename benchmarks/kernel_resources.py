@@ -270,7 +270,9 @@ def qualified(fn) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
-def compile_all(args) -> list[dict]:
+def compile_all(args) -> tuple[list[dict], list[dict]]:
+    """(a record per compiled kernel, a record per workload whose kernels refused the arch:
+    the flash-shaped kernels raise DoesNotFit where no tile config fits its shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -278,12 +280,13 @@ def compile_all(args) -> list[dict]:
     if triton.knobs.runtime.interpret:
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (kernels must be JIT functions)")
     from fgattn.ops import _triton_common
+    from fgattn.ops.triton_flash import DoesNotFit
 
     kernels = find_kernels()
     modules = {module for module, _ in kernels}
     smem_limit = _triton_common.shared_memory_limit
     checks = {module: module.check_device for module in modules}
-    log, records, seen = [], [], set()
+    log, records, refused, seen = [], [], [], set()
     # The active driver, restored afterwards without creating one (reset_active() needs a real GPU):
     # Triton >= 3.5 keeps it in `_active` (None until first use), 3.4 in a plain `active`.
     active_attr = "_active" if hasattr(driver, "_active") else "active"
@@ -307,14 +310,19 @@ def compile_all(args) -> list[dict]:
                     for label, run in workloads(
                         DTYPES[dname], tf32, length, args.channels, args.batch
                     ):
-                        run()
+                        variant = {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
+                        try:
+                            run()
+                        except DoesNotFit as err:
+                            where = {"L": length, "workload": label, "reason": str(err)}
+                            refused.append(variant | where)
                         for fn, grid, kwargs, compiled, secs in log:
                             if (arch, id(compiled)) in seen:  # same specialisation, cached
                                 continue
                             seen.add((arch, id(compiled)))
                             records.append(
                                 describe(compiled, fn, grid, kwargs, secs)
-                                | {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
+                                | variant
                                 | {"L": length, "workload": label}
                             )
                         log.clear()
@@ -325,7 +333,7 @@ def compile_all(args) -> list[dict]:
             module.check_device = check
         setattr(driver, active_attr, previous_driver)
         _triton_common.shared_memory_limit = smem_limit
-    return records
+    return records, refused
 
 
 def describe(compiled, fn, grid, kwargs, secs) -> dict:
@@ -358,7 +366,7 @@ def describe(compiled, fn, grid, kwargs, secs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    records = compile_all(args)
+    records, refused = compile_all(args)
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
         f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
@@ -375,10 +383,13 @@ def main(argv=None) -> int:
     names = sorted({qualified(jit_function(fn)) for fn in find_kernels().values()})
     compiled = sorted({r["kernel"] for r in records})
     print(f"\n{len(records)} kernels compiled for sm_{args.arch}; kernels: {', '.join(compiled)}")
+    for r in refused:
+        print(f"refused: sm_{r['arch']} {r['dtype']} L={r['L']} {r['workload']}: {r['reason']}")
     if args.json:
         meta = {"triton": __import__("triton").__version__, "command": " ".join(sys.argv)}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "kernels": names, "records": records}, f, indent=1)
+            result = {"meta": meta, "kernels": names, "records": records, "refused": refused}
+            json.dump(result, f, indent=1)
     bad = [r for r in records if not r["smem_ok"]]
     if args.check and (bad or compiled != names):
         print(f"kernel_resources: {len(bad)} over the shared-memory limit; "

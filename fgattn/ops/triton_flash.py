@@ -74,7 +74,14 @@ def _configs(space):
     ]
 
 
-def estimate(kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: int, size: int):
+class DoesNotFit(RuntimeError):
+    """No config of a kernel fits the GPU's shared memory (raised by the prune, at launch)."""
+
+
+def estimate(
+    kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: int, size: int,
+    margin: bool = True,
+):  # fmt: skip
     """(shared bytes, fp32 words per thread) a config needs, from its tiles (bm rows resident,
     bn rows streamed, rows lk wide; lv: the value tile's width, 0 where v is k).
 
@@ -96,13 +103,14 @@ def estimate(kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: 
     }[kind]
     operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
     words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
-    return operands * size * (1.25 if size == 4 else 1.0), words
+    return operands * size * (1.25 if margin and size == 4 else 1.0), words
 
 
 def fits(kind: str):
     """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
     device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
-    any fits; under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+    any fits; where none does, the one needing the least shared memory if that fits without the
+    fp32 margin, else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
@@ -112,19 +120,28 @@ def fits(kind: str):
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
 
-        def need(cfg):
+        def need(cfg, margin=True):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
-            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), margin)
 
         kept = [
             cfg
             for cfg in configs
             if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
         ]
-        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits,
-        # and where nothing fits, the config that needs the least shared memory
+        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        return wide or kept or [min(configs, key=lambda cfg: need(cfg)[0])]
+        if wide or kept:
+            return wide or kept
+        smallest = min(configs, key=lambda cfg: need(cfg)[0])
+        if limit is None or need(smallest, margin=False)[0] <= limit:
+            return [smallest]
+        raise DoesNotFit(
+            f"fgattn's flash-shaped Triton kernels need at least "
+            f"{need(smallest, margin=False)[0] / 1024:.0f} KiB of shared memory per block for "
+            f"rows of {lk} {x.dtype} values; this GPU allows {limit / 1024:.0f} KiB. "
+            f"Use backend='triton' (or 'auto') for this call"
+        )
 
     return prune
 
