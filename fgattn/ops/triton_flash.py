@@ -80,7 +80,7 @@ class DoesNotFit(RuntimeError):
 
 def estimate(
     kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: int, size: int,
-    margin: bool = True,
+    tf32: bool = False,
 ):  # fmt: skip
     """(shared bytes, fp32 words per thread) a config needs, from its tiles (bm rows resident,
     bn rows streamed, rows lk wide; lv: the value tile's width, 0 where v is k).
@@ -91,9 +91,9 @@ def estimate(
     (bm x lk) accumulator and five (bm x bn) tiles. The contrastive kernels: "cfwd" (statistics,
     forward, row sums) up to three resident and two streamed tiles, one converted, one
     accumulator, four (bm x bn) tiles; "cbwd" three of each, two accumulators and eight tiles.
-    fp32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49 and 196
+    TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
     (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
-    estimate without it, TF32 ones up to 1.21x.
+    estimate, TF32 ones up to 1.21x without the margin.
     """
     resident, streamed, converted, accumulators, tiles = {
         "fwd": (1, 1, 1, 1, 2),
@@ -103,14 +103,14 @@ def estimate(
     }[kind]
     operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
     words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
-    return operands * size * (1.25 if margin and size == 4 else 1.0), words
+    return operands * size * (1.25 if tf32 else 1.0), words
 
 
 def fits(kind: str):
     """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
     device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
-    any fits; where none does, the one needing the least shared memory if that fits without the
-    fp32 margin, else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+    any fits; where none does, the one needing the least shared memory if that fits it (registers
+    over budget), else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
@@ -120,9 +120,11 @@ def fits(kind: str):
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
 
-        def need(cfg, margin=True):
+        tf32 = kwargs.get("PRECISION") == "tf32"
+
+        def need(cfg):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
-            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), margin)
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), tf32)
 
         kept = [
             cfg
@@ -134,11 +136,11 @@ def fits(kind: str):
         if wide or kept:
             return wide or kept
         smallest = min(configs, key=lambda cfg: need(cfg)[0])
-        if limit is None or need(smallest, margin=False)[0] <= limit:
+        if limit is None or need(smallest)[0] <= limit:
             return [smallest]
         raise DoesNotFit(
             f"fgattn's flash-shaped Triton kernels need at least "
-            f"{need(smallest, margin=False)[0] / 1024:.0f} KiB of shared memory per block for "
+            f"{need(smallest)[0] / 1024:.0f} KiB of shared memory per block for "
             f"rows of {lk} {x.dtype} values; this GPU allows {limit / 1024:.0f} KiB. "
             f"Use backend='triton' (or 'auto') for this call"
         )
