@@ -166,6 +166,7 @@ def usage_records(text: str) -> list[dict]:
                     "regs": int(usage["REG"]),
                     "shared": int(usage["SHARED"]),
                     "local": int(usage["LOCAL"]),
+                    "stack": int(usage.get("STACK", 0)),
                 }
             )
     return records
@@ -180,7 +181,8 @@ def resource_usage(cubin: bytes) -> dict:
     if not records:
         raise SystemExit("kernel_resources: no cuobjdump (neither the CUDA toolkit's nor Triton's)")
     (record,) = records  # one kernel per Triton cubin
-    return {"regs": record["regs"], "local_bytes": record["local"]}
+    # Spilled registers show as LOCAL or, where ptxas keeps them in the stack frame, as STACK
+    return {"regs": record["regs"], "local_bytes": record["local"], "stack_bytes": record["stack"]}
 
 
 def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
@@ -369,7 +371,8 @@ def main(argv=None) -> int:
     records, refused = compile_all(args)
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
-        f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
+        f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'stack':>6}{'blk/SM':>7}"
+        "  mma"
     )
     for r in records:
         blocks = "x".join(str(v) for v in r["blocks"].values())
@@ -377,7 +380,7 @@ def main(argv=None) -> int:
             f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
             f"{blocks:24}{r['num_warps']:>5}{r['num_stages']:>7}{r['shared_bytes'] / 1024:8.1f}"
             f"{r['regs']:>5}"
-            f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
+            f"{r['local_bytes']:>6}{r['stack_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
             f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
     names = sorted({qualified(jit_function(fn)) for fn in find_kernels().values()})
