@@ -120,16 +120,24 @@ def test_pieces(width, want):
     assert sum(got) >= width and sum(got) % 16 == 0
 
 
-SPACES = {"fwd": tfa.FWD_SPACE, "bwd": tfa.BWD_SPACE, "cfwd": tfc.SPACE, "cbwd": tfc.BWD_SPACE}
+# name: (the estimate's kind, the config space)
+SPACES = {
+    "fwd": ("fwd", tfa.FWD_SPACE),
+    "bwd": ("bwd", tfa.BWD_SPACE),
+    "delta": ("bwd", tfa.DELTA_SPACE),
+    "cfwd": ("cfwd", tfc.SPACE),
+    "cbwd": ("cbwd", tfc.BWD_SPACE),
+}
 
 
-def _prune(kind, limit, dtype, width, monkeypatch, is_self=True):
+def _prune(name, limit, dtype, width, monkeypatch, is_self=True):
+    kind, space = SPACES[name]
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
     kp = tfa.pieces(width)
     kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=is_self)
     x = torch.empty(0, dtype=dtype)
-    kept = tfa.fits(kind)(tfa._configs(SPACES[kind]), {"X": x}, **kwargs)
+    kept = tfa.fits(kind)(tfa._configs(space), {"X": x}, **kwargs)
     estimates = [
         tfa.estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                      c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size())
@@ -138,7 +146,7 @@ def _prune(kind, limit, dtype, width, monkeypatch, is_self=True):
     return kept, estimates
 
 
-# Every kind at sm_90 / sm_80 / sm_86 limits, but the contrastive kernels in fp32 on sm_86, where no
+# Every kernel at sm_90 / sm_80 / sm_86 limits, but the contrastive ones in fp32 on sm_86, where no
 # config's estimate fits (the fallback below).
 FITTING = [
     (kind, limit, dtype)

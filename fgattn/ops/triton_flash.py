@@ -13,7 +13,7 @@ A value wider than 256 (PCA-Net's v = [F1 | F2], Lv = 2L) is split into equal co
 program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
-over `FWD_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
+over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
 (`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
@@ -48,7 +48,13 @@ FWD_SPACE = [
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
     (32, 32, 4, 1), (32, 16, 4, 1),
 ]  # fmt: skip
+# The tied backward streams 16 rows at a time: on sm_90 in bf16 its 32- and 64-row steps spilled
+# (16-208 bytes of stack), the 16-row ones did not (benchmarks/README.md).
 BWD_SPACE = [
+    (64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (64, 32, 8, 2),
+    (32, 16, 4, 1), (16, 16, 4, 1),
+]  # fmt: skip
+DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
 ]  # fmt: skip
@@ -275,7 +281,7 @@ def _fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs(BWD_SPACE),
+    configs=_configs(DELTA_SPACE),
     key=["C", "L"],
     prune_configs_by={"early_config_prune": fits("bwd")},
 )
