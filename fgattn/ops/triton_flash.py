@@ -50,10 +50,7 @@ FWD_SPACE = [
 ]  # fmt: skip
 # The tied backward streams 16 rows at a time: on sm_90 in bf16 its 32- and 64-row steps spilled
 # (16-208 bytes of stack), the 16-row ones did not (benchmarks/README.md).
-BWD_SPACE = [
-    (64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (64, 32, 8, 2),
-    (32, 16, 4, 1), (16, 16, 4, 1),
-]  # fmt: skip
+BWD_SPACE = [(64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
 DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
