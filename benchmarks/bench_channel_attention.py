@@ -2,7 +2,7 @@
 
 For each op and size (B, C, L, dtype), one run times on the same inputs:
   - every candidate: each implementation `fgattn.ops.dispatch.candidates` says can run the call
-    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton), called through
+    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton, triton_fa), called through
     `fgattn.functional` with backend=NAME;
   - auto: backend=None, the dispatcher's own choice, with the implementation it picked (the
     forward, under no_grad, and the forward+backward are different calls and may pick differently);

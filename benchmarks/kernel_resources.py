@@ -42,7 +42,12 @@ ARCH_LIMITS = {
     90: {"smem_block": 232448, "smem_sm": 233472, "regs_sm": 65536},  # H100 / H200
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-KERNEL_MODULES = ("fgattn.ops.triton_channel_attention", "fgattn.ops.triton_contrastive")
+KERNEL_MODULES = (
+    "fgattn.ops.triton_channel_attention",
+    "fgattn.ops.triton_contrastive",
+    "fgattn.ops.triton_flash",
+    "fgattn.ops.triton_flash_contrastive",
+)
 
 
 def parse_args(argv=None):
@@ -78,18 +83,32 @@ class StubDriver:
 
 
 class Recorder:
-    """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching."""
+    """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching.
+    An autotuned kernel compiles every config its prune function keeps for this target."""
 
     def __init__(self, fn, log):
         self.fn, self.log = fn, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            start = time.perf_counter()
-            compiled = self.fn.warmup(*args, grid=grid, **kwargs)
-            self.log.append((self.fn, grid, kwargs, compiled, time.perf_counter() - start))
+            for fn, full in self.variants(args, kwargs):
+                g = grid(full) if callable(grid) else grid
+                start = time.perf_counter()
+                compiled = fn.warmup(*args, grid=g, **full)
+                self.log.append((fn, g, full, compiled, time.perf_counter() - start))
 
         return launch
+
+    def variants(self, args, kwargs):
+        """(JITFunction, keyword arguments) of every compilation this launch stands for."""
+        from triton.runtime.autotuner import Autotuner
+
+        if not isinstance(self.fn, Autotuner):
+            return [(self.fn, kwargs)]
+        self.fn.nargs = dict(zip(self.fn.arg_names, args, strict=False))
+        configs = self.fn.prune_configs(kwargs)
+        self.fn.nargs = None
+        return [(self.fn.fn, {**kwargs, **cfg.all_kwargs()}) for cfg in configs]
 
 
 def cuda_home() -> str | None:
@@ -147,6 +166,7 @@ def usage_records(text: str) -> list[dict]:
                     "regs": int(usage["REG"]),
                     "shared": int(usage["SHARED"]),
                     "local": int(usage["LOCAL"]),
+                    "stack": int(usage.get("STACK", 0)),
                 }
             )
     return records
@@ -161,7 +181,8 @@ def resource_usage(cubin: bytes) -> dict:
     if not records:
         raise SystemExit("kernel_resources: no cuobjdump (neither the CUDA toolkit's nor Triton's)")
     (record,) = records  # one kernel per Triton cubin
-    return {"regs": record["regs"], "local_bytes": record["local"]}
+    # Spilled registers show as LOCAL or, where ptxas keeps them in the stack frame, as STACK
+    return {"regs": record["regs"], "local_bytes": record["local"], "stack_bytes": record["stack"]}
 
 
 def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
@@ -169,6 +190,8 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     the functional API does."""
     from fgattn.ops import triton_channel_attention as tca
     from fgattn.ops import triton_contrastive as tcc
+    from fgattn.ops import triton_flash as tfa
+    from fgattn.ops import triton_flash_contrastive as tfc
 
     def x_like(width=length, channels_last=False):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
@@ -191,27 +214,57 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         _, lse_a, lse_b = tcc.contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
         tcc.contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
 
-    return [
+    def flash_self_attention():
+        x = x_like()
+        _, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, tf32)
+        tfa.flash_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
+
+    def flash_co_attention():  # the forward; its backward is triton_channel_attention's
+        q, v = x_like(), x_like(2 * length)
+        tfa.flash_channel_attention_fwd(q, q, v, -1.0, tf32)
+
+    runs = [
         ("self", self_attention),
         ("self channels_last", lambda: self_attention(channels_last=True)),
         ("co-attention", co_attention),
         ("contrastive", contrastive),
     ]
 
+    def flash_contrastive():
+        a, b, eta = x_like(), x_like(), torch.rand(batch)
+        _, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
+        tfc.flash_contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
+
+    if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
+        runs += [
+            ("fa self", flash_self_attention),
+            ("fa co-attention", flash_co_attention),
+            ("fa contrastive", flash_contrastive),
+        ]
+    return runs
+
 
 def find_kernels() -> dict:
     """{(module, name): JITFunction} of every kernel the Triton backend launches."""
     import importlib
 
-    import triton
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
 
     found = {}
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(module_name)
         for name, obj in vars(module).items():
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            if isinstance(obj, (JITFunction, Autotuner)) and name.endswith("_kernel"):
                 found[(module, name)] = obj
     return found
+
+
+def jit_function(fn):
+    """The JITFunction under an autotuned kernel (or the kernel itself)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return fn.fn if isinstance(fn, Autotuner) else fn
 
 
 def qualified(fn) -> str:
@@ -219,7 +272,9 @@ def qualified(fn) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
-def compile_all(args) -> list[dict]:
+def compile_all(args) -> tuple[list[dict], list[dict]]:
+    """(a record per compiled kernel, a record per workload whose kernels refused the arch:
+    the flash-shaped kernels raise DoesNotFit where no tile config fits its shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -227,12 +282,13 @@ def compile_all(args) -> list[dict]:
     if triton.knobs.runtime.interpret:
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (kernels must be JIT functions)")
     from fgattn.ops import _triton_common
+    from fgattn.ops.triton_flash import DoesNotFit
 
     kernels = find_kernels()
     modules = {module for module, _ in kernels}
     smem_limit = _triton_common.shared_memory_limit
     checks = {module: module.check_device for module in modules}
-    log, records, seen = [], [], set()
+    log, records, refused, seen = [], [], [], set()
     # The active driver, restored afterwards without creating one (reset_active() needs a real GPU):
     # Triton >= 3.5 keeps it in `_active` (None until first use), 3.4 in a plain `active`.
     active_attr = "_active" if hasattr(driver, "_active") else "active"
@@ -246,7 +302,7 @@ def compile_all(args) -> list[dict]:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]
             _triton_common.shared_memory_limit = lambda x, limit=limit: limit  # tiles as there
-            for fn in kernels.values():  # binders and caches hold the target: start afresh
+            for fn in map(jit_function, kernels.values()):  # binders and caches hold the target
                 fn.device_caches = defaultdict(fn.create_binder)
             variants = [(d, False) for d in args.dtype if not (arch < 80 and d == "bf16")]
             if args.tf32 and "fp32" in args.dtype:
@@ -256,14 +312,19 @@ def compile_all(args) -> list[dict]:
                     for label, run in workloads(
                         DTYPES[dname], tf32, length, args.channels, args.batch
                     ):
-                        run()
+                        variant = {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
+                        try:
+                            run()
+                        except DoesNotFit as err:
+                            where = {"L": length, "workload": label, "reason": str(err)}
+                            refused.append(variant | where)
                         for fn, grid, kwargs, compiled, secs in log:
                             if (arch, id(compiled)) in seen:  # same specialisation, cached
                                 continue
                             seen.add((arch, id(compiled)))
                             records.append(
                                 describe(compiled, fn, grid, kwargs, secs)
-                                | {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
+                                | variant
                                 | {"L": length, "workload": label}
                             )
                         log.clear()
@@ -274,7 +335,7 @@ def compile_all(args) -> list[dict]:
             module.check_device = check
         setattr(driver, active_attr, previous_driver)
         _triton_common.shared_memory_limit = smem_limit
-    return records
+    return records, refused
 
 
 def describe(compiled, fn, grid, kwargs, secs) -> dict:
@@ -307,26 +368,31 @@ def describe(compiled, fn, grid, kwargs, secs) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    records = compile_all(args)
+    records, refused = compile_all(args)
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
-        f"{'warps':>5}{'smem KB':>8}{'regs':>5}{'spill':>6}{'blk/SM':>7}  mma"
+        f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'stack':>6}{'blk/SM':>7}"
+        "  mma"
     )
     for r in records:
         blocks = "x".join(str(v) for v in r["blocks"].values())
         print(
             f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
-            f"{blocks:24}{r['num_warps']:>5}{r['shared_bytes'] / 1024:8.1f}{r['regs']:>5}"
-            f"{r['local_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
+            f"{blocks:24}{r['num_warps']:>5}{r['num_stages']:>7}{r['shared_bytes'] / 1024:8.1f}"
+            f"{r['regs']:>5}"
+            f"{r['local_bytes']:>6}{r['stack_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']}"
             f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
-    names = sorted({qualified(fn) for fn in find_kernels().values()})
+    names = sorted({qualified(jit_function(fn)) for fn in find_kernels().values()})
     compiled = sorted({r["kernel"] for r in records})
     print(f"\n{len(records)} kernels compiled for sm_{args.arch}; kernels: {', '.join(compiled)}")
+    for r in refused:
+        print(f"refused: sm_{r['arch']} {r['dtype']} L={r['L']} {r['workload']}: {r['reason']}")
     if args.json:
         meta = {"triton": __import__("triton").__version__, "command": " ".join(sys.argv)}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "kernels": names, "records": records}, f, indent=1)
+            result = {"meta": meta, "kernels": names, "records": records, "refused": refused}
+            json.dump(result, f, indent=1)
     bad = [r for r in records if not r["smem_ok"]]
     if args.check and (bad or compiled != names):
         print(f"kernel_resources: {len(bad)} over the shared-memory limit; "

@@ -18,6 +18,9 @@ Backends:
 - ``"sdpa"``: PyTorch's ``scaled_dot_product_attention`` with the sign folded into q and L padded;
   ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"`` name one SDPA kernel.
 - ``"triton"``: fgattn's fused Triton kernels (CUDA), compiled on first use.
+- ``"triton_fa"``: fgattn's FlashAttention-2-shaped Triton kernels (CUDA; every op with L ≤ 256),
+  autotuned on the device at first use. Not yet measured on a GPU, so ``"auto"``
+  takes them only in benchmark mode.
 
 A global setting that cannot run a call (``"triton"`` on CPU tensors, any fused path in float64)
 falls back to ``"auto"`` for that call, with a warning; ``backend=`` given to a `fgattn.functional`
@@ -38,7 +41,16 @@ from . import _args
 
 ENV_BACKEND = "FGATTN_BACKEND"
 ENV_BENCHMARK = "FGATTN_BENCHMARK"
-BACKENDS = ("auto", "reference", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton")
+BACKENDS = (
+    "auto",
+    "reference",
+    "sdpa",
+    "sdpa_cudnn",
+    "sdpa_flash",
+    "sdpa_efficient",
+    "triton",
+    "triton_fa",
+)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 

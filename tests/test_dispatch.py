@@ -21,7 +21,7 @@ from fgattn.ops import dispatch, reference, sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "results" / "2026-11-23-h100" / "candidates_grid.json"
-CPU_IMPLS = ["reference", "sdpa_flash", "triton"]  # triton: the interpreter (tests/conftest.py)
+CPU_IMPLS = ["reference", "sdpa_flash", "triton", "triton_fa"]  # triton*: the interpreter
 
 
 @pytest.fixture(autouse=True)

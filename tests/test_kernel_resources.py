@@ -31,6 +31,7 @@ Resource usage:
             "regs": 206,
             "shared": 37888,
             "local": 0,
+            "stack": 0,
         },
         {
             "arch": "sm_90",
@@ -38,6 +39,7 @@ Resource usage:
             "regs": 236,
             "shared": 44544,
             "local": 16,
+            "stack": 0,
         },
     ]
 
@@ -52,4 +54,11 @@ Resource usage:
   REG:10 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:568 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
     (record,) = _kernel_resources().usage_records(text)
-    assert record == {"arch": None, "function": "_add_kernel", "regs": 10, "shared": 0, "local": 0}
+    assert record == {
+        "arch": None,
+        "function": "_add_kernel",
+        "regs": 10,
+        "shared": 0,
+        "local": 0,
+        "stack": 0,
+    }

@@ -42,12 +42,17 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_every_arch(compiled):
-    assert len(compiled["kernels"]) >= 9  # 5 channel-attention + 4 contrastive kernels
+    # 5 channel-attention + 4 contrastive kernels, 3 + 4 flash-shaped ones
+    assert len(compiled["kernels"]) >= 16
     for arch in SMEM_PER_BLOCK:
         got = {r["kernel"] for r in compiled["records"] if r["arch"] == arch}
-        assert got == set(compiled["kernels"]), (
-            f"sm_{arch} never launched {set(compiled['kernels']) - got}"
-        )
+        missing = set(compiled["kernels"]) - got
+        # the flash-shaped kernels refuse (DoesNotFit) where no tile fits, e.g. fp32 on sm_75/86
+        refused = [r for r in compiled["refused"] if r["arch"] == arch]
+        if refused:
+            assert all(r["workload"].startswith("fa ") for r in refused), refused
+            missing = {k for k in missing if not k.startswith("triton_flash")}
+        assert not missing, f"sm_{arch} never launched {missing}"
 
 
 @pytest.mark.parametrize("arch", sorted(SMEM_PER_BLOCK))
@@ -69,7 +74,7 @@ def test_small_shared_memory_takes_narrower_tiles(compiled):
             for r in compiled["records"]
             if r["arch"] == arch
             and r["dtype"] == dtype
-            and r["kernel"].endswith("_bwd_self_kernel")
+            and r["kernel"] == "triton_channel_attention._bwd_self_kernel"
         )
 
     assert widest(90, "fp32") == 256

@@ -1,0 +1,570 @@
+"""Channel attention in the FlashAttention-2 shape, in Triton (the "triton_fa" implementation).
+
+softmax(scale · q kᵀ) v with q, k: (B, C, L), v: (B, C, Lv), the softmax over the C channels
+(flash attention's sequence) and L its head dim. Unlike `triton_channel_attention`, which reloads
+q for every column block, a program keeps its BLOCK_M rows of q for the whole sweep and streams
+BLOCK_N-row tiles of k and v through a software-pipelined loop (`tl.range(num_stages=...)`), as in
+Triton's tutorial 06-fused-attention. This needs the whole row of q in one program, so L ≤ 256
+(`MAX_LENGTH`); longer rows stay with `triton_channel_attention`.
+
+Rows wider than a power of two are held as up to three power-of-two pieces (`pieces`): L = 196 is
+128 + 64 + 16 = 208 columns, not 256, and every product over L is the sum of the pieces' products.
+A value wider than 256 (PCA-Net's v = [F1 | F2], Lv = 2L) is split into equal column tiles, one per
+program along the grid's second axis.
+
+Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
+over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
+(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
+
+Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
+max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij
+recomputed rather than taken from the stored output. Self attention (q = k = v = X) has a tied
+backward: the program owning rows n of dX keeps X_n, dO_n and one fp32 accumulator, and gets the
+q, k and v sides of the gradient from one recomputed (symmetric) logit tile per step:
+    dX_n = Σ_m scale (dS_nm + dS_mn) x_m + P_mn do_m,   dS = P ∘ (dP − δ),  dP = dO Xᵀ,
+five tile products per (n, m) block, no atomics and no second dQ pass. The cross-attention
+backward is `triton_channel_attention`'s (same row statistics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _triton_common
+from . import triton_channel_attention as _v1
+from ._triton_common import check_device, device_guard, precision, probs
+
+MAX_LENGTH = 256  # widest row of q a program keeps resident (FA3's largest head dim)
+MAX_PIECES = 3
+
+# Config space: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M rows stay resident, BLOCK_N rows
+# stream. `fits` drops what would not fit the device's shared memory or spill registers.
+# The 32-row configs are for GPUs with ~99 KiB of shared memory per block (sm_86/sm_89) in fp32.
+FWD_SPACE = [
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
+    (32, 32, 4, 1), (32, 16, 4, 1),
+]  # fmt: skip
+# The tied backward streams 16 rows at a time: on sm_90 in bf16 its 32- and 64-row steps spilled
+# (16-208 bytes of stack), the 16-row ones did not (benchmarks/README.md).
+BWD_SPACE = [(64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+DELTA_SPACE = [
+    (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
+    (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
+]  # fmt: skip
+# The one config the interpreter runs (tests shrink or widen it to reach other code paths).
+INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+REGISTER_BUDGET = 168  # fp32 words per thread the estimate may fill (ptxas caps at 255)
+
+
+def pieces(width: int) -> tuple[int, int, int]:
+    """Power-of-two widths (each ≥ 16, then zeros) whose sum is the smallest multiple of 16 ≥
+    `width` that needs at most three of them: 196 -> (128, 64, 16), 49 -> (64, 0, 0)."""
+    total = max(16, triton.cdiv(width, 16) * 16)
+    while (total // 16).bit_count() > MAX_PIECES:
+        total += 16
+    parts = [16 << i for i in reversed(range((total // 16).bit_length())) if (total // 16) >> i & 1]
+    return (*parts, 0, 0)[:MAX_PIECES]
+
+
+def _configs(space):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in space
+    ]
+
+
+class DoesNotFit(RuntimeError):
+    """No config of a kernel fits the GPU's shared memory (raised by the prune, at launch)."""
+
+
+def estimate(
+    kind: str, bm: int, bn: int, warps: int, stages: int, lk: int, lv: int, size: int,
+    tf32: bool = False,
+):  # fmt: skip
+    """(shared bytes, fp32 words per thread) a config needs, from its tiles (bm rows resident,
+    bn rows streamed, rows lk wide; lv: the value tile's width, 0 where v is k).
+
+    "fwd": q staged once, k and v tiles per pipeline stage, p converted to a dot operand through
+    shared memory; in registers the (bm x lv) fp32 accumulator and two (bm x bn) fp32 tiles (s, p).
+    "bwd" (self attention): x, do resident, two streamed tiles per stage, ds and pt converted; the
+    (bm x lk) accumulator and five (bm x bn) tiles. The contrastive kernels: "cfwd" (statistics,
+    forward, row sums) up to three resident and two streamed tiles, one converted, one
+    accumulator, four (bm x bn) tiles; "cbwd" three of each, two accumulators and eight tiles.
+    TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
+    (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
+    estimate, TF32 ones up to 1.21x without the margin.
+    """
+    resident, streamed, converted, accumulators, tiles = {
+        "fwd": (1, 1, 1, 1, 2),
+        "bwd": (2, 2, 2, 1, 5),
+        "cfwd": (3, 2, 1, 1, 4),
+        "cbwd": (3, 3, 3, 2, 8),
+    }[kind]
+    operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
+    words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
+    return operands * size * (1.25 if tf32 else 1.0), words
+
+
+def fits(kind: str):
+    """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
+    device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
+    any fits; where none does, the one needing the least shared memory if that fits it (registers
+    over budget), else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+
+    def prune(configs, named_args, **kwargs):
+        if _triton_common.interpreting():
+            return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
+        x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
+        lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
+        lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
+        limit = _triton_common.shared_memory_limit(x)
+
+        tf32 = kwargs.get("PRECISION") == "tf32"
+
+        def need(cfg):
+            bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), tf32)
+
+        kept = [
+            cfg
+            for cfg in configs
+            if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
+        ]
+        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
+        wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
+        if wide or kept:
+            return wide or kept
+        smallest = min(configs, key=lambda cfg: need(cfg)[0])
+        if limit is None or need(smallest)[0] <= limit:
+            return [smallest]
+        raise DoesNotFit(
+            f"fgattn's flash-shaped Triton kernels need at least "
+            f"{need(smallest)[0] / 1024:.0f} KiB of shared memory per block for "
+            f"rows of {lk} {x.dtype} values; this GPU allows {limit / 1024:.0f} KiB. "
+            f"Use backend='triton' (or 'auto') for this call"
+        )
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _rows(ptr, rows, R, col0, W: tl.constexpr, END, stride_r, stride_c):
+    """ptr[rows, col0 : col0 + W] (W a power of two), zero where rows ≥ R or columns ≥ END."""
+    cols = col0 + tl.arange(0, W)
+    return tl.load(
+        ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+        mask=(rows[:, None] < R) & (cols[None, :] < END),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_rows(ptr, val, rows, R, col0, W: tl.constexpr, END, stride_r, stride_c):
+    cols = col0 + tl.arange(0, W)
+    tl.store(
+        ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+        val.to(ptr.dtype.element_ty),
+        mask=(rows[:, None] < R) & (cols[None, :] < END),
+    )
+
+
+@triton.jit
+def _dot_t(a0, a1, a2, b0, b1, b2, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_i a_i b_iᵀ in fp32 over the pieces of L (a_i, b_i: rows x piece i; absent ones skipped)."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=PRECISION)
+    if K1 > 0:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=PRECISION)
+    if K2 > 0:
+        acc = tl.dot(a2, tl.trans(b2), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _pieces(ptr, rows, C, L, stride_r, stride_c,
+            K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):  # fmt: skip
+    """ptr[rows, :L] as three pieces (an absent piece repeats the first and is never used)."""
+    t0 = _rows(ptr, rows, C, 0, K0, L, stride_r, stride_c)
+    t1 = t0
+    t2 = t0
+    if K1 > 0:
+        t1 = _rows(ptr, rows, C, K0, K1, L, stride_r, stride_c)
+    if K2 > 0:
+        t2 = _rows(ptr, rows, C, K0 + K1, K2, L, stride_r, stride_c)
+    return t0, t1, t2
+
+
+@triton.autotune(
+    configs=_configs(FWD_SPACE),
+    key=["C", "L", "LV", "IS_SELF"],
+    prune_configs_by={"early_config_prune": fits("fwd")},
+)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, STATS,
+    C, L, LV, TV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sob, soc, sol,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr,
+    IS_SELF: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks of q, column tiles of out (width TV), batch). q and k come zero-padded to
+    # L = K0 + K1 + K2 columns and each column tile of v to V0 + V1 + V2 (`_aligned`): rows start
+    # 16-byte aligned, which the pipelined (cp.async / TMA) loads need. IS_SELF: k = v = q, one
+    # tile load serves the logits and the product.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    Out += b * sob
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d0 = pid_d * TV  # this tile's first column of out; of the padded v: pid_d · (V0 + V1 + V2)
+    d_end = tl.minimum(d0 + TV, LV)
+    dv0 = pid_d * (V0 + V1 + V2)
+    dv_end = dv0 + V0 + V1 + V2
+
+    # q resident for the whole sweep, as up to three power-of-two pieces of L
+    q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, V0), dtype=tl.float32)
+    if V1 > 0:
+        acc1 = tl.zeros((BLOCK_M, V1), dtype=tl.float32)
+    if V2 > 0:
+        acc2 = tl.zeros((BLOCK_M, V2), dtype=tl.float32)
+
+    for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # -- logits s = scale · q kᵀ in fp32, the sign applied before the running max
+        k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+        s = _dot_t(q0, q1, q2, k0, k1, k2, K1, K2, PRECISION)
+        s = tl.where(offs_n[None, :] < C, s * scale, float("-inf"))
+        # -- online softmax
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        # -- acc = alpha · acc + p v, piece by piece of the value tile
+        v0 = k0 if IS_SELF else _rows(V, offs_n, C, dv0, V0, dv_end, svc, svl)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+        if V1 > 0:
+            v1 = k1 if IS_SELF else _rows(V, offs_n, C, dv0 + V0, V1, dv_end, svc, svl)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+        if V2 > 0:
+            v2 = k2 if IS_SELF else _rows(V, offs_n, C, dv0 + V0 + V1, V2, dv_end, svc, svl)
+            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+
+    # -- epilogue: normalise, store; the first column tile stores the row statistics
+    _store_rows(Out, acc0 / l_i[:, None], offs_m, C, d0, V0, d_end, soc, sol)
+    if V1 > 0:
+        _store_rows(Out, acc1 / l_i[:, None], offs_m, C, d0 + V0, V1, d_end, soc, sol)
+    if V2 > 0:
+        _store_rows(Out, acc2 / l_i[:, None], offs_m, C, d0 + V0 + V1, V2, d_end, soc, sol)
+    if pid_d == 0:
+        tl.store(STATS + b * 2 * C + offs_m, m_i, mask=offs_m < C)
+        tl.store(STATS + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)
+
+
+@triton.autotune(
+    configs=_configs(DELTA_SPACE),
+    key=["C", "L"],
+    prune_configs_by={"early_config_prune": fits("bwd")},
+)
+@triton.jit
+def _bwd_delta_self_kernel(
+    X, DO, STATS, BST,
+    C, L, scale,
+    sxb, sxc, sxl, sdb, sdc, sdl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks m, batch); x and do padded as in _bwd_self_kernel. Rows m of x and do
+    # resident; x_n streamed. Writes BST (B, 3, C)
+    # = [max, log Σ + log r, δ / r] with r_i = Σ_j p_ij and δ_i = Σ_j p_ij dp_ij from the
+    # recomputed p and dp (see triton_channel_attention._bwd_delta_kernel for why not do · o).
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    X += b * sxb
+    DO += b * sdb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.load(STATS + b * 2 * C + offs_m, mask=offs_m < C, other=0.0)
+    lo = tl.load(STATS + b * 2 * C + C + offs_m, mask=offs_m < C, other=0.0)
+    x0, x1, x2 = _pieces(X, offs_m, C, L, sxc, sxl, K0, K1, K2)
+    do0, do1, do2 = _pieces(DO, offs_m, C, L, sdc, sdl, K0, K1, K2)
+    num = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        xn0, xn1, xn2 = _pieces(X, offs_n, C, L, sxc, sxl, K0, K1, K2)
+        s = _dot_t(x0, x1, x2, xn0, xn1, xn2, K1, K2, PRECISION) * scale
+        p = probs(s, m_i[:, None], lo[:, None], offs_n[None, :] < C)
+        dp = _dot_t(do0, do1, do2, xn0, xn1, xn2, K1, K2, PRECISION)
+        num += tl.sum(p * dp, 1)
+        r += tl.sum(p, 1)
+    BST += b * 3 * C
+    tl.store(BST + offs_m, m_i, mask=offs_m < C)
+    tl.store(BST + C + offs_m, lo + tl.log(r), mask=offs_m < C)
+    tl.store(BST + 2 * C + offs_m, num / r, mask=offs_m < C)
+
+
+@triton.autotune(
+    configs=_configs(BWD_SPACE),
+    key=["C", "L"],
+    prune_configs_by={"early_config_prune": fits("bwd")},
+)
+@triton.jit
+def _bwd_self_kernel(
+    X, DO, BST, DX,
+    C, L, L_OUT, scale,
+    sxb, sxc, sxl, sdb, sdc, sdl, sgb, sgc, sgl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks n of dX, batch); x and do padded to L = K0 + K1 + K2 columns, dX is
+    # (B, C, L_OUT). BLOCK_M rows n resident (x_n, do_n, the dX_n accumulator);
+    # BLOCK_N rows m streamed. In the [n, m] layout, with s symmetric:
+    #   st = s_mn = s_nm,  pt = p_mn (rows m's stats),  p = p_nm (rows n's stats)
+    #   dpt = x_n · do_m = dp_mn,  dp = do_n · x_m = dp_nm
+    #   dX_n += scale (pt ∘ (dpt − δ_m) + p ∘ (dp − δ_n)) x_m + pt do_m
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    X += b * sxb
+    DO += b * sdb
+    DX += b * sgb
+    BST += b * 3 * C
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_n = tl.load(BST + offs_n, mask=offs_n < C, other=0.0)
+    lo_n = tl.load(BST + C + offs_n, mask=offs_n < C, other=0.0)
+    delta_n = tl.load(BST + 2 * C + offs_n, mask=offs_n < C, other=0.0)
+    x0, x1, x2 = _pieces(X, offs_n, C, L, sxc, sxl, K0, K1, K2)
+    do0, do1, do2 = _pieces(DO, offs_n, C, L, sdc, sdl, K0, K1, K2)
+    acc0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
+    if K1 > 0:
+        acc1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
+    if K2 > 0:
+        acc2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
+
+    for m0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+        offs_m = m0 + tl.arange(0, BLOCK_N)
+        m_m = tl.load(BST + offs_m, mask=offs_m < C, other=0.0)
+        lo_m = tl.load(BST + C + offs_m, mask=offs_m < C, other=0.0)
+        delta_m = tl.load(BST + 2 * C + offs_m, mask=offs_m < C, other=0.0)
+        xm0, xm1, xm2 = _pieces(X, offs_m, C, L, sxc, sxl, K0, K1, K2)
+        dom0, dom1, dom2 = _pieces(DO, offs_m, C, L, sdc, sdl, K0, K1, K2)
+        # -- both orientations of the softmax from one (symmetric) logit tile
+        st = _dot_t(x0, x1, x2, xm0, xm1, xm2, K1, K2, PRECISION) * scale
+        valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)  # padding: exp(0 − lse) = inf
+        pt = probs(st, m_m[None, :], lo_m[None, :], valid)
+        p = probs(st, m_n[:, None], lo_n[:, None], valid)
+        # -- dP in both orientations, then scale · (dS_mn + dS_nm)
+        dpt = _dot_t(x0, x1, x2, dom0, dom1, dom2, K1, K2, PRECISION)
+        dp = _dot_t(do0, do1, do2, xm0, xm1, xm2, K1, K2, PRECISION)
+        ds = ((pt * (dpt - delta_m[None, :]) + p * (dp - delta_n[:, None])) * scale).to(xm0.dtype)
+        pt = pt.to(dom0.dtype)
+        # -- dX_n += ds x_m + pt do_m, piece by piece
+        acc0 = tl.dot(ds, xm0, acc0, input_precision=PRECISION)
+        acc0 = tl.dot(pt, dom0, acc0, input_precision=PRECISION)
+        if K1 > 0:
+            acc1 = tl.dot(ds, xm1, acc1, input_precision=PRECISION)
+            acc1 = tl.dot(pt, dom1, acc1, input_precision=PRECISION)
+        if K2 > 0:
+            acc2 = tl.dot(ds, xm2, acc2, input_precision=PRECISION)
+            acc2 = tl.dot(pt, dom2, acc2, input_precision=PRECISION)
+
+    # -- dX in its own (unpadded) width L_OUT
+    _store_rows(DX, acc0, offs_n, C, 0, K0, L_OUT, sgc, sgl)
+    if K1 > 0:
+        _store_rows(DX, acc1, offs_n, C, K0, K1, L_OUT, sgc, sgl)
+    if K2 > 0:
+        _store_rows(DX, acc2, offs_n, C, K0 + K1, K2, L_OUT, sgc, sgl)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (plain functions on real tensors)
+
+
+def _check_length(length: int) -> None:
+    if length > MAX_LENGTH:
+        raise ValueError(
+            f"fgattn's flash-shaped Triton kernels keep a whole row of q (L = H·W) in one program "
+            f"and take L <= {MAX_LENGTH}, got L = {length}; use backend='triton' (or 'auto') there"
+        )
+
+
+def _aligned(x: torch.Tensor, tiles: int, tile: int, width: int) -> torch.Tensor:
+    """x (B, C, ≤ tiles·tile) as (B, C, tiles·width): each `tile`-wide column tile zero-padded to
+    `width` (a multiple of 16), contiguous, so every row starts 16-byte aligned. No copy where x
+    already is that."""
+    length = x.shape[2]
+    if tiles == 1 and length == width and x.is_contiguous():
+        return x
+    x = F.pad(x, (0, tiles * tile - length)).unflatten(2, (tiles, tile))
+    return F.pad(x, (0, width - tile)).flatten(2).contiguous()
+
+
+def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
+    check_device(q, k, v)
+    bsz, c, length = q.shape
+    lv = v.shape[2]
+    _check_length(length)
+    n_tiles = 1 if is_self else triton.cdiv(lv, MAX_LENGTH)  # column tiles of v, ≤ 256 wide
+    tv = triton.cdiv(lv, n_tiles)
+    kp = pieces(length)
+    vp = kp if is_self else pieces(tv)
+    q = _aligned(q, 1, length, sum(kp))
+    k = q if is_self else _aligned(k, 1, length, sum(kp))
+    v = q if is_self else _aligned(v, n_tiles, tv, sum(vp))
+    out = torch.empty((bsz, c, lv), device=v.device, dtype=v.dtype)
+    stats = torch.empty((bsz, 2, c), device=q.device, dtype=torch.float32)  # [max, log Σ]
+
+    def grid(meta):
+        return (triton.cdiv(c, meta["BLOCK_M"]), n_tiles, bsz)
+
+    _fwd_kernel[grid](
+        q, k, v, out, stats, c, sum(kp), lv, tv, scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        K0=kp[0], K1=kp[1], K2=kp[2], V0=vp[0], V1=vp[1], V2=vp[2],
+        IS_SELF=is_self, PRECISION=precision(q, tf32),
+    )  # fmt: skip
+    return out, stats
+
+
+def _forward(q, k, v, scale: float, tf32: bool, is_self: bool = False):
+    with device_guard(q):
+        return _forward_unguarded(q, k, v, scale, tf32, is_self)
+
+
+def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
+    check_device(do, x)
+    bsz, c, length = x.shape
+    kp = pieces(length)
+    prec = precision(x, tf32)
+    dx = torch.empty((bsz, c, length), device=x.device, dtype=x.dtype)
+    x, do = _aligned(x, 1, length, sum(kp)), _aligned(do, 1, length, sum(kp))
+    bst = torch.empty((bsz, 3, c), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(c, meta["BLOCK_M"]), bsz)
+
+    _bwd_delta_self_kernel[grid](
+        x, do, stats, bst, c, sum(kp), scale, *x.stride(), *do.stride(),
+        K0=kp[0], K1=kp[1], K2=kp[2], PRECISION=prec,
+    )  # fmt: skip
+    _bwd_self_kernel[grid](
+        x, do, bst, dx, c, sum(kp), length, scale, *x.stride(), *do.stride(), *dx.stride(),
+        K0=kp[0], K1=kp[1], K2=kp[2], PRECISION=prec,
+    )  # fmt: skip
+    return dx
+
+
+def _backward_self(do, x, stats, scale: float, tf32: bool):
+    with device_guard(x):
+        return _backward_self_unguarded(do, x, stats, scale, tf32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
+
+
+@torch.library.custom_op("fgattn::flash_channel_attention_fwd", mutates_args=())
+def flash_channel_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
+    return _forward(q, k, v, scale, tf32)
+
+
+@flash_channel_attention_fwd.register_fake
+def _(q, k, v, scale, tf32):
+    bsz, c, _ = q.shape
+    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale, tf32 = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale, ctx.tf32 = scale, tf32
+
+
+def _grad(ctx, do, _dstats):
+    # The row statistics are those of triton_channel_attention's forward: its backward applies.
+    q, k, v, stats = ctx.saved_tensors
+    dq, dk, dv = _v1.channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
+    return dq, dk, dv, None, None
+
+
+flash_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
+
+
+@torch.library.custom_op("fgattn::flash_self_channel_attention_fwd", mutates_args=())
+def flash_self_channel_attention_fwd(
+    x: torch.Tensor, scale: float, tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
+    return _forward(x, x, x, scale, tf32, is_self=True)
+
+
+@flash_self_channel_attention_fwd.register_fake
+def _(x, scale, tf32):
+    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
+
+
+@torch.library.custom_op("fgattn::flash_self_channel_attention_bwd", mutates_args=())
+def flash_self_channel_attention_bwd(
+    do: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, scale: float, tf32: bool
+) -> torch.Tensor:
+    return _backward_self(do, x, stats, scale, tf32)
+
+
+@flash_self_channel_attention_bwd.register_fake
+def _(do, x, stats, scale, tf32):
+    return torch.empty_like(x)
+
+
+def _setup_self(ctx, inputs, output):
+    x, scale, tf32 = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.scale, ctx.tf32 = scale, tf32
+
+
+def _grad_self(ctx, do, _dstats):
+    x, stats = ctx.saved_tensors
+    return flash_self_channel_attention_bwd(do, x, stats, ctx.scale, ctx.tf32), None, None
+
+
+flash_self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
+    """softmax(scale · x xᵀ) x on (B, C, L), L ≤ 256, with the tied backward."""
+    _check_length(x.shape[2])
+    return flash_self_channel_attention_fwd(x, scale, tf32)[0]
+
+
+def channel_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool = False
+) -> torch.Tensor:
+    """softmax(scale · q kᵀ) v on (B, C, L) q, k (L ≤ 256) and (B, C, Lv) v; v's dtype."""
+    _check_length(q.shape[2])
+    dtype = v.dtype
+    if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
+        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = q.to(common), k.to(common), v.to(common)
+    return flash_channel_attention_fwd(q, k, v, scale, tf32)[0].to(dtype)

@@ -1,0 +1,470 @@
+"""The FlashAttention-2-shaped Triton kernels (`fgattn/ops/triton_flash.py` and
+`triton_flash_contrastive.py`, backend "triton_fa") against the PyTorch reference: outputs and
+every gradient, fp32 / fp16 / bf16, large logits, odd C and L, B > 1, several tile configs; their
+config pruning, registration and dispatch.
+
+Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before Triton is imported), where the autotuner is pruned to one config, `INTERPRETER_TILES`; the
+`tiles` fixture runs each case with more than one. If the kernels were compiled before the
+interpreter was on, the file re-runs itself in a fresh process, as test_triton_kernels.py does.
+bf16 runs on a GPU only (the interpreter's bf16 tl.dot is unreliable).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction
+
+from fgattn import backends
+from fgattn.functional import channel_attention, contrastive_channel_attention
+from fgattn.ops import _triton_common, dispatch, reference
+from fgattn.ops import triton_flash as tfa
+from fgattn.ops import triton_flash_contrastive as tfc
+
+INTERPRETED = isinstance(tfa._fwd_kernel.fn, InterpretedFunction)
+RERUN = not INTERPRETED and not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRETED else "cuda"
+KERNELS = (
+    tfa._fwd_kernel,
+    tfa._bwd_delta_self_kernel,
+    tfa._bwd_self_kernel,
+    tfc._lse_kernel,
+    tfc._fwd_kernel,
+    tfc._bwd_rowsum_kernel,
+    tfc._bwd_kernel,
+)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable(request):
+    if RERUN and request.node.name != "test_rerun_in_fresh_interpreter_process":
+        pytest.skip("kernels were compiled before TRITON_INTERPRET was set: ran in a subprocess")
+
+
+def _forget_tuning():
+    for kernel in KERNELS:
+        kernel.cache.clear()
+
+
+@pytest.fixture(params=[(16, 16), (32, 16), (16, 64)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
+def tiles(request, monkeypatch):
+    """The interpreter's one config: resident rows x streamed rows (several blocks at C = 40)."""
+    bm, bn = request.param
+    monkeypatch.setattr(tfa, "INTERPRETER_TILES", {"BLOCK_M": bm, "BLOCK_N": bn})
+    _forget_tuning()
+    yield request.param
+    _forget_tuning()
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def randn(*shape, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def close(actual, expected, tol):
+    """Relative to the expected tensor's largest magnitude."""
+    expected = expected.to(actual.device)
+    atol = tol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
+
+
+def check(inputs, scale=-1.0, tol=2e-5):
+    """Output and every input gradient of backend "triton_fa" against the reference on the same
+    (rounded) inputs in fp64; self attention when `inputs` is one tensor."""
+    xs = [leaf(t) for t in inputs]
+    out = channel_attention(*xs, scale=scale, backend="triton_fa")
+    assert out.dtype == inputs[-1].dtype and out.shape == inputs[-1].shape[:2] + out.shape[2:]
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
+    grads = torch.autograd.grad(out, xs, g)
+    xs64 = [leaf(t.double()) for t in inputs]
+    qkv = xs64 * 3 if len(xs64) == 1 else xs64
+    ref = reference.channel_attention(*qkv, scale)
+    rgrads = torch.autograd.grad(ref, xs64, g.double())
+    close(out, ref, tol)
+    for got, want in zip(grads, rgrads, strict=True):
+        assert got.dtype == want.dtype or got.dtype == inputs[0].dtype
+        close(got, want, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces and pruning
+
+
+@pytest.mark.parametrize(
+    ("width", "want"),
+    [
+        (196, (128, 64, 16)),  # 208 columns, not 256
+        (49, (64, 0, 0)),
+        (5, (16, 0, 0)),
+        (176, (128, 32, 16)),
+        (240, (256, 0, 0)),  # 128 + 64 + 32 + 16 would be four pieces
+        (256, (256, 0, 0)),
+        (200, (128, 64, 16)),
+    ],
+)
+def test_pieces(width, want):
+    got = tfa.pieces(width)
+    assert got == want
+    assert sum(got) >= width and sum(got) % 16 == 0
+
+
+# name: (the estimate's kind, the config space)
+SPACES = {
+    "fwd": ("fwd", tfa.FWD_SPACE),
+    "bwd": ("bwd", tfa.BWD_SPACE),
+    "delta": ("bwd", tfa.DELTA_SPACE),
+    "cfwd": ("cfwd", tfc.SPACE),
+    "cbwd": ("cbwd", tfc.BWD_SPACE),
+}
+
+
+def _prune(name, limit, dtype, width, monkeypatch, is_self=True):
+    kind, space = SPACES[name]
+    monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
+    kp = tfa.pieces(width)
+    kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=is_self)
+    x = torch.empty(0, dtype=dtype)
+    kept = tfa.fits(kind)(tfa._configs(space), {"X": x}, **kwargs)
+    estimates = [
+        tfa.estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                     c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size())
+        for c in kept
+    ]  # fmt: skip
+    return kept, estimates
+
+
+# Every kernel at sm_90 / sm_80 / sm_86 limits, but the contrastive ones in fp32 on sm_86, where no
+# config's estimate fits (the fallback below).
+FITTING = [
+    (kind, limit, dtype)
+    for kind in SPACES
+    for limit in (227 * 1024, 163 * 1024, 99 * 1024)
+    for dtype in (torch.bfloat16, torch.float32)
+    if not (kind in ("cfwd", "cbwd") and (limit, dtype) == (99 * 1024, torch.float32))
+]
+
+
+@pytest.mark.parametrize(("kind", "limit", "dtype"), FITTING)
+def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
+    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, is_self=kind != "fwd")
+    assert kept
+    for smem, words in estimates:
+        assert smem <= limit and words <= tfa.REGISTER_BUDGET
+    if limit >= 163 * 1024 and dtype == torch.bfloat16:  # wgmma needs 64-row tiles on sm_90
+        assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+
+
+def test_prune_refuses_what_cannot_fit(monkeypatch):
+    # sm_86 (99 KiB), fp32 contrastive backward: three resident and three streamed rows of 208
+    # fp32 values do not fit at all: a clear error, not "out of resources" at launch
+    with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 99 KiB.*backend='triton'"):
+        _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
+
+
+def test_tf32_estimate_has_a_margin():
+    # TF32 compilations staged up to 1.21x the plain estimate's shared memory (benchmarks/README)
+    plain = tfa.estimate("bwd", 64, 32, 8, 2, 208, 0, 4)
+    assert tfa.estimate("bwd", 64, 32, 8, 2, 208, 0, 4, tf32=True) == (1.25 * plain[0], plain[1])
+
+
+def test_prune_drops_what_the_device_cannot_hold(monkeypatch):
+    wide, _ = _prune("fwd", 227 * 1024, torch.bfloat16, 196, monkeypatch, is_self=False)
+    narrow, _ = _prune("fwd", 99 * 1024, torch.bfloat16, 196, monkeypatch, is_self=False)
+    assert len(narrow) < len(wide)
+    assert {128} <= {c.kwargs["BLOCK_M"] for c in wide}
+
+
+def test_interpreter_runs_one_config(monkeypatch):
+    monkeypatch.setattr(_triton_common, "interpreting", lambda: True)
+    (config,) = tfa.fits("fwd")(tfa._configs(tfa.FWD_SPACE), {}, K0=16, K1=0, K2=0)
+    assert {k: config.kwargs[k] for k in tfa.INTERPRETER_TILES} == tfa.INTERPRETER_TILES
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics against the reference
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "length", "scale"),
+    [(2, 40, 20, -1.0), (3, 33, 49, -1.0), (2, 24, 5, 0.5), (1, 19, 196, -0.05)],
+)
+def test_self_attention(tiles, b, c, length, scale):
+    check([randn(b, c, length)], scale)
+
+
+@pytest.mark.parametrize(
+    ("c", "length", "lv", "scale"),
+    [(40, 20, 40, -1.0), (33, 5, 10, 0.3), (17, 49, 300, -1.0), (24, 20, 7, -1.0)],
+)
+def test_cross_attention(tiles, c, length, lv, scale):
+    # lv = 300: two column tiles of v, each 150 wide, padded to 128 + 32
+    check([randn(2, c, length), randn(2, c, length), randn(2, c, lv)], scale)
+
+
+def test_non_contiguous_inputs():
+    x = randn(2, 20, 30).transpose(1, 2)  # (2, 30, 20), channel stride 1
+    check([x])
+    k = randn(2, 30, 40)[:, :, ::2]  # L stride 2
+    v = randn(2, 30, 50)[:, :, 3:48]  # offset view, Lv = 45
+    check([x, k, v])
+
+
+def test_dead_channels():
+    # Post-ReLU maps with all-zero channels: zero logits are the row max under scale −1.
+    x = randn(2, 40, 20).relu()
+    x[:, ::3] = 0
+    check([x])
+    check([torch.zeros(1, 16, 5, device=DEVICE)])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"),
+    [
+        (torch.float16, 1e-2),
+        pytest.param(
+            torch.bfloat16,
+            3e-2,
+            marks=pytest.mark.skipif(
+                DEVICE == "cpu", reason="the Triton interpreter's bf16 tl.dot is unreliable"
+            ),
+        ),
+    ],
+)
+def test_half_precision(dtype, tol):
+    # p and ds enter the products in the input dtype, as in flash attention; logits, softmax
+    # statistics and accumulators stay fp32.
+    x = randn(2, 40, 49, dtype=dtype).relu()
+    check([x], tol=tol)
+    q, k, v = randn(2, 40, 20, dtype=dtype), randn(2, 40, 20, dtype=dtype), randn(2, 40, 40)
+    check([q, k, v.to(dtype)], tol=tol)
+
+
+def test_tf32_option_runs():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    check([randn(2, 24, 20)], tol=2e-2)
+
+
+def _errors(fused, ref, inputs):
+    """Max errors of the fused op and of the fp32 reference against the fp64 reference, for the
+    output and each input's gradient."""
+    g = torch.randn(ref(*inputs).shape, dtype=torch.float64).float().to(DEVICE)
+    results = []
+    for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
+        xs = [leaf(t.to(cast)) for t in inputs]
+        out = fn(*xs)
+        results.append([out, *torch.autograd.grad(out, xs, g.to(cast))])
+    return [
+        ((a.double() - c).abs().max().item(), (b.double() - c).abs().max().item(), c.abs().max())
+        for a, b, c in zip(*results, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("magnitude", [30.0, 150.0])
+def test_large_logits(magnitude):
+    # |x| ≈ 30 gives logits near −1e4, |x| ≈ 150 near −5e5 (L = 49), where fp32 itself is coarse:
+    # the kernels must be about as accurate as the fp32 reference (both against fp64).
+    x = randn(2, 32, 49, scale=magnitude).relu()
+    x[:, ::5] = 0
+    q, k, v = x, randn(2, 32, 49, scale=magnitude).relu(), randn(2, 32, 98, scale=magnitude)
+    cases = [
+        (
+            lambda x: channel_attention(x, backend="triton_fa"),
+            lambda x: reference.channel_attention(x, x, x, -1.0),
+            (x,),
+        ),
+        (
+            lambda q, k, v: channel_attention(q, k, v, backend="triton_fa"),
+            lambda q, k, v: reference.channel_attention(q, k, v, -1.0),
+            (q, k, v),
+        ),
+    ]
+    for fused, ref, inputs in cases:
+        errors = _errors(fused, ref, inputs)
+        floor = max(size.item() for _, _, size in errors)
+        for err, err_ref32, size in errors:
+            assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+
+
+def test_agrees_with_the_fused_kernels():
+    # Same row statistics format as triton_channel_attention (its cross backward is reused).
+    from fgattn.ops import triton_channel_attention as tca
+
+    x = randn(2, 40, 49)
+    out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
+    out1, stats1 = tca.self_channel_attention_fwd(x, -1.0, False)
+    close(out, out1, 1e-5)
+    close(stats, stats1, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive |P_A − η P_B| X_A
+
+
+def check_contrastive(x_a, x_b, eta, scale=-1.0, tol=2e-5):
+    xs = [leaf(x_a), leaf(x_b), leaf(eta)]
+    out = contrastive_channel_attention(*xs, scale=scale, backend="triton_fa")
+    assert out.shape == x_a.shape and out.dtype == x_a.dtype
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
+    grads = torch.autograd.grad(out, xs, g)
+    xs64 = [leaf(t.double()) for t in (x_a, x_b, eta)]
+    ref = reference.contrastive_channel_attention(*xs64, scale)
+    rgrads = torch.autograd.grad(ref, xs64, g.double())
+    close(out, ref, tol)
+    for got, want in zip(grads, rgrads, strict=True):
+        close(got, want, tol)
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "length", "scale"),
+    [(2, 40, 20, -1.0), (2, 40, 20, -0.05), (3, 33, 49, 0.1), (2, 17, 5, -0.2), (1, 20, 196, -0.1)],
+)
+def test_contrastive(tiles, b, c, length, scale):
+    eta = torch.rand(b, dtype=torch.float64).float().to(DEVICE) * 1.5
+    check_contrastive(randn(b, c, length), randn(b, c, length), eta, scale)
+
+
+def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
+    # η = 1, X_B = X_A: W = 0 exactly, and d|u|/du at 0 is 0 as in PyTorch.
+    x = randn(2, 24, 20)
+    a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
+    out = contrastive_channel_attention(a, b, e, backend="triton_fa")
+    assert out.abs().max() == 0
+    for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
+        assert grad.abs().max() == 0
+
+
+def test_contrastive_dead_channels_non_contiguous_half():
+    a = randn(2, 20, 36).transpose(1, 2).relu()  # (2, 36, 20), non-contiguous
+    b = randn(2, 36, 40)[:, :, ::2].relu()
+    a[:, :4] = 0
+    b[:, 10:12] = 0
+    eta = torch.tensor([0.3, 1.2], device=DEVICE)
+    check_contrastive(a, b, eta)
+    check_contrastive(a.half(), b.half(), eta, tol=1e-2)
+
+
+@pytest.mark.parametrize("magnitude", [30.0, 150.0])
+def test_contrastive_large_logits(magnitude):
+    a = randn(2, 32, 49, scale=magnitude).relu()
+    a[:, ::5] = 0
+    b = randn(2, 32, 49, scale=magnitude).relu()
+    eta = torch.tensor([0.5, 1.2], device=DEVICE)
+    errors = _errors(
+        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton_fa"),
+        lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
+        (a, b, eta),
+    )
+    # the dX_B and dη here are ~0 (pure fp32 noise): the floor is the op's largest output/gradient
+    floor = max(size.item() for _, _, size in errors)
+    for err, err_ref32, size in errors:
+        assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and dispatch
+
+
+def test_opcheck():
+    x = randn(2, 20, 5).requires_grad_()
+    q, k, v = (randn(2, 20, w).requires_grad_() for w in (5, 5, 9))
+    torch.library.opcheck(tfa.flash_self_channel_attention_fwd, (x, -1.0, False))
+    torch.library.opcheck(tfa.flash_channel_attention_fwd, (q, k, v, -1.0, False))
+    with torch.no_grad():
+        out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
+    args = (torch.randn_like(out), x.detach(), stats, -1.0, False)
+    torch.library.opcheck(tfa.flash_self_channel_attention_bwd, args)
+    eta = torch.tensor([0.5, 1.1], device=DEVICE, requires_grad=True)
+    args = (q, k, eta, -1.0, False)
+    torch.library.opcheck(tfc.flash_contrastive_channel_attention_fwd, args)
+    with torch.no_grad():
+        out, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), eta.detach(), lse_a, lse_b)
+    torch.library.opcheck(tfc.flash_contrastive_channel_attention_bwd, (*bwd_args, -1.0, False))
+
+
+def test_torch_compile_fullgraph():
+    x = leaf(randn(2, 24, 4, 5))
+    q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))
+
+    eta = leaf(torch.rand(2, device=DEVICE))
+
+    def loss(x, q, k, v, eta, backend):
+        y1 = channel_attention(x, backend=backend)
+        y2 = channel_attention(q, k, v, backend=backend)
+        y3 = contrastive_channel_attention(q, k, eta, backend=backend)
+        return (y1 * y1).sum() + (y2 * y2).sum() + (y3 * y3).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = (x, q, k, v, eta)
+    got = torch.autograd.grad(compiled(*inputs, "triton_fa"), inputs)
+    want = torch.autograd.grad(loss(*inputs, "reference"), inputs)
+    for a, b in zip(got, want, strict=True):
+        close(a, b, 1e-4)
+
+
+def test_long_rows_are_refused_by_name_and_not_candidates():
+    x = randn(2, 8, 257)
+    with pytest.raises(ValueError, match=r"backend 'triton_fa' cannot run .*L <= 256"):
+        channel_attention(x, backend="triton_fa")
+    assert "triton_fa" not in dispatch.candidates(dispatch.describe("self", x))
+    with pytest.raises(ValueError, match=r"L <= 256, got L = 257"):
+        tfa.self_attention(x, -1.0)
+
+
+def test_no_rule_prefers_it_until_a_gpu_run_does():
+    # Not yet timed on a GPU: `auto` takes it only in benchmark mode.
+    assert all("triton_fa" not in rule.prefer for rule in dispatch.RULES)
+    assert "triton_fa" not in dispatch.LAST_RESORT
+    call = dispatch.Call("self", "cuda", "cuda:0", (9, 0), torch.bfloat16, 32, 2048, 196, 196, True)
+    assert dispatch.IMPLEMENTATIONS["triton_fa"].ops == ("self", "cross", "contrastive")
+    assert dispatch.rule_for(call).prefer[0] != "triton_fa"
+
+
+def test_benchmark_mode_times_it_beside_the_others(monkeypatch):
+    timed = []
+
+    def fake(impl, call, repeat=5, scale=-1.0):
+        timed.append(impl.name)
+        return 0.5 if impl.name == "triton_fa" else 1.0
+
+    monkeypatch.setattr(dispatch, "time_call", fake)
+    old = backends.get_benchmark()
+    backends.benchmark = True
+    try:
+        dispatch.clear_benchmark_cache()
+        x = randn(2, 8, 5)
+        assert backends.resolve("self", x) == "triton_fa"
+        assert {"reference", "triton", "triton_fa"} <= set(timed)
+        with backends.use_backend("triton_fa"):  # and a user can set it globally
+            backends.benchmark = False
+            assert backends.resolve("self", x) == "triton_fa"
+    finally:
+        backends.benchmark = old
+        dispatch.clear_benchmark_cache()
+
+
+def test_rerun_in_fresh_interpreter_process():
+    if not RERUN:
+        pytest.skip("kernels run in this process (interpreter active or CUDA present)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
