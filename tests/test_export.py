@@ -101,19 +101,22 @@ def fgattn_ops(graph_module):
     return [n for n in graph_module.graph.nodes if str(n.target).startswith("fgattn.")]
 
 
-def test_export_replaces_fused_custom_ops_with_the_reference_and_says_so(monkeypatch, tmp_path):
+@pytest.mark.parametrize("backend", ["triton", "triton_fa"])
+def test_export_replaces_fused_custom_ops_with_the_reference_and_says_so(
+    backend, monkeypatch, tmp_path
+):
     model = tiny_model("cin").to(DEVICE)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     monkeypatch.setattr(dispatch, "_export_warned", set())
-    with fgattn.backends.use_backend("triton"):
+    with fgattn.backends.use_backend(backend):
         # Eager runs the fused custom op (on CPU through Triton's interpreter, see conftest), and
         # without the fallback so would the exported program ...
-        assert fgattn.backends.resolve("self", model.forward_features(x).flatten(2)) == "triton"
+        assert fgattn.backends.resolve("self", model.forward_features(x).flatten(2)) == backend
         with monkeypatch.context() as without_fallback:
             without_fallback.setattr(dispatch, "exporting", lambda: False)
             assert fgattn_ops(torch.export.export(model, (x,)).graph_module)
         # ... with it, it does not, and the warning points at the line that exported.
-        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'") as record:
+        with pytest.warns(UserWarning, match=rf"'{backend}' implementation.*'reference'") as record:
             program = torch.export.export(model, (x,))
         assert fgattn_ops(program.graph_module) == []
         assert any(w.filename == __file__ for w in record)
@@ -122,7 +125,7 @@ def test_export_replaces_fused_custom_ops_with_the_reference_and_says_so(monkeyp
             torch.export.export(model, (x,))
         assert not [w for w in again if "fgattn" in str(w.message)]
         monkeypatch.setattr(dispatch, "_export_warned", set())
-        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'"):
+        with pytest.warns(UserWarning, match=rf"'{backend}' implementation.*'reference'"):
             onnx_program, run = export_onnx(model, x, tmp_path / "cin.onnx")
         with torch.no_grad():
             eager = model(x)

@@ -163,6 +163,7 @@ IMPLEMENTATIONS = {
             ("cuda",),
             FLOATS,
             interpretable=True,
+            exportable=False,
             options=(("kernels", "flash"),),
             max_length=256,
         ),
