@@ -22,3 +22,11 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Dynamo keeps state per code object across tests: a layer compiled (or strict-exported) in
+    # one test makes a later torch.compile of the same layer's forward automatically dynamic, so a
+    # test's result would depend on which tests ran before it.
+    torch._dynamo.reset()

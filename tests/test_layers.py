@@ -287,6 +287,31 @@ def test_sci_compiles_with_inductor_and_backpropagates():
     assert torch.isfinite(x.grad).all() and sci.phi.weight.grad is not None
 
 
+@pytest.mark.parametrize(
+    ("make", "dynamic"),
+    [(lambda: SCI(4), None), (lambda: SCI(4), True), (lambda: CCI(4), None)],
+    ids=["sci-automatic-dynamic", "sci-dynamic", "cci-automatic-dynamic"],
+)
+def test_layer_with_conv_compiles_for_a_second_spatial_size(make, dynamic):
+    # φ(Y) with Y a reshaped bmm output: on CPU, inductor's channels_last layout for the conv once
+    # failed to order Y's symbolic strides (pytorch/pytorch#185510) at the second size.
+    layer = make()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    for shape in [(2, 4, 5, 5), (2, 4, 6, 7)]:
+        x = torch.rand(shape, requires_grad=True)
+        got = _as_list(compiled(x))
+        sum(t.sum() for t in got).backward()
+        got_grads = [x.grad] + [p.grad for p in layer.parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        want = _as_list(layer(x))
+        sum(t.sum() for t in want).backward()
+        want_grads = [x.grad] + [p.grad for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        for g, w in zip(got + got_grads, want + want_grads, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", fgattn.__all__)
 def test_public_names_import_with_docstrings(name):
     obj = getattr(fgattn, name)

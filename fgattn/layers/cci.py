@@ -9,7 +9,7 @@ from torch import nn
 from .. import _args
 from .._shapes import check_image_batch, split_pairs
 from ..functional import channel_attention, contrastive_channel_attention
-from .helpers import logit_scale
+from .helpers import conv_input, logit_scale
 
 
 class CCI(nn.Module):
@@ -94,7 +94,8 @@ class CCI(nn.Module):
         eta, gamma = self.weights(y_a, y_b)
         y_ab = contrastive_channel_attention(x_a, x_b, eta, scale=scale)
         y_ba = contrastive_channel_attention(x_b, x_a, gamma, scale=scale)
-        return self.phi(y_ab) + x_a, self.phi(y_ba) + x_b, eta, gamma
+        z_ab, z_ba = self.phi(conv_input(y_ab)), self.phi(conv_input(y_ba))
+        return x_a + z_ab, x_b + z_ba, eta, gamma  # x first: x's memory format
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, scale={self.scale}"

@@ -8,7 +8,7 @@ from torch import nn
 from .. import _args
 from .._shapes import check_image_batch
 from ..functional import channel_attention
-from .helpers import logit_scale
+from .helpers import conv_input, logit_scale
 
 
 class SCI(nn.Module):
@@ -57,7 +57,7 @@ class SCI(nn.Module):
         self, x: torch.Tensor, return_interaction: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         y = self.interaction(x)
-        z = self.phi(y) + x
+        z = x + self.phi(conv_input(y))  # x first: z keeps x's memory format
         return (z, y) if return_interaction else z
 
     def extra_repr(self) -> str:
