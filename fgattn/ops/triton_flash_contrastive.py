@@ -24,11 +24,10 @@ from .triton_contrastive import _sign
 from .triton_flash import (
     _aligned,
     _check_length,
-    _configs,
     _dot_t,
     _pieces,
     _store_rows,
-    fits,
+    autotune,
     pieces,
 )
 
@@ -48,9 +47,7 @@ def _stats(S, b, offs, C):
     )
 
 
-@triton.autotune(
-    configs=_configs(SPACE), key=["C", "L"], prune_configs_by={"early_config_prune": fits("cfwd")}
-)
+@autotune(SPACE, ["C", "L"], "cfwd")
 @triton.jit
 def _lse_kernel(
     XA, XB, LSEA, LSEB,
@@ -95,9 +92,7 @@ def _lse_kernel(
     tl.store(LSEB + C + offs_m, tl.log(lb), mask=offs_m < C)
 
 
-@triton.autotune(
-    configs=_configs(SPACE), key=["C", "L"], prune_configs_by={"early_config_prune": fits("cfwd")}
-)
+@autotune(SPACE, ["C", "L"], "cfwd")
 @triton.jit
 def _fwd_kernel(
     XA, XB, ETA, LSEA, LSEB, Out,
@@ -147,9 +142,7 @@ def _fwd_kernel(
         _store_rows(Out, acc2, offs_m, C, K0 + K1, K2, L_OUT, soc, sol)
 
 
-@triton.autotune(
-    configs=_configs(SPACE), key=["C", "L"], prune_configs_by={"early_config_prune": fits("cfwd")}
-)
+@autotune(SPACE, ["C", "L"], "cfwd")
 @triton.jit
 def _bwd_rowsum_kernel(
     XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS,
@@ -191,11 +184,7 @@ def _bwd_rowsum_kernel(
     tl.store(EPS + b * C + offs_m, eps, mask=offs_m < C)
 
 
-@triton.autotune(
-    configs=_configs(BWD_SPACE),
-    key=["C", "L"],
-    prune_configs_by={"early_config_prune": fits("cbwd")},
-)
+@autotune(BWD_SPACE, ["C", "L"], "cbwd")
 @triton.jit
 def _bwd_kernel(
     XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS, DA, DB,
