@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import _triton_common
 from . import triton_channel_attention as _v1
-from ._triton_common import check_device, device_guard, precision, probs
+from ._triton_common import check_device, device_guard, fused_op, one_dtype, precision, probs
 
 MAX_LENGTH = 256  # widest row of q a program keeps resident (FA3's largest head dim)
 MAX_PIECES = 3
@@ -484,81 +484,21 @@ def _backward_self(do, x, stats, scale: float, tf32: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
+# Custom ops (`fused_op`: schema, fake and autograd) and entry points
 
 
-@torch.library.custom_op("fgattn::flash_channel_attention_fwd", mutates_args=())
-def flash_channel_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
-    return _forward(q, k, v, scale, tf32)
-
-
-@flash_channel_attention_fwd.register_fake
-def _(q, k, v, scale, tf32):
-    bsz, c, _ = q.shape
-    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, scale, tf32 = inputs
-    ctx.save_for_backward(q, k, v, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad(ctx, do, _dstats):
-    # The row statistics are those of triton_channel_attention's forward: its backward applies.
-    q, k, v, stats = ctx.saved_tensors
-    dq, dk, dv = _v1.channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
-    return dq, dk, dv, None, None
-
-
-flash_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-@torch.library.custom_op("fgattn::flash_self_channel_attention_fwd", mutates_args=())
-def flash_self_channel_attention_fwd(
-    x: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
+def _forward_self(x, scale: float, tf32: bool):
     return _forward(x, x, x, scale, tf32, is_self=True)
 
 
-@flash_self_channel_attention_fwd.register_fake
-def _(x, scale, tf32):
-    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
-
-
-@torch.library.custom_op("fgattn::flash_self_channel_attention_bwd", mutates_args=())
-def flash_self_channel_attention_bwd(
-    do: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, scale: float, tf32: bool
-) -> torch.Tensor:
-    return _backward_self(do, x, stats, scale, tf32)
-
-
-@flash_self_channel_attention_bwd.register_fake
-def _(do, x, stats, scale, tf32):
-    return torch.empty_like(x)
-
-
-def _setup_self(ctx, inputs, output):
-    x, scale, tf32 = inputs
-    ctx.save_for_backward(x, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad_self(ctx, do, _dstats):
-    x, stats = ctx.saved_tensors
-    return flash_self_channel_attention_bwd(do, x, stats, ctx.scale, ctx.tf32), None, None
-
-
-flash_self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
+# The cross op's row statistics are those of triton_channel_attention's forward: its backward
+# applies.
+flash_channel_attention_fwd, flash_channel_attention_bwd = fused_op(
+    "flash_channel_attention", ("q", "k", "v"), _forward, _v1._backward, value=2
+)
+flash_self_channel_attention_fwd, flash_self_channel_attention_bwd = fused_op(
+    "flash_self_channel_attention", ("x",), _forward_self, _backward_self
+)
 
 
 def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
@@ -572,8 +512,4 @@ def channel_attention(
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) q, k (L ≤ 256) and (B, C, Lv) v; v's dtype."""
     _check_length(q.shape[2])
-    dtype = v.dtype
-    if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
-    return flash_channel_attention_fwd(q, k, v, scale, tf32)[0].to(dtype)
+    return flash_channel_attention_fwd(*one_dtype(q, k, v), scale, tf32)[0].to(v.dtype)
