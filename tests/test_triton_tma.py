@@ -389,3 +389,62 @@ def test_half_precision(use_tma, dtype, tol):
     # TMA copies the input dtype's bytes as they are; p enters the product in that dtype
     check([randn(2, 40, 49, dtype=dtype).relu()], -1.0, tol=tol)
     assert_loaded_with(use_tma, [tfa._fwd_kernel])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for sm_90 (no GPU): a TMA config gets TMA copies, its pointer twin cp.async
+
+COMPILE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from kernel_resources import StubDriver
+from fgattn.ops import triton_flash as tfa
+
+driver.set_active(StubDriver(GPUTarget("cuda", 90, 32)))
+kp = tfa.pieces(196)
+x = tfa._aligned(torch.randn(2, 256, 196).bfloat16(), 1, 196, sum(kp))
+out, stats = torch.empty(2, 256, 196).bfloat16(), torch.empty(2, 2, 256)
+result = {}
+for tma in (False, True):
+    compiled = tfa._fwd_kernel.fn.warmup(
+        x, x, x, out, stats, 256, sum(kp), 196, 196, -1.0,
+        *x.stride(), *x.stride(), *x.stride(), *out.stride(),
+        K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=True,
+        PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, STAGES=2, USE_TMA=tma,
+        num_warps=4, num_stages=2, grid=(4, 1, 2),
+    )
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    result[str(tma)] = {
+        "bulk_tensor": "cp.async.bulk.tensor" in ptx,
+        "tma_copy_in_ttgir": "async_tma_copy_global_to_local" in ttgir,
+        "cp_async": "cp.async.cg" in ptx or "cp.async.ca" in ptx,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "scratch": compiled.metadata.global_scratch_size,
+    }
+print(json.dumps(result))
+"""
+
+
+def test_tma_config_compiles_to_tma_copies_on_sm90():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's NVIDIA backend has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    pointers, tma = got["False"], got["True"]
+    assert tma["bulk_tensor"] and tma["tma_copy_in_ttgir"] and tma["wgmma"]
+    assert tma["scratch"] > 0  # three 128-byte descriptors (196 = 128 + 64 + 16), per program
+    assert pointers["cp_async"] and pointers["wgmma"]
+    assert not pointers["bulk_tensor"] and pointers["scratch"] == 0

@@ -14,7 +14,10 @@ program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
 over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
-(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
+(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`. The forward
+kernels' configs come twice, streaming k / v through masked pointer loads (cp.async) or through
+on-device TMA descriptors (`USE_TMA`, kept only on sm_90+ with Triton ≥ 3.5, `tma_available`);
+their launches set Triton's allocator for the descriptors' scratch for that launch only (`launch`).
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
 max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij
