@@ -10,7 +10,9 @@ pipelined loop, and both softmaxes are handled in the same pass:
   4. `_bwd_kernel`: rows n of dX_A and dX_B from the symmetric logits, both orientations of the
      softmax from one tile per matrix (7 per step), no atomics.
 The |·| between the softmax and the product rules out the online-softmax rescaling, hence the
-separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`.
+separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`. Kernels 1 and 2
+stream rows through masked pointer loads or TMA descriptors, as the autotuner picks (`USE_TMA`,
+see `triton_flash`).
 """
 
 from __future__ import annotations
