@@ -14,7 +14,10 @@ program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
 over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
-(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
+(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`. The forward
+kernels' configs come twice, streaming k / v through masked pointer loads (cp.async) or through
+on-device TMA descriptors (`USE_TMA`, kept only on sm_90+ with Triton ≥ 3.5, `tma_available`);
+their launches set Triton's allocator for the descriptors' scratch for that launch only (`launch`).
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
 max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij
@@ -31,6 +34,8 @@ all tiles, with no partial buffers.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +63,13 @@ DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
 ]  # fmt: skip
-# The one config the interpreter runs (tests shrink or widen it to reach other code paths).
+# The one config the interpreter runs (tests shrink or widen it to reach other code paths), and
+# whether it loads the streamed tiles through tensor descriptors (the kernels with a USE_TMA axis).
 INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRETER_TMA = False
+# Triton keeps the allocator on-device descriptors need in a ContextVar from 3.5 on (a module
+# global in 3.4), so `launch` can set one for its own launch only: TMA configs from 3.5 on.
+TMA_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
 REGISTER_BUDGET = 168  # fp32 words per thread the estimate may fill (ptxas caps at 255)
 
 
@@ -73,10 +83,17 @@ def pieces(width: int) -> tuple[int, int, int]:
     return (*parts, 0, 0)[:MAX_PIECES]
 
 
-def _configs(space):
+def _configs(space, tma: bool = False):
+    """A triton.Config per (BLOCK_M, BLOCK_N, num_warps, num_stages) of `space`; with `tma`, each
+    twice: streamed tiles loaded through masked pointers (cp.async) and through on-device TMA
+    descriptors (USE_TMA), for the autotuner to choose between on the user's GPU."""
+    loads = [{"USE_TMA": False}, {"USE_TMA": True}] if tma else [{}]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st}, num_warps=w, num_stages=st)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, **load}, num_warps=w, num_stages=st
+        )
         for bm, bn, w, st in space
+        for load in loads
     ]
 
 
@@ -90,15 +107,75 @@ def _time_config(kernel_call, quantiles):
     return do_bench(kernel_call, quantiles=quantiles)
 
 
-def autotune(space, key: list[str], kind: str):
+def autotune(space, key: list[str], kind: str, tma: bool = False):
     """`triton.autotune` over the (BLOCK_M, BLOCK_N, warps, stages) `space`, keyed on `key`,
-    pruned by `fits(kind)`."""
+    pruned by `fits(kind)`; with `tma` (a kernel with a `USE_TMA` constexpr) each config also with
+    TMA loads, kept only where `tma_available` (see `_with_tma`)."""
+    prune = _with_tma(fits(kind)) if tma else fits(kind)
     return triton.autotune(
-        configs=_configs(space),
+        configs=_configs(space, tma),
         key=key,
-        prune_configs_by={"early_config_prune": fits(kind)},
+        prune_configs_by={"early_config_prune": prune},
         do_bench=_time_config,
     )
+
+
+def tma_available() -> bool:
+    """Whether a launch now may load through on-device TMA descriptors
+    (`tl.make_tensor_descriptor`): under the interpreter wherever Triton has them (3.4 on); on a
+    GPU with Triton ≥ 3.5 (`TMA_TRITON`) when the target of Triton's active driver is an NVIDIA
+    GPU of compute capability ≥ 9.0 (Hopper's TMA unit; earlier GPUs keep cp.async)."""
+    if _triton_common.interpreting():
+        return hasattr(tl, "make_tensor_descriptor")
+    if not TMA_TRITON:
+        return False
+    target = triton.runtime.driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch >= 90
+
+
+def _with_tma(prune):
+    """`prune` for a kernel whose configs have a USE_TMA axis: the TMA configs dropped first where
+    not `tma_available()`; under the interpreter `prune`'s one config, loading through descriptors
+    if `INTERPRETER_TMA` (and the interpreter has them)."""
+
+    def pruned(configs, named_args, **kwargs):
+        if _triton_common.interpreting():
+            use = INTERPRETER_TMA and tma_available()
+            return [
+                triton.Config(
+                    dict(cfg.kwargs, USE_TMA=use),
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
+                for cfg in prune(configs, named_args, **kwargs)
+            ]
+        if not tma_available():
+            configs = [cfg for cfg in configs if not cfg.kwargs["USE_TMA"]]
+        return prune(configs, named_args, **kwargs)
+
+    return pruned
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's allocator for the global scratch on-device descriptors are written to (128 bytes
+    each per program): torch's caching allocator on the current GPU (aligned to ≥ 512 bytes)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) with `_scratch` as Triton's allocator for this launch (and the
+    autotuning it may start) only: `triton.set_allocator` is called in a copy of the current
+    context (Triton ≥ 3.5 keeps the allocator in a ContextVar), so an allocator the user set
+    elsewhere is neither replaced nor needed, and none is left set. On Triton 3.4, where
+    set_allocator would be global, nothing is set and `tma_available` keeps the TMA configs out."""
+    if not TMA_TRITON:
+        return kernel[grid](*args, **kwargs)
+
+    def run():
+        triton.set_allocator(_scratch)
+        return kernel[grid](*args, **kwargs)
+
+    return contextvars.copy_context().run(run)
 
 
 class DoesNotFit(RuntimeError):
@@ -226,7 +303,56 @@ def _pieces(ptr, rows, C, L, stride_r, stride_c,
     return t0, t1, t2
 
 
-@autotune(FWD_SPACE, ["C", "L", "LV", "IS_SELF"], "fwd")
+@triton.jit
+def _descriptors(ptr, R, END, stride_r, ROWS: tl.constexpr,
+                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):  # fmt: skip
+    """On-device TMA descriptors of ptr[:R, :END] (contiguous rows `stride_r` apart, base and rows
+    16-byte aligned) for (ROWS x K_i) blocks, one per piece (an absent piece repeats the first).
+    A block reaching past row R reads zeros there, as `_rows`' mask does."""
+    d0 = tl.make_tensor_descriptor(ptr, [R, END], [stride_r, 1], [ROWS, K0])
+    d1 = d0
+    d2 = d0
+    if K1 > 0:
+        d1 = tl.make_tensor_descriptor(ptr, [R, END], [stride_r, 1], [ROWS, K1])
+    if K2 > 0:
+        d2 = tl.make_tensor_descriptor(ptr, [R, END], [stride_r, 1], [ROWS, K2])
+    return d0, d1, d2
+
+
+@triton.jit
+def _tma_pieces(d0, d1, d2, row0, col0, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Rows row0 : row0 + ROWS, columns col0 : col0 + K0 + K1 + K2 as three pieces, loaded
+    through `_descriptors` (an absent piece repeats the first and is never used)."""
+    t0 = d0.load([row0, col0])
+    t1 = t0
+    t2 = t0
+    if K1 > 0:
+        t1 = d1.load([row0, col0 + K0])
+    if K2 > 0:
+        t2 = d2.load([row0, col0 + K0 + K1])
+    return t0, t1, t2
+
+
+@triton.jit
+def _streamed(ptr, d0, d1, d2, row0, rows, R, col0, END, stride_r, stride_c,
+              K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+              USE_TMA: tl.constexpr):  # fmt: skip
+    """ptr[rows, col0 : col0 + K0 + K1 + K2] (rows = row0 + arange) as three pieces, zero past row R
+    and column END: through the descriptors d_i if USE_TMA, else masked pointer loads."""
+    if USE_TMA:
+        t0, t1, t2 = _tma_pieces(d0, d1, d2, row0, col0, K0, K1, K2)
+    else:
+        t0 = _rows(ptr, rows, R, col0, K0, END, stride_r, stride_c)
+        t1 = t0
+        t2 = t0
+        if K1 > 0:
+            t1 = _rows(ptr, rows, R, col0 + K0, K1, END, stride_r, stride_c)
+        if K2 > 0:
+            t2 = _rows(ptr, rows, R, col0 + K0 + K1, K2, END, stride_r, stride_c)
+    return t0, t1, t2
+
+
+@autotune(FWD_SPACE, ["C", "L", "LV", "IS_SELF"], "fwd", tma=True)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, STATS,
@@ -235,12 +361,13 @@ def _fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr,
     IS_SELF: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks of q, column tiles of out (width TV), batch). q and k come zero-padded to
     # L = K0 + K1 + K2 columns and each column tile of v to V0 + V1 + V2 (`_aligned`): rows start
     # 16-byte aligned, which the pipelined (cp.async / TMA) loads need. IS_SELF: k = v = q, one
-    # tile load serves the logits and the product.
+    # tile load serves the logits and the product. USE_TMA: k and v tiles are streamed through
+    # on-device TMA descriptors of this batch's rows (one per piece), else masked pointer loads.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -256,6 +383,12 @@ def _fwd_kernel(
 
     # q resident for the whole sweep, as up to three power-of-two pieces of L
     q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+    kd0, kd1, kd2 = K, K, K  # descriptors of k and v (only where USE_TMA)
+    vd0, vd1, vd2 = V, V, V
+    if USE_TMA:
+        kd0, kd1, kd2 = _descriptors(K, C, L, skc, BLOCK_N, K0, K1, K2)
+        if not IS_SELF:
+            vd0, vd1, vd2 = _descriptors(V, C, dv_end, svc, BLOCK_N, V0, V1, V2)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc0 = tl.zeros((BLOCK_M, V0), dtype=tl.float32)
@@ -267,7 +400,8 @@ def _fwd_kernel(
     for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # -- logits s = scale · q kᵀ in fp32, the sign applied before the running max
-        k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+        k0, k1, k2 = _streamed(K, kd0, kd1, kd2, n0, offs_n, C, 0, L, skc, skl,
+                               K0, K1, K2, USE_TMA)  # fmt: skip
         s = _dot_t(q0, q1, q2, k0, k1, k2, K1, K2, PRECISION)
         s = tl.where(offs_n[None, :] < C, s * scale, float("-inf"))
         # -- online softmax
@@ -277,14 +411,16 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         # -- acc = alpha · acc + p v, piece by piece of the value tile
-        v0 = k0 if IS_SELF else _rows(V, offs_n, C, dv0, V0, dv_end, svc, svl)
+        if IS_SELF:
+            v0, v1, v2 = k0, k1, k2
+        else:
+            v0, v1, v2 = _streamed(V, vd0, vd1, vd2, n0, offs_n, C, dv0, dv_end, svc, svl,
+                                   V0, V1, V2, USE_TMA)  # fmt: skip
         p = p.to(v0.dtype)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
         if V1 > 0:
-            v1 = k1 if IS_SELF else _rows(V, offs_n, C, dv0 + V0, V1, dv_end, svc, svl)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         if V2 > 0:
-            v2 = k2 if IS_SELF else _rows(V, offs_n, C, dv0 + V0 + V1, V2, dv_end, svc, svl)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
 
     # -- epilogue: normalise, store; the first column tile stores the row statistics
@@ -639,7 +775,7 @@ def _aligned(x: torch.Tensor, tiles: int, tile: int, width: int) -> torch.Tensor
     `width` (a multiple of 16), contiguous, so every row starts 16-byte aligned. No copy where x
     already is that."""
     length = x.shape[2]
-    if tiles == 1 and length == width and x.is_contiguous():
+    if tiles == 1 and length == width and x.is_contiguous() and x.data_ptr() % 16 == 0:
         return x
     x = F.pad(x, (0, tiles * tile - length)).unflatten(2, (tiles, tile))
     return F.pad(x, (0, width - tile)).flatten(2).contiguous()
@@ -663,8 +799,8 @@ def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
     def grid(meta):
         return (triton.cdiv(c, meta["BLOCK_M"]), n_tiles, bsz)
 
-    _fwd_kernel[grid](
-        q, k, v, out, stats, c, sum(kp), lv, tv, scale,
+    launch(
+        _fwd_kernel, grid, q, k, v, out, stats, c, sum(kp), lv, tv, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         K0=kp[0], K1=kp[1], K2=kp[2], V0=vp[0], V1=vp[1], V2=vp[2],
         IS_SELF=is_self, PRECISION=precision(q, tf32),

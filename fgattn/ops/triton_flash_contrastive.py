@@ -10,7 +10,9 @@ pipelined loop, and both softmaxes are handled in the same pass:
   4. `_bwd_kernel`: rows n of dX_A and dX_B from the symmetric logits, both orientations of the
      softmax from one tile per matrix (7 per step), no atomics.
 The |·| between the softmax and the product rules out the online-softmax rescaling, hence the
-separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`.
+separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`. Kernels 1 and 2
+stream rows through masked pointer loads or TMA descriptors, as the autotuner picks (`USE_TMA`,
+see `triton_flash`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from .triton_contrastive import _sign
 from .triton_flash import (
     _aligned,
     _check_length,
+    _descriptors,
     _dot_t,
     _pieces,
     _store_rows,
+    _streamed,
     autotune,
+    launch,
     pieces,
 )
 
@@ -47,7 +52,7 @@ def _stats(S, b, offs, C):
     )
 
 
-@autotune(SPACE, ["C", "L"], "cfwd")
+@autotune(SPACE, ["C", "L"], "cfwd", tma=True)
 @triton.jit
 def _lse_kernel(
     XA, XB, LSEA, LSEB,
@@ -55,6 +60,7 @@ def _lse_kernel(
     sab, sac, sal, sbb, sbc, sbl,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks m, batch). Rows m of X_A and X_B resident; both row statistics in one sweep.
     pid_m = tl.program_id(0)
@@ -64,14 +70,21 @@ def _lse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     a0, a1, a2 = _pieces(XA, offs_m, C, L, sac, sal, K0, K1, K2)
     b0, b1, b2 = _pieces(XB, offs_m, C, L, sbc, sbl, K0, K1, K2)
+    ad0, ad1, ad2 = XA, XA, XA  # TMA descriptors of the streamed rows (only where USE_TMA)
+    bd0, bd1, bd2 = XB, XB, XB
+    if USE_TMA:
+        ad0, ad1, ad2 = _descriptors(XA, C, L, sac, BLOCK_N, K0, K1, K2)
+        bd0, bd1, bd2 = _descriptors(XB, C, L, sbc, BLOCK_N, K0, K1, K2)
     ma = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     mb = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     la = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lb = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        an0, an1, an2 = _pieces(XA, offs_n, C, L, sac, sal, K0, K1, K2)
-        bn0, bn1, bn2 = _pieces(XB, offs_n, C, L, sbc, sbl, K0, K1, K2)
+        an0, an1, an2 = _streamed(XA, ad0, ad1, ad2, n0, offs_n, C, 0, L, sac, sal,
+                                  K0, K1, K2, USE_TMA)  # fmt: skip
+        bn0, bn1, bn2 = _streamed(XB, bd0, bd1, bd2, n0, offs_n, C, 0, L, sbc, sbl,
+                                  K0, K1, K2, USE_TMA)  # fmt: skip
         # -- scaled fp32 logits of both matrices, the sign applied before the running max
         s_a = _dot_t(a0, a1, a2, an0, an1, an2, K1, K2, PRECISION) * scale
         s_b = _dot_t(b0, b1, b2, bn0, bn1, bn2, K1, K2, PRECISION) * scale
@@ -92,7 +105,7 @@ def _lse_kernel(
     tl.store(LSEB + C + offs_m, tl.log(lb), mask=offs_m < C)
 
 
-@autotune(SPACE, ["C", "L"], "cfwd")
+@autotune(SPACE, ["C", "L"], "cfwd", tma=True)
 @triton.jit
 def _fwd_kernel(
     XA, XB, ETA, LSEA, LSEB, Out,
@@ -100,6 +113,7 @@ def _fwd_kernel(
     sab, sac, sal, sbb, sbc, sbl, sob, soc, sol,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks m, batch); X_A, X_B padded to L columns, Out (B, C, L_OUT)
     pid_m = tl.program_id(0)
@@ -113,6 +127,11 @@ def _fwd_kernel(
     mb, lb = _stats(LSEB, b, offs_m, C)
     a0, a1, a2 = _pieces(XA, offs_m, C, L, sac, sal, K0, K1, K2)
     b0, b1, b2 = _pieces(XB, offs_m, C, L, sbc, sbl, K0, K1, K2)
+    ad0, ad1, ad2 = XA, XA, XA  # TMA descriptors of the streamed rows (only where USE_TMA)
+    bd0, bd1, bd2 = XB, XB, XB
+    if USE_TMA:
+        ad0, ad1, ad2 = _descriptors(XA, C, L, sac, BLOCK_N, K0, K1, K2)
+        bd0, bd1, bd2 = _descriptors(XB, C, L, sbc, BLOCK_N, K0, K1, K2)
     acc0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
     if K1 > 0:
         acc1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
@@ -120,8 +139,10 @@ def _fwd_kernel(
         acc2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
     for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        an0, an1, an2 = _pieces(XA, offs_n, C, L, sac, sal, K0, K1, K2)
-        bn0, bn1, bn2 = _pieces(XB, offs_n, C, L, sbc, sbl, K0, K1, K2)
+        an0, an1, an2 = _streamed(XA, ad0, ad1, ad2, n0, offs_n, C, 0, L, sac, sal,
+                                  K0, K1, K2, USE_TMA)  # fmt: skip
+        bn0, bn1, bn2 = _streamed(XB, bd0, bd1, bd2, n0, offs_n, C, 0, L, sbc, sbl,
+                                  K0, K1, K2, USE_TMA)  # fmt: skip
         # -- normalised P_A, P_B from the kept statistics; W = |P_A − η P_B|
         s_a = _dot_t(a0, a1, a2, an0, an1, an2, K1, K2, PRECISION) * scale
         s_b = _dot_t(b0, b1, b2, bn0, bn1, bn2, K1, K2, PRECISION) * scale
@@ -293,10 +314,12 @@ def _forward_unguarded(x_a, x_b, eta, scale: float, tf32: bool):
     lse_a = torch.empty((bsz, 2, c), device=x_a.device, dtype=torch.float32)  # [max, log Σ]
     lse_b = torch.empty_like(lse_a)
     pieces_kw = dict(K0=kp[0], K1=kp[1], K2=kp[2], PRECISION=prec)
-    _lse_kernel[_grid(c, bsz)](
-        a, b, lse_a, lse_b, c, sum(kp), scale, *a.stride(), *b.stride(), **pieces_kw
-    )
-    _fwd_kernel[_grid(c, bsz)](
+    launch(
+        _lse_kernel, _grid(c, bsz),
+        a, b, lse_a, lse_b, c, sum(kp), scale, *a.stride(), *b.stride(), **pieces_kw,
+    )  # fmt: skip
+    launch(
+        _fwd_kernel, _grid(c, bsz),
         a, b, eta32, lse_a, lse_b, out, c, sum(kp), length, scale,
         *a.stride(), *b.stride(), *out.stride(), **pieces_kw,
     )  # fmt: skip
