@@ -180,11 +180,7 @@ def _partial_stats(s, axis: tl.constexpr):
     (padding) give (0, 0) rather than NaN and are never stored."""
     m = tl.max(s, axis)
     m = tl.where(m == float("-inf"), 0.0, m)
-    if axis == 1:
-        total = tl.sum(tl.exp(s - m[:, None]), 1)
-    else:
-        total = tl.sum(tl.exp(s - m[None, :]), 0)
-    return m, total
+    return m, tl.sum(tl.exp(s - tl.expand_dims(m, axis)), axis)
 
 
 @autotune(GRAM_SPACE, ["C", "L", "SYMMETRIC"], "gram")
