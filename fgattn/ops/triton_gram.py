@@ -25,7 +25,9 @@ see `triton_channel_attention._bwd_delta_kernel`), then `_bwd_ds_kernel` writes
     W = [G | Pᵀ],   G = dS + dSᵀ,   dS = scale · P ∘ (dP − δ)
 (G symmetric, so one tile serves G_IJ and G_JI) in X's dtype, and one cuBLAS GEMM gives
     dX = W · [X; dO] = (dS + dSᵀ) X + Pᵀ dO.
-The cross op's backward is `triton_channel_attention`'s (same row statistics, any L).
+The cross backward does the same without symmetry: two passes over all tiles with S and
+dP = dO vᵀ (`_bwd_cross_delta_kernel`, `_bwd_cross_ds_kernel`) write [dS | P], and cuBLAS gives
+dq = dS k, dk = dSᵀ q, dv = Pᵀ dO.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, dtype) on the user's GPU over square
 tiles (symmetric pairing needs BLOCK_M = BLOCK_N), pruned by an estimate of shared memory and
@@ -41,7 +43,6 @@ import triton
 import triton.language as tl
 
 from . import _triton_common
-from . import triton_channel_attention as _v1
 from ._triton_common import check_device, device_guard, load_tile, precision, probs
 from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned, _time_config
 
@@ -64,6 +65,11 @@ PV_SPACE = [
 BWD_SPACE = [
     (64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (64, 64, 64, 8, 3), (128, 128, 32, 8, 2),
     (32, 32, 32, 4, 2),
+]  # fmt: skip
+# cross backward: two fp32 accumulators (S, dP), filled by two K-loops (over L, then Lv)
+CROSS_BWD_SPACE = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3),
+    (64, 64, 64, 4, 3), (32, 32, 32, 4, 2),
 ]  # fmt: skip
 # The one config the interpreter runs (tests widen it to reach other code paths).
 INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -88,6 +94,8 @@ def estimate(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, size
     (bm x bn) accumulator and two (bm x bk) tiles.
     "bwd": four operands per stage (x and dO, rows I and J), two fp32 tiles staged for the
     transposed stores; three accumulators and three more (bm x bn) tiles (p, pᵀ, ds).
+    "cbwd" (cross backward): a q and a k (then dO and v) operand per stage; two accumulators
+    and three more (bm x bn) tiles.
     """
     if kind == "gram":
         smem = stages * (bm + bn) * bk * size + bm * bn * 4
@@ -95,6 +103,9 @@ def estimate(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, size
     elif kind == "pv":
         smem = stages * (bm * bk * 4 + bk * bn * size) + bm * bk * size
         words = bm * bn + 2 * bm * bk
+    elif kind == "cbwd":
+        smem = stages * (bm + bn) * bk * size
+        words = 5 * bm * bn
     else:
         smem = stages * 2 * (bm + bn) * bk * size + 2 * bm * bn * 4
         words = 6 * bm * bn
@@ -371,6 +382,85 @@ def _bwd_ds_kernel(
         _store_t(W + C * swc, p, rows, cols, C, swr, swc)
 
 
+@triton.jit
+def _cross_tiles(
+    Q, K, V, DO, STATS, rows, cols, C, L, LV, scale,
+    sqc, sql, skc, skl, svc, svl, sdc, sdl,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """For the tile [rows, cols] of a cross-attention backward: p and dp = do vᵀ in fp32."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, L, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = load_tile(Q, rows, offs_k, C, L, sqc, sql)
+        bt = _load_t(K, cols, offs_k, C, L, skc, skl)
+        s = tl.dot(a, bt, s, input_precision=PRECISION)
+    dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, LV, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = load_tile(DO, rows, offs_k, C, LV, sdc, sdl)
+        bt = _load_t(V, cols, offs_k, C, LV, svc, svl)
+        dp = tl.dot(a, bt, dp, input_precision=PRECISION)
+    valid = (rows[:, None] < C) & (cols[None, :] < C)
+    m = tl.load(STATS + rows, mask=rows < C, other=0.0)
+    lo = tl.load(STATS + C + rows, mask=rows < C, other=0.0)
+    return probs(s * scale, m[:, None], lo[:, None], valid), dp
+
+
+@autotune(CROSS_BWD_SPACE, ["C", "L", "LV"], "cbwd")
+@triton.jit
+def _bwd_cross_delta_kernel(
+    Q, K, V, DO, STATS, PART,
+    C, L, LV, NB, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks I, column blocks J, batch). PART (batch, C, NB) gets Σ_j p_ij dp_ij over
+    # the tile at [rows I, J]: δ is its row sum.
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    p, dp = _cross_tiles(
+        Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdb, STATS + b * 2 * C, rows, cols,
+        C, L, LV, scale, sqc, sql, skc, skl, svc, svl, sdc, sdl,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+    )  # fmt: skip
+    tl.store(PART + b * C * NB + rows * NB + pid_j, tl.sum(p * dp, 1), mask=rows < C)
+
+
+@autotune(CROSS_BWD_SPACE, ["C", "L", "LV"], "cbwd")
+@triton.jit
+def _bwd_cross_ds_kernel(
+    Q, K, V, DO, STATS, DELTA, W,
+    C, L, LV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl, swb, swr, swc,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid as _bwd_cross_delta_kernel. W (batch, C, 2C) in q's dtype gets [dS | P] with
+    # dS = scale · P ∘ (dP − δ). DELTA: (batch, C) fp32.
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    p, dp = _cross_tiles(
+        Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdb, STATS + b * 2 * C, rows, cols,
+        C, L, LV, scale, sqc, sql, skc, skl, svc, svl, sdc, sdl,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+    )  # fmt: skip
+    delta = tl.load(DELTA + b * C + rows, mask=rows < C, other=0.0)
+    ds = p * (dp - delta[:, None]) * scale
+    valid = (rows[:, None] < C) & (cols[None, :] < C)
+    tile = W + b * swb + rows[:, None] * swr + cols[None, :] * swc
+    tl.store(tile, ds.to(W.dtype.element_ty), mask=valid)
+    tl.store(tile + C * swc, p.to(W.dtype.element_ty), mask=valid)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers (plain functions on real tensors)
 
@@ -490,6 +580,49 @@ def _backward_self(do, x, stats, scale: float, tf32: bool):
         return _backward_self_unguarded(do, x, stats, scale, tf32)
 
 
+def _backward_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
+    check_device(do, q, k, v, stats)
+    bsz, c, _ = q.shape
+    prec = precision(q, tf32)
+    do = do.to(v.dtype)
+    stats = stats.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    qp, kp, vp, dop = _padded(q), _padded(k), _padded(v), _padded(do)
+    n = _chunk(bsz, 2 * c * c * q.element_size())
+    nb = triton.cdiv(c, MIN_BLOCK)
+    part = torch.empty((n, c, nb), device=q.device, dtype=torch.float32)
+    w = torch.empty((n, c, 2 * c), device=q.device, dtype=q.dtype)  # [dS | P]
+    for b0 in range(0, bsz, n):
+        b1 = min(b0 + n, bsz)
+        part.zero_()
+
+        def grid(meta, m=b1 - b0):
+            return (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), m)
+
+        tensors = [t[b0:b1] for t in (qp, kp, vp, dop)]
+        sizes = (c, qp.shape[2], vp.shape[2])
+        strides = [st for t in tensors for st in t.stride()]
+        _bwd_cross_delta_kernel[grid](
+            *tensors, stats[b0:b1], part, *sizes, nb, scale, *strides, PRECISION=prec
+        )
+        delta = part[: b1 - b0].sum(-1)
+        _bwd_cross_ds_kernel[grid](
+            *tensors, stats[b0:b1], delta, w, *sizes, scale, *strides, *w.stride(),
+            PRECISION=prec,
+        )  # fmt: skip
+        ds, p = w[: b1 - b0, :, :c], w[: b1 - b0, :, c:]
+        with _matmul_tf32(tf32):  # cuBLAS: dq = dS k, dk = dSᵀ q, dv = Pᵀ dO
+            torch.bmm(ds, k[b0:b1], out=dq[b0:b1])
+            torch.bmm(ds.transpose(1, 2), q[b0:b1], out=dk[b0:b1])
+            torch.bmm(p.transpose(1, 2), do[b0:b1], out=dv[b0:b1])
+    return dq, dk, dv
+
+
+def _backward(do, q, k, v, stats, scale: float, tf32: bool):
+    with device_guard(q):
+        return _backward_unguarded(do, q, k, v, stats, scale, tf32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
 
@@ -514,10 +647,27 @@ def _setup(ctx, inputs, output):
     ctx.scale, ctx.tf32 = scale, tf32
 
 
+@torch.library.custom_op("fgattn::gram_channel_attention_bwd", mutates_args=())
+def gram_channel_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stats: torch.Tensor,
+    scale: float,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, stats, scale, tf32)
+
+
+@gram_channel_attention_bwd.register_fake
+def _(do, q, k, v, stats, scale, tf32):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
 def _grad(ctx, do, _dstats):
-    # The row statistics are those of triton_channel_attention's forward: its backward applies.
     q, k, v, stats = ctx.saved_tensors
-    dq, dk, dv = _v1.channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
+    dq, dk, dv = gram_channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
     return dq, dk, dv, None, None
 
 
