@@ -12,6 +12,7 @@ fail at launch ("out of resources") and is flagged.
     python benchmarks/kernel_resources.py                      # sm_80 and sm_90, B=32, C=2048
     python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --length 196 --json res.json
     python benchmarks/kernel_resources.py --check              # exit 1 on any compile/limit failure
+    python benchmarks/kernel_resources.py --length 784 --only gram   # one family's workloads
 
 Needs Triton's NVIDIA backend (ships with the `triton` wheel, ptxas included); no CUDA driver.
 Must run without TRITON_INTERPRET (the kernels have to be real JIT functions).
@@ -47,6 +48,7 @@ KERNEL_MODULES = (
     "fgattn.ops.triton_contrastive",
     "fgattn.ops.triton_flash",
     "fgattn.ops.triton_flash_contrastive",
+    "fgattn.ops.triton_gram",
 )
 
 
@@ -58,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="only sets the grid that is printed")
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--length", type=int, nargs="+", default=[49, 196, 784])
+    p.add_argument("--only", metavar="TEXT", help="only the workloads whose label has TEXT")
     p.add_argument("--json", help="write every compiled kernel's record here")
     p.add_argument("--check", action="store_true", help="exit 1 if a limit is exceeded")
     return p.parse_args(argv)
@@ -192,6 +195,7 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     from fgattn.ops import triton_contrastive as tcc
     from fgattn.ops import triton_flash as tfa
     from fgattn.ops import triton_flash_contrastive as tfc
+    from fgattn.ops import triton_gram as tg
 
     def x_like(width=length, channels_last=False):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
@@ -235,6 +239,20 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         _, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
         tfc.flash_contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
 
+    # The Gram kernels' launchers also run torch ops (statistics, cuBLAS products), here on
+    # CPU: one batch element keeps them short (the compiled kernels do not depend on B).
+    def gram_self_attention():
+        x = torch.randn(1, channels, length).to(dtype)
+        _, stats = tg.gram_self_channel_attention_fwd(x, -1.0, tf32)
+        tg.gram_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
+
+    def gram_co_attention():
+        q, v = torch.randn(1, channels, length).to(dtype), torch.randn(1, channels, 2 * length)
+        _, stats = tg.gram_channel_attention_fwd(q, q, v.to(dtype), -1.0, tf32)
+        tg.gram_channel_attention_bwd(v.to(dtype), q, q, v.to(dtype), stats, -1.0, tf32)
+
+    if length > tfa.MAX_LENGTH:  # where the flash-shaped kernels stop
+        runs += [("gram self", gram_self_attention), ("gram co-attention", gram_co_attention)]
     if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
         runs += [
             ("fa self", flash_self_attention),
@@ -312,6 +330,8 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
                     for label, run in workloads(
                         DTYPES[dname], tf32, length, args.channels, args.batch
                     ):
+                        if args.only and args.only not in label:
+                            continue
                         variant = {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
                         try:
                             run()

@@ -123,7 +123,7 @@ def _prune(kind, limit, dtype, monkeypatch):
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
     x = torch.empty(0, dtype=dtype)
-    kept = tg.fits(kind)(tg._configs(SPACES[kind]), {"X": x})
+    kept = tg.fits(kind)(tg._configs(SPACES[kind]), {tg.OPERAND[kind]: x})
     needs = [
         tg.estimate(kind, *(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
                     c.num_warps, c.kwargs["STAGES"], x.element_size())
@@ -168,7 +168,8 @@ def test_temporaries_stay_within_the_chunk_budget():
         n = tg._chunk(32, item)
         assert 1 <= n < 32 and n * item <= tg.CHUNK_BYTES
     assert tg._chunk(3, 10**12) == 1  # larger than the budget: one element at a time
-    assert tg._chunk(3, 1) == 3
+    assert tg._chunk(32, 1) == 32 // tg.MIN_CHUNKS  # small C: still in chunks
+    assert tg._chunk(3, 1) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +205,7 @@ def test_co_attention_shares_q_and_k():
 @pytest.mark.parametrize("op", ["self", "cross"])
 def test_batch_chunks_smaller_than_the_batch(op, monkeypatch):
     # two chunks of two and one of one (S is 24·24·4 bytes per element)
+    monkeypatch.setattr(tg, "MIN_CHUNKS", 1)
     monkeypatch.setattr(tg, "CHUNK_BYTES", 2 * 24 * 24 * 4)
     xs = [randn(5, 24, 20)] if op == "self" else [randn(5, 24, 20), randn(5, 24, 20)]
     check(xs if op == "self" else [*xs, randn(5, 24, 40)])

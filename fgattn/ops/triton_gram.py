@@ -49,6 +49,9 @@ from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned, _time_config
 # Bytes of (B, C, C)-sized temporaries one batch chunk may hold: the fp32 S buffer of the forward,
 # the [G | Pᵀ] buffer of the backward. 64 MiB: four batch elements at C = 2048 in the forward.
 CHUNK_BYTES = 64 << 20
+# and at most 1/MIN_CHUNKS of the batch, so the temporaries stay a small fraction of eager's
+# B·C² matrices at small C too (eager's peak at C = 512, L = 784 bf16 is 340 MB: 1/5 is 68 MB)
+MIN_CHUNKS = 8
 
 # Config spaces: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Gram kernels: square
 # BLOCK_M x BLOCK_N tiles of S, K-loop over L in BLOCK_K steps. P·V: BLOCK_M rows, BLOCK_N
@@ -88,39 +91,46 @@ def _configs(space):
 def estimate(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, size: int):
     """(shared bytes, fp32 words per thread) a config needs.
 
-    "gram": a (bm x bk) and a (bn x bk) operand per stage, the (bm x bn) fp32 tile staged once for
-    the transposed store; the accumulator and two (bm x bn) tiles in registers.
-    "pv": an fp32 (bm x bk) S tile and a (bk x bn) v tile per stage, p converted once; the
-    (bm x bn) accumulator and two (bm x bk) tiles.
-    "bwd": four operands per stage (x and dO, rows I and J), two fp32 tiles staged for the
-    transposed stores; three accumulators and three more (bm x bn) tiles (p, pᵀ, ds).
-    "cbwd" (cross backward): a q and a k (then dO and v) operand per stage; two accumulators
-    and three more (bm x bn) tiles.
+    Shared memory: "gram", a (bm x bk) and a (bn x bk) operand per stage and the (bm x bn) fp32
+    tile staged once for the transposed store; "pv", an fp32 (bm x bk) S tile and a (bk x bn) v
+    tile per stage, p converted once; "bwd", four operands per stage (x and dO, rows I and J)
+    and two fp32 tiles for the transposed stores; "cbwd" (cross backward), a q and a k (then dO
+    and v) operand per stage. Registers: the fp32 (bm x bn) tiles live at once, counted from
+    sm_90 bf16 compilations at L = 784 (benchmarks/README.md), where configs within
+    `REGISTER_BUDGET` by this count did not spill: "gram" 2 (accumulator, exp), "pv" the
+    accumulator and the (bm x bk) s tile, "bwd" 4 (S, dP, dPᵀ accumulators, p), "cbwd" 2.
+    Both overestimate: 128 x 128 tiles in bf16 took 96 KiB (estimated 160) and 174 registers
+    per thread in the symmetric Gram kernel.
     """
     if kind == "gram":
         smem = stages * (bm + bn) * bk * size + bm * bn * 4
-        words = 3 * bm * bn
+        words = 2 * bm * bn
     elif kind == "pv":
         smem = stages * (bm * bk * 4 + bk * bn * size) + bm * bk * size
-        words = bm * bn + 2 * bm * bk
+        words = bm * bn + bm * bk
     elif kind == "cbwd":
         smem = stages * (bm + bn) * bk * size
-        words = 5 * bm * bn
+        words = 2 * bm * bn
     else:
         smem = stages * 2 * (bm + bn) * bk * size + 2 * bm * bn * 4
-        words = 6 * bm * bn
+        words = 4 * bm * bn
     return smem, words / (32 * warps)
+
+
+# The argument whose dtype the operand tiles have (the P·V kernel's first tensor is the fp32 S).
+OPERAND = {"gram": "Q", "pv": "V", "bwd": "X", "cbwd": "Q"}
 
 
 def fits(kind: str):
     """An early_config_prune for `kind` (see `estimate`): the configs that fit the device's shared
-    memory (any, off the GPU) and `REGISTER_BUDGET`; else the one needing the least shared memory
-    if that fits, else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+    memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where any fits; else
+    the one needing the least shared memory if that fits, else `DoesNotFit`. Under
+    TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
-        x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
+        x = named_args[OPERAND[kind]]
         size = x.element_size()
         limit = _triton_common.shared_memory_limit(x)
 
@@ -135,8 +145,10 @@ def fits(kind: str):
             for cfg in configs
             if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
         ]
-        if kept:
-            return kept
+        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
+        wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
+        if wide or kept:
+            return wide or kept
         smallest = min(configs, key=lambda cfg: need(cfg)[0])
         if limit is None or need(smallest)[0] <= limit:
             return [smallest]
@@ -473,8 +485,9 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(batch: int, item_bytes: int) -> int:
-    """Batch elements per chunk: as many (item_bytes each) as fit `CHUNK_BYTES`, at least one."""
-    return max(1, min(batch, CHUNK_BYTES // item_bytes))
+    """Batch elements per chunk: as many (item_bytes each) as fit `CHUNK_BYTES`, at most
+    batch / `MIN_CHUNKS` rounded up, at least one."""
+    return max(1, min(triton.cdiv(batch, MIN_CHUNKS), CHUNK_BYTES // item_bytes))
 
 
 @contextlib.contextmanager
