@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--length", type=int, nargs="+", default=[49, 196, 784])
     p.add_argument("--only", metavar="TEXT", help="only the workloads whose label has TEXT")
+    p.add_argument(
+        "--first-config", action="store_true", help="of an autotuned kernel, the first config only"
+    )
     p.add_argument("--json", help="write every compiled kernel's record here")
     p.add_argument("--check", action="store_true", help="exit 1 if a limit is exceeded")
     return p.parse_args(argv)
@@ -89,8 +92,8 @@ class Recorder:
     """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching.
     An autotuned kernel compiles every config its prune function keeps for this target."""
 
-    def __init__(self, fn, log):
-        self.fn, self.log = fn, log
+    def __init__(self, fn, log, first_config=False):
+        self.fn, self.log, self.first_config = fn, log, first_config
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -109,7 +112,7 @@ class Recorder:
         if not isinstance(self.fn, Autotuner):
             return [(self.fn, kwargs)]
         self.fn.nargs = dict(zip(self.fn.arg_names, args, strict=False))
-        configs = self.fn.prune_configs(kwargs)
+        configs = self.fn.prune_configs(kwargs)[: 1 if self.first_config else None]
         self.fn.nargs = None
         return [(self.fn.fn, {**kwargs, **cfg.all_kwargs()}) for cfg in configs]
 
@@ -315,7 +318,7 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
         for module in modules:
             module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
         for (module, name), fn in kernels.items():
-            setattr(module, name, Recorder(fn, log))
+            setattr(module, name, Recorder(fn, log, args.first_config))
         for arch in args.arch:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]

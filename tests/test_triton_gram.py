@@ -11,9 +11,12 @@ kernels were compiled before the interpreter was on, the file re-runs itself in 
 bf16 runs on a GPU only (the interpreter's bf16 tl.dot is unreliable).
 """
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ from fgattn.ops import _triton_common, dispatch, reference
 from fgattn.ops import triton_gram as tg
 from fgattn.ops.triton_flash import REGISTER_BUDGET, DoesNotFit
 
+ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = isinstance(tg._gram_kernel.fn, InterpretedFunction)
 RERUN = not INTERPRETED and not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -387,6 +391,30 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(loss(*inputs, "reference"), inputs)
     for a, b in zip(got, want, strict=True):
         close(a, b, 1e-4)
+
+
+def test_compiles_for_sm90():
+    # The interpreter never runs Triton's NVIDIA pipeline: compile each kernel's first pruned
+    # config for sm_90 in bf16 at L = 400 through benchmarks/kernel_resources.py (no GPU needed,
+    # ptxas ships with Triton): within the shared memory, no spills, wgmma. Every kept config and
+    # sm_80 / fp32: benchmarks/README.md.
+    triton = pytest.importorskip("triton")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"Triton's NVIDIA backend has no ptxas at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this fgattn
+    out = Path(tempfile.mkdtemp()) / "resources.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", "90",
+           "--dtype", "bf16", "--length", "400", "--channels", "256", "--batch", "2",
+           "--only", "gram", "--first-config", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert {r["kernel"] for r in records} == {f"triton_gram.{k.fn.__name__}" for k in KERNELS}
+    for r in records:
+        assert r["smem_ok"] and r["local_bytes"] == r["stack_bytes"] == 0, r
+        assert r["mma"] == "wgmma", r
 
 
 def test_rerun_in_fresh_interpreter_process():
