@@ -4,19 +4,19 @@ implementation).
 softmax(scale · q kᵀ) v with q, k: (B, C, L), v: (B, C, Lv), the softmax over the C channels.
 The flash-shaped kernels (`triton_flash`) keep a whole row of q in one program and stop at
 L = 256; past that, the logits S = scale · q kᵀ (C x C) are a GEMM with a K-loop over L, and
-materialising S in fp32 is cheap next to it (C = 2048, L = 784: 13 GFLOP against 17 MB per
-batch element). So the forward is
+materialising S in fp32 is cheap next to it (C = 2048, L = 784: 6.6 GFLOP of Gram product against
+17 MB of fp32 S per batch element). So the forward is
 
 1. `_gram_kernel`: S tiles in fp32, the sign applied before any max; in the epilogue, per row and
    column block, the partial statistics (max, Σ exp(s − max)), reduced to the row pair
-   (max, log Σ) on the host side (`_row_stats`). Self attention (q = k) computes only the
+   (max, log Σ) by torch ops (`_row_stats`). Self attention (q = k) computes only the
    blocks I ≤ J of the symmetric S and stores each tile and its transpose, with the column-block
    statistics of the transpose: half the Gram FLOPs.
 2. `_pv_kernel`: out = P v with P = exp((S − max) − log Σ) formed in the GEMM's prologue from the
    fp32 S tiles, then fed to the tensor cores in v's dtype (as flash attention does).
 
-The batch is processed in chunks (`CHUNK_BYTES`) so the S buffer stays small; S is not kept for
-the backward, which saves q, k, v and the row statistics, as flash attention does.
+The batch is processed in chunks (`CHUNK_BYTES`, `MIN_CHUNKS`) so the S buffer stays small; S is
+not kept for the backward, which saves q, k, v and the row statistics, as flash attention does.
 
 The self-attention backward (q = k = v = X) recomputes S in two passes over the blocks I ≤ J,
 each with the three tile products S_IJ = X_I X_Jᵀ, dP_IJ = dO_I X_Jᵀ and dP_JIᵀ = X_I dO_Jᵀ:
@@ -29,9 +29,10 @@ The cross backward does the same without symmetry: two passes over all tiles wit
 dP = dO vᵀ (`_bwd_cross_delta_kernel`, `_bwd_cross_ds_kernel`) write [dS | P], and cuBLAS gives
 dq = dS k, dk = dSᵀ q, dv = Pᵀ dO.
 
-Tiles, warps and pipeline depth are autotuned per (C, L, dtype) on the user's GPU over square
-tiles (symmetric pairing needs BLOCK_M = BLOCK_N), pruned by an estimate of shared memory and
-registers (`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
+Tiles, warps and pipeline depth are autotuned per (C, L, dtype) on the user's GPU (square tiles
+for the symmetric kernels: the transpose of a tile is a tile), pruned by an estimate of shared
+memory and registers (`fits`); under the Triton interpreter the prune keeps only
+`INTERPRETER_TILES`. The dispatcher offers these kernels for L > 256 only; they take any L.
 """
 
 from __future__ import annotations
