@@ -393,6 +393,22 @@ def test_torch_compile_fullgraph():
         close(a, b, 1e-4)
 
 
+def test_export_takes_the_reference(monkeypatch):
+    # torch.export keeps a custom op opaque (and ONNX cannot translate it): the exported graph
+    # computes the op with the reference instead, with a warning, as for the other Triton kernels.
+    class Attend(torch.nn.Module):
+        def forward(self, x):
+            return channel_attention(x, backend="triton_gram")
+
+    x = randn(2, 8, 300)
+    monkeypatch.setattr(dispatch, "_export_warned", set())
+    with pytest.warns(UserWarning, match=r"'triton_gram' implementation.*'reference'"):
+        program = torch.export.export(Attend(), (x,))
+    ops = [n for n in program.graph_module.graph.nodes if str(n.target).startswith("fgattn.")]
+    assert ops == []
+    close(program.module()(x), reference.self_attention(x.double(), -1.0), 1e-5)
+
+
 def test_compiles_for_sm90():
     # The interpreter never runs Triton's NVIDIA pipeline: compile each kernel's first pruned
     # config for sm_90 in bf16 at L = 400 through benchmarks/kernel_resources.py (no GPU needed,
