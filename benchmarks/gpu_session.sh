@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests  OUT_DIR   # GPU tests of the Triton kernels
 #   bash benchmarks/gpu_session.sh bench  OUT_DIR   # every implementation vs auto, model overheads
+#   bash benchmarks/gpu_session.sh kernels OUT_DIR  # issue 11's sizes and targets (kernel_targets.py)
 #
 # Runs from the repository root without installing fgattn (PYTHONPATH), with the python3 that holds
 # torch, Triton and timm. Each step writes its logs and JSON to OUT_DIR (default: $OUT, else
@@ -10,7 +11,7 @@
 # figures into benchmarks/README.md with the GPU model and date that gpu.txt records.
 set -uo pipefail
 
-step=${1:?usage: gpu_session.sh tests|bench [OUT_DIR]}
+step=${1:?usage: gpu_session.sh tests|bench|kernels [OUT_DIR]}
 out=${2:-${OUT:-gpu_session_out}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -49,8 +50,23 @@ bench)
   timeout 150 "$py" benchmarks/bench_models.py --json "$out/bench_models.json" 2>&1 \
     | tee "$out/bench_models.log"
   ;;
+kernels)
+  # Issue 11: the Triton kernels against cuDNN / mem-efficient SDPA / eager at its target sizes
+  # (B=32, C=2048), with the configs the autotuner picks printed. 300 + 120 + 100 s at most.
+  export TRITON_PRINT_AUTOTUNING=1
+  timeout 300 "$py" benchmarks/bench_channel_attention.py --ops self cross contrastive \
+    --dtype bf16 --batch 32 --channels 2048 --length 196 784 --extras none \
+    --out "$out/kernels_bf16.json" 2>&1 | tee "$out/kernels_bf16.log"
+  timeout 120 "$py" benchmarks/bench_channel_attention.py --ops self --dtype fp32 --batch 32 \
+    --channels 2048 --length 196 --extras none --out "$out/kernels_fp32.json" 2>&1 \
+    | tee "$out/kernels_fp32.log"
+  timeout 100 "$py" benchmarks/bench_channel_attention.py --ops self --dtype fp32 --tf32 \
+    --batch 32 --channels 2048 --length 196 --extras none --out "$out/kernels_tf32.json" 2>&1 \
+    | tee "$out/kernels_tf32.log"
+  "$py" benchmarks/kernel_targets.py "$out"/kernels_*.json 2>&1 | tee "$out/kernel_targets.md"
+  ;;
 *)
-  echo "gpu_session.sh: unknown step '$step' (tests or bench)" >&2
+  echo "gpu_session.sh: unknown step '$step' (tests, bench or kernels)" >&2
   exit 2
   ;;
 esac

@@ -226,9 +226,10 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         _, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, tf32)
         tfa.flash_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
 
-    def flash_co_attention():  # the forward; its backward is triton_channel_attention's
+    def flash_co_attention():
         q, v = x_like(), x_like(2 * length)
-        tfa.flash_channel_attention_fwd(q, q, v, -1.0, tf32)
+        _, stats = tfa.flash_channel_attention_fwd(q, q, v, -1.0, tf32)
+        tfa.flash_channel_attention_bwd(v, q, q, v, stats, -1.0, tf32)
 
     runs = [
         ("self", self_attention),

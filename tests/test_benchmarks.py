@@ -66,3 +66,54 @@ def test_bench_models_help():
     proc = _run("bench_models.py", "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--backend" in proc.stdout
+
+
+def _bench_json(path, device, rows, tf32=False):
+    path.write_text(json.dumps({"meta": {"device": device, "tf32": tf32}, "rows": rows}))
+    return str(path)
+
+
+def _row(impl, op="self", dtype="bf16", length=196, fwd=1.0, fwd_bwd=2.0, peak=10.0, error=None):
+    return {"op": op, "dtype": dtype, "B": 32, "C": 2048, "L": length, "impl": impl,
+            "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_mb": peak, "error": error}  # fmt: skip
+
+
+def test_kernel_targets_verdicts(tmp_path):
+    from _scripts import load_script
+
+    targets = load_script("benchmarks/kernel_targets.py")
+    rows = [
+        # L=196 bf16: triton_fa beats cuDNN forward at 0.2 ms, misses the backward ratio
+        _row("sdpa_cudnn", fwd=0.25, fwd_bwd=1.6, peak=200.0),
+        _row("triton_fa", fwd=0.20, fwd_bwd=1.5, peak=40.0),
+        _row("triton", fwd=1.5, fwd_bwd=7.0, peak=50.0),
+        _row("reference", fwd=3.4, fwd_bwd=10.0, peak=2000.0),
+        # fp32: the kernel errors; eager alone is timed
+        _row("triton_fa", dtype="fp32", error="error: DoesNotFit"),
+        _row("reference", dtype="fp32", fwd=3.3, fwd_bwd=10.0, peak=2100.0),
+        # contrastive: 6.5x eager but over the H100 budget of 3.0 ms
+        _row("triton", op="contrastive", fwd=2.0, fwd_bwd=3.2, peak=1000.0),
+        _row("reference", op="contrastive", fwd=7.0, fwd_bwd=21.0, peak=3000.0),
+    ]
+    tf32 = [_row("triton_fa", dtype="fp32", fwd_bwd=9.0), _row("reference", dtype="fp32")]
+    files = [_bench_json(tmp_path / "a.json", "NVIDIA H100 80GB HBM3", rows)]
+    files.append(_bench_json(tmp_path / "b.json", "NVIDIA H100 80GB HBM3", tf32, tf32=True))
+    rows_read, h100 = targets.load_rows(files)
+    assert h100 and len(rows_read) == len(rows) + len(tf32)
+    verdicts = {r["target"]: r["verdict"] for r in map(
+        lambda t: targets.check_target(t, rows_read, h100), targets.TARGETS)}  # fmt: skip
+    assert verdicts["self L=196 forward (cuDNN parity)"] == "met"
+    assert verdicts["self L=196 fwd+bwd (>= 1.4x cuDNN)"] == "missed"  # 1.5 > 1.6 / 1.4
+    assert verdicts["self L=784 forward (>= 3.8x mem-efficient)"] == "not measured"
+    assert verdicts["contrastive L=196 fwd+bwd (>= 6x eager)"] == "missed"  # 3.2 ms > 3.0
+    assert verdicts["fp32 exact self L=196 fwd+bwd (<= eager)"] == "not measured"
+    assert verdicts["fp32 TF32 self L=196 fwd+bwd (<= eager, TF32)"] == "missed"  # 9.0 > 2.0
+    # memory: 40 / 2000 at self bf16 met; contrastive 1000 / 3000 missed
+    memory = {m["size"][0]: m["verdict"] for m in targets.check_memory(rows)}
+    assert memory == {"self": "met", "contrastive": "missed"}
+    # off the H100 the ms budgets are not checked: the contrastive 6.6x is met
+    files[0] = _bench_json(tmp_path / "c.json", "NVIDIA A100-SXM4-80GB", rows)
+    assert (
+        "| contrastive L=196 fwd+bwd (>= 6x eager) | triton | 3.200 | 21.000 | 0.152 | met |"
+        in (targets.report(files[:1]))
+    )

@@ -377,24 +377,6 @@ def test_contrastive_large_logits(magnitude):
 # Registration and dispatch
 
 
-def test_opcheck():
-    x = randn(2, 20, 5).requires_grad_()
-    q, k, v = (randn(2, 20, w).requires_grad_() for w in (5, 5, 9))
-    torch.library.opcheck(tfa.flash_self_channel_attention_fwd, (x, -1.0, False))
-    torch.library.opcheck(tfa.flash_channel_attention_fwd, (q, k, v, -1.0, False))
-    with torch.no_grad():
-        out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
-    args = (torch.randn_like(out), x.detach(), stats, -1.0, False)
-    torch.library.opcheck(tfa.flash_self_channel_attention_bwd, args)
-    eta = torch.tensor([0.5, 1.1], device=DEVICE, requires_grad=True)
-    args = (q, k, eta, -1.0, False)
-    torch.library.opcheck(tfc.flash_contrastive_channel_attention_fwd, args)
-    with torch.no_grad():
-        out, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), eta.detach(), lse_a, lse_b)
-    torch.library.opcheck(tfc.flash_contrastive_channel_attention_bwd, (*bwd_args, -1.0, False))
-
-
 def test_torch_compile_fullgraph():
     x = leaf(randn(2, 24, 4, 5))
     q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))

@@ -26,6 +26,8 @@ from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import _triton_common, reference
 from fgattn.ops import triton_channel_attention as tca
 from fgattn.ops import triton_contrastive as tcc
+from fgattn.ops import triton_flash as tfa
+from fgattn.ops import triton_flash_contrastive as tfc
 
 INTERPRETED = isinstance(tca._fwd_kernel, InterpretedFunction)
 RERUN = not INTERPRETED and not torch.cuda.is_available()
@@ -289,35 +291,39 @@ def test_reference_contrastive_gradcheck_float64():
 # Registration: opcheck, torch.compile, dispatch
 
 
-def _opcheck_cases():
+# Every (fwd, bwd) op pair registered by `_triton_common.fused_op`: module, op name, inputs.
+OP_PAIRS = {
+    "attention": (tca, "channel_attention", "attention"),
+    "self": (tca, "self_channel_attention", "self"),
+    "contrastive": (tcc, "contrastive_channel_attention", "contrastive"),
+    "flash_attention": (tfa, "flash_channel_attention", "attention"),
+    "flash_self": (tfa, "flash_self_channel_attention", "self"),
+    "flash_contrastive": (tfc, "flash_contrastive_channel_attention", "contrastive"),
+}
+
+
+def _op_inputs(kind):
     def t(*shape):
         return randn(*shape).requires_grad_()
 
     eta = torch.tensor([0.5, 1.1], device=DEVICE, requires_grad=True)
-    return [
-        (tca.channel_attention_fwd, (t(2, 20, 5), t(2, 20, 5), t(2, 20, 9), -1.0, False)),
-        (tca.self_channel_attention_fwd, (t(2, 20, 5), -1.0, False)),
-        (tcc.contrastive_channel_attention_fwd, (t(2, 20, 5), t(2, 20, 5), eta, -1.0, False)),
-    ]
+    return {
+        "attention": (t(2, 20, 5), t(2, 20, 5), t(2, 20, 9)),
+        "self": (t(2, 20, 5),),
+        "contrastive": (t(2, 20, 5), t(2, 20, 5), eta),
+    }[kind]
 
 
-@pytest.mark.parametrize("case", range(3), ids=["attention", "self_attention", "contrastive"])
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
-    # and the backward ops, with the saved tensors the forward produced
+@pytest.mark.parametrize("name", list(OP_PAIRS))
+def test_opcheck(name):
+    module, op, kind = OP_PAIRS[name]
+    fwd, bwd, inputs = getattr(module, f"{op}_fwd"), getattr(module, f"{op}_bwd"), _op_inputs(kind)
+    torch.library.opcheck(fwd, (*inputs, -1.0, False))
+    # and the backward op, with the statistics the forward produced
     with torch.no_grad():
-        outs = op(*args)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    g = torch.randn_like(outs[0])
-    if op is tca.channel_attention_fwd:
-        bwd_args = (g, *args[:3], outs[1], -1.0, False)
-        torch.library.opcheck(tca.channel_attention_bwd, bwd_args)
-    elif op is tca.self_channel_attention_fwd:
-        torch.library.opcheck(tca.self_channel_attention_bwd, (g, args[0], outs[1], -1.0, False))
-    else:
-        bwd_args = (g, *args[:3], outs[1], outs[2], -1.0, False)
-        torch.library.opcheck(tcc.contrastive_channel_attention_bwd, bwd_args)
+        out, *stats = fwd(*inputs, -1.0, False)
+    inputs = [x.detach() for x in inputs]
+    torch.library.opcheck(bwd, (torch.randn_like(out), *inputs, *stats, -1.0, False))
 
 
 def test_torch_compile_fullgraph():

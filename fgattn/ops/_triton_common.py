@@ -160,3 +160,66 @@ def store_tile(ptr, val, offs_c, offs_l, C, L, stride_c, stride_l):
         val.to(ptr.dtype.element_ty),
         mask=(offs_c[:, None] < C) & (offs_l[None, :] < L),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: every kernel family registers its pair the same way.
+
+
+def fused_op(
+    name: str, inputs: tuple[str, ...], forward, backward, *, value: int = 0, stats: int = 1
+):
+    """Registers a kernel family's pair of ops, fgattn::{name}_fwd and fgattn::{name}_bwd, with
+    their fakes and autograd, and returns (fwd, bwd).
+
+        fwd(*inputs, float scale, bool tf32) -> (out, *stats)
+        bwd(grad, *inputs, *stats, float scale, bool tf32) -> the gradient of each input
+
+    `forward` and `backward` run the kernels on real tensors with those arguments. out is
+    (B, C, Lv) in the dtype and width of `inputs[value]`; each of the `stats` tensors is (B, 2, C)
+    fp32, the [max, log Σ] of one softmax's rows, which the backward reuses. The ops are opaque to
+    torch.compile (the fakes give it shapes); autograd saves the inputs and the statistics and
+    calls bwd, so the backward is an op of its own too.
+    """
+    tensors = ", ".join(f"Tensor {arg}" for arg in inputs)
+    saved = ", ".join(f"Tensor stats{i}" for i in range(stats))
+    grads = "Tensor" if len(inputs) == 1 else f"({', '.join(['Tensor'] * len(inputs))})"
+    fwd = torch.library.custom_op(
+        f"fgattn::{name}_fwd", forward, mutates_args=(),
+        schema=f"({tensors}, float scale, bool tf32) -> ({', '.join(['Tensor'] * (1 + stats))})",
+    )  # fmt: skip
+    bwd = torch.library.custom_op(
+        f"fgattn::{name}_bwd", backward, mutates_args=(),
+        schema=f"(Tensor grad, {tensors}, {saved}, float scale, bool tf32) -> {grads}",
+    )  # fmt: skip
+    n = len(inputs)
+
+    @fwd.register_fake
+    def _(*args):
+        x, like = args[0], args[value]
+        row_stats = (
+            x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32) for _ in range(stats)
+        )
+        return like.new_empty((*x.shape[:2], like.shape[2])), *row_stats
+
+    @bwd.register_fake
+    def _(grad, *args):
+        out = tuple(torch.empty_like(x) for x in args[:n])
+        return out if n > 1 else out[0]
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n], *output[1:])
+        ctx.scale, ctx.tf32 = inputs[n:]
+
+    def grad(ctx, grad_out, *_grad_stats):
+        out = bwd(grad_out, *ctx.saved_tensors, ctx.scale, ctx.tf32)
+        return *(out if n > 1 else (out,)), None, None
+
+    fwd.register_autograd(grad, setup_context=setup)
+    return fwd, bwd
+
+
+def one_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """xs cast to their promoted dtype: a kernel takes one (callers cast the result back)."""
+    common = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return tuple(x.to(common) for x in xs)

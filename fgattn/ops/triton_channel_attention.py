@@ -30,7 +30,9 @@ from ._triton_common import (
     chunk,
     device_guard,
     dot_rows,
+    fused_op,
     load_tile,
+    one_dtype,
     precision,
     probs,
     store_tile,
@@ -358,100 +360,19 @@ def _backward_self(do, x, stats, scale: float, tf32: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
+# Custom ops (`fused_op`: schema, fake and autograd) and entry points
 
 
-@torch.library.custom_op("fgattn::channel_attention_fwd", mutates_args=())
-def channel_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
-    return _forward(q, k, v, scale, tf32)
-
-
-@channel_attention_fwd.register_fake
-def _(q, k, v, scale, tf32):
-    bsz, c, _ = q.shape
-    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
-
-
-@torch.library.custom_op("fgattn::channel_attention_bwd", mutates_args=())
-def channel_attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, lse, scale, tf32)
-
-
-@channel_attention_bwd.register_fake
-def _(do, q, k, v, lse, scale, tf32):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, scale, tf32 = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v, lse)
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad(ctx, do, _dlse):
-    q, k, v, lse = ctx.saved_tensors
-    dq, dk, dv = channel_attention_bwd(do, q, k, v, lse, ctx.scale, ctx.tf32)
-    return dq, dk, dv, None, None
-
-
-channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-@torch.library.custom_op("fgattn::self_channel_attention_fwd", mutates_args=())
-def self_channel_attention_fwd(
-    x: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
+def _forward_self(x, scale: float, tf32: bool):
     return _forward(x, x, x, scale, tf32)
 
 
-@self_channel_attention_fwd.register_fake
-def _(x, scale, tf32):
-    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
-
-
-@torch.library.custom_op("fgattn::self_channel_attention_bwd", mutates_args=())
-def self_channel_attention_bwd(
-    do: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, scale: float, tf32: bool
-) -> torch.Tensor:
-    return _backward_self(do, x, lse, scale, tf32)
-
-
-@self_channel_attention_bwd.register_fake
-def _(do, x, lse, scale, tf32):
-    return torch.empty_like(x)
-
-
-def _setup_self(ctx, inputs, output):
-    x, scale, tf32 = inputs
-    _, lse = output
-    ctx.save_for_backward(x, lse)
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad_self(ctx, do, _dlse):
-    x, lse = ctx.saved_tensors
-    return self_channel_attention_bwd(do, x, lse, ctx.scale, ctx.tf32), None, None
-
-
-self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
+channel_attention_fwd, channel_attention_bwd = fused_op(
+    "channel_attention", ("q", "k", "v"), _forward, _backward, value=2
+)
+self_channel_attention_fwd, self_channel_attention_bwd = fused_op(
+    "self_channel_attention", ("x",), _forward_self, _backward_self
+)
 
 
 def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
@@ -463,8 +384,4 @@ def channel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool = False
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) tensors, result in v's dtype."""
-    dtype = v.dtype
-    if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
-    return channel_attention_fwd(q, k, v, scale, tf32)[0].to(dtype)
+    return channel_attention_fwd(*one_dtype(q, k, v), scale, tf32)[0].to(v.dtype)

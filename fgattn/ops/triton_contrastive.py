@@ -32,7 +32,9 @@ from ._triton_common import (
     chunk,
     device_guard,
     dot_rows,
+    fused_op,
     load_tile,
+    one_dtype,
     precision,
     probs,
     store_tile,
@@ -298,66 +300,16 @@ def _backward(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Custom ops (`fused_op`: schema, fake and autograd) and entry point
 
-
-@torch.library.custom_op("fgattn::contrastive_channel_attention_fwd", mutates_args=())
-def contrastive_channel_attention_fwd(
-    x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, C, L) in x_a's dtype, row stats of P_A and of P_B, (B, 2, C) fp32 each)."""
-    return _forward(x_a, x_b, eta, scale, tf32)
-
-
-@contrastive_channel_attention_fwd.register_fake
-def _(x_a, x_b, eta, scale, tf32):
-    stats = x_a.new_empty((x_a.shape[0], 2, x_a.shape[1]), dtype=torch.float32)
-    return x_a.new_empty(x_a.shape), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("fgattn::contrastive_channel_attention_bwd", mutates_args=())
-def contrastive_channel_attention_bwd(
-    g: torch.Tensor,
-    x_a: torch.Tensor,
-    x_b: torch.Tensor,
-    eta: torch.Tensor,
-    lse_a: torch.Tensor,
-    lse_b: torch.Tensor,
-    scale: float,
-    tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(g, x_a, x_b, eta, lse_a, lse_b, scale, tf32)
-
-
-@contrastive_channel_attention_bwd.register_fake
-def _(g, x_a, x_b, eta, lse_a, lse_b, scale, tf32):
-    return torch.empty_like(x_a), torch.empty_like(x_b), torch.empty_like(eta)
-
-
-def _setup(ctx, inputs, output):
-    x_a, x_b, eta, scale, tf32 = inputs
-    _, lse_a, lse_b = output
-    ctx.save_for_backward(x_a, x_b, eta, lse_a, lse_b)
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad(ctx, g, _dlse_a, _dlse_b):
-    x_a, x_b, eta, lse_a, lse_b = ctx.saved_tensors
-    da, db, deta = contrastive_channel_attention_bwd(
-        g, x_a, x_b, eta, lse_a, lse_b, ctx.scale, ctx.tf32
-    )
-    return da, db, deta, None, None
-
-
-contrastive_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
+contrastive_channel_attention_fwd, contrastive_channel_attention_bwd = fused_op(
+    "contrastive_channel_attention", ("x_a", "x_b", "eta"), _forward, _backward, stats=2
+)
 
 
 def contrastive_channel_attention(
     x_a: torch.Tensor, x_b: torch.Tensor, eta: torch.Tensor, scale: float, tf32: bool = False
 ) -> torch.Tensor:
     """|softmax(s X_A X_Aᵀ) − η softmax(s X_B X_Bᵀ)| X_A on (B, C, L), eta (B,); x_a's dtype."""
-    dtype = x_a.dtype
-    if x_a.dtype != x_b.dtype:
-        common = torch.promote_types(x_a.dtype, x_b.dtype)
-        x_a, x_b = x_a.to(common), x_b.to(common)
-    return contrastive_channel_attention_fwd(x_a, x_b, eta, scale, tf32)[0].to(dtype)
+    x_a2, x_b2 = one_dtype(x_a, x_b)
+    return contrastive_channel_attention_fwd(x_a2, x_b2, eta, scale, tf32)[0].to(x_a.dtype)

@@ -23,7 +23,11 @@ backward: the program owning rows n of dX keeps X_n, dO_n and one fp32 accumulat
 q, k and v sides of the gradient from one recomputed (symmetric) logit tile per step:
     dX_n = Σ_m scale (dS_nm + dS_mn) x_m + P_mn do_m,   dS = P ∘ (dP − δ),  dP = dO Xᵀ,
 five tile products per (n, m) block, no atomics and no second dQ pass. The cross-attention
-backward is `triton_channel_attention`'s (same row statistics).
+backward (v up to any width, in ≤ 256-wide column tiles t) takes four sweeps of the same shape:
+δ (`_bwd_delta_cross_kernel`), dQ_i (q_i resident), dK_j (k_j resident) and dV_j[t] (k_j
+resident, one program per tile). dP = Σ_t dO[t] V[t]ᵀ sums over the tiles, and so does
+dS = P ∘ (dP − δ) when the first tile alone subtracts δ: dQ and dK keep one accumulator over
+all tiles, with no partial buffers.
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_common
-from . import triton_channel_attention as _v1
-from ._triton_common import check_device, device_guard, precision, probs
+from ._triton_common import check_device, device_guard, fused_op, one_dtype, precision, probs
 
 MAX_LENGTH = 256  # widest row of q a program keeps resident (FA3's largest head dim)
 MAX_PIECES = 3
@@ -141,7 +144,8 @@ def fits(kind: str):
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
         x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
-        lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
+        is_self = kwargs.get("IS_SELF", "V0" not in kwargs)  # the cross backward: v's pieces
+        lv = 0 if is_self else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
 
         tf32 = kwargs.get("PRECISION") == "tf32"
@@ -400,6 +404,224 @@ def _bwd_self_kernel(
         _store_rows(DX, acc2, offs_n, C, K0 + K1, K2, L_OUT, sgc, sgl)
 
 
+@triton.jit
+def _tile_pieces(ptr, rows, C, t, stride_r, stride_c,
+                 V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr):  # fmt: skip
+    """Column tile t of ptr (each tile zero-padded to V0 + V1 + V2, `_aligned`) as its pieces."""
+    return _pieces(ptr + t * (V0 + V1 + V2) * stride_c, rows, C, V0 + V1 + V2, stride_r, stride_c,
+                   V0, V1, V2)  # fmt: skip
+
+
+@autotune(DELTA_SPACE, ["C", "L", "N_TILES", "TV"], "bwd")
+@triton.jit
+def _bwd_delta_cross_kernel(
+    Q, K, V, DO, STATS, BST,
+    C, L, N_TILES, TV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks i, batch); q, k padded to K0 + K1 + K2 columns, v and do to N_TILES
+    # column tiles of V0 + V1 + V2. Writes BST (B, 3, C) = [max, log Σ + log r, δ / r] as
+    # _bwd_delta_self_kernel does, dp_ij = do_i · v_j summed over the column tiles of v.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.load(STATS + b * 2 * C + offs_m, mask=offs_m < C, other=0.0)
+    lo = tl.load(STATS + b * 2 * C + C + offs_m, mask=offs_m < C, other=0.0)
+    q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+    num = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(N_TILES):
+        do0, do1, do2 = _tile_pieces(DO, offs_m, C, t, sdc, sdl, V0, V1, V2)
+        for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+            v0, v1, v2 = _tile_pieces(V, offs_n, C, t, svc, svl, V0, V1, V2)
+            s = _dot_t(q0, q1, q2, k0, k1, k2, K1, K2, PRECISION) * scale
+            p = probs(s, m_i[:, None], lo[:, None], offs_n[None, :] < C)
+            dp = _dot_t(do0, do1, do2, v0, v1, v2, V1, V2, PRECISION)
+            num += tl.sum(p * dp, 1)
+            r += tl.where(t == 0, tl.sum(p, 1), 0.0)  # Σ_j p_ij once, not once per tile
+    BST += b * 3 * C
+    tl.store(BST + offs_m, m_i, mask=offs_m < C)
+    tl.store(BST + C + offs_m, lo + tl.log(r), mask=offs_m < C)
+    tl.store(BST + 2 * C + offs_m, num / r, mask=offs_m < C)
+
+
+@autotune(BWD_SPACE, ["C", "L", "N_TILES", "TV"], "bwd")
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, BST, DQ,
+    C, L, L_OUT, N_TILES, TV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl, sgb, sgc, sgl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks i, batch). dQ_i = scale Σ_j ds_ij k_j with ds = p ∘ (dp − δ), and since
+    # dp = Σ_t dp^t over the column tiles t of v, each tile adds p ∘ dp^t and the first also −p δ:
+    # one accumulator over all tiles, no partial buffers. q_i and do_i (tile t) resident.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdb
+    DQ += b * sgb
+    BST += b * 3 * C
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.load(BST + offs_m, mask=offs_m < C, other=0.0)
+    lo = tl.load(BST + C + offs_m, mask=offs_m < C, other=0.0)
+    delta = tl.load(BST + 2 * C + offs_m, mask=offs_m < C, other=0.0)
+    q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+    acc0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
+    if K1 > 0:
+        acc1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
+    if K2 > 0:
+        acc2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
+    for t in range(N_TILES):
+        do0, do1, do2 = _tile_pieces(DO, offs_m, C, t, sdc, sdl, V0, V1, V2)
+        delta_t = tl.where(t == 0, delta, 0.0)
+        for n0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+            v0, v1, v2 = _tile_pieces(V, offs_n, C, t, svc, svl, V0, V1, V2)
+            # -- recompute p, then this tile's share of scale · ds
+            s = _dot_t(q0, q1, q2, k0, k1, k2, K1, K2, PRECISION) * scale
+            valid = (offs_m[:, None] < C) & (offs_n[None, :] < C)
+            p = probs(s, m_i[:, None], lo[:, None], valid)
+            dp = _dot_t(do0, do1, do2, v0, v1, v2, V1, V2, PRECISION)
+            ds = (p * (dp - delta_t[:, None]) * scale).to(k0.dtype)
+            # -- dQ_i += ds k_j, piece by piece
+            acc0 = tl.dot(ds, k0, acc0, input_precision=PRECISION)
+            if K1 > 0:
+                acc1 = tl.dot(ds, k1, acc1, input_precision=PRECISION)
+            if K2 > 0:
+                acc2 = tl.dot(ds, k2, acc2, input_precision=PRECISION)
+    _store_rows(DQ, acc0, offs_m, C, 0, K0, L_OUT, sgc, sgl)
+    if K1 > 0:
+        _store_rows(DQ, acc1, offs_m, C, K0, K1, L_OUT, sgc, sgl)
+    if K2 > 0:
+        _store_rows(DQ, acc2, offs_m, C, K0 + K1, K2, L_OUT, sgc, sgl)
+
+
+@autotune(BWD_SPACE, ["C", "L", "N_TILES", "TV"], "bwd")
+@triton.jit
+def _bwd_dk_kernel(
+    Q, K, V, DO, BST, DK,
+    C, L, L_OUT, N_TILES, TV, scale,
+    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl, sgb, sgc, sgl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks j of k, batch). In the [j, i] layout (rows i of q streamed), with
+    # st = s_ij, pt = p_ij (rows i's stats) and dpt = v_j · do_i over column tile t:
+    #   dK_j = scale Σ_i pt ∘ (dpt − δ_i) q_i, δ subtracted in the first tile only (see _bwd_dq).
+    # k_j, v_j (tile t) and the dK_j accumulator resident. dV has its own kernel: the two
+    # accumulators together spilled (0.6-1.5 KB of stack on sm_90 bf16).
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdb
+    DK += b * sgb
+    BST += b * 3 * C
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+    acc0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
+    if K1 > 0:
+        acc1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
+    if K2 > 0:
+        acc2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
+    for t in range(N_TILES):
+        v0, v1, v2 = _tile_pieces(V, offs_n, C, t, svc, svl, V0, V1, V2)
+        for m0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+            offs_m = m0 + tl.arange(0, BLOCK_N)
+            m_i = tl.load(BST + offs_m, mask=offs_m < C, other=0.0)
+            lo = tl.load(BST + C + offs_m, mask=offs_m < C, other=0.0)
+            delta = tl.load(BST + 2 * C + offs_m, mask=(offs_m < C) & (t == 0), other=0.0)
+            q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+            do0, do1, do2 = _tile_pieces(DO, offs_m, C, t, sdc, sdl, V0, V1, V2)
+            # -- pᵀ and dpᵀ, then scale · dsᵀ
+            st = _dot_t(k0, k1, k2, q0, q1, q2, K1, K2, PRECISION) * scale
+            valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)
+            pt = probs(st, m_i[None, :], lo[None, :], valid)
+            dpt = _dot_t(v0, v1, v2, do0, do1, do2, V1, V2, PRECISION)
+            dst = (pt * (dpt - delta[None, :]) * scale).to(q0.dtype)
+            # -- dK_j += dsᵀ q_i
+            acc0 = tl.dot(dst, q0, acc0, input_precision=PRECISION)
+            if K1 > 0:
+                acc1 = tl.dot(dst, q1, acc1, input_precision=PRECISION)
+            if K2 > 0:
+                acc2 = tl.dot(dst, q2, acc2, input_precision=PRECISION)
+    _store_rows(DK, acc0, offs_n, C, 0, K0, L_OUT, sgc, sgl)
+    if K1 > 0:
+        _store_rows(DK, acc1, offs_n, C, K0, K1, L_OUT, sgc, sgl)
+    if K2 > 0:
+        _store_rows(DK, acc2, offs_n, C, K0 + K1, K2, L_OUT, sgc, sgl)
+
+
+@autotune(FWD_SPACE, ["C", "L", "N_TILES", "TV"], "fwd")
+@triton.jit
+def _bwd_dv_kernel(
+    Q, K, DO, BST, DV,
+    C, L, LV, N_TILES, TV, scale,
+    sqb, sqc, sql, skb, skc, skl, sdb, sdc, sdl, sgb, sgc, sgl,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # grid: (row blocks j of v, column tiles t of v, batch): dV_j[t] = Σ_i p_ij do_i[t], the
+    # forward's shape with pᵀ (rows i's stats) in place of p: k_j resident, q_i and do_i[t]
+    # streamed, one (BLOCK_M x tile) accumulator.
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    DO += b * sdb
+    DV += b * sgb
+    BST += b * 3 * C
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0, k1, k2 = _pieces(K, offs_n, C, L, skc, skl, K0, K1, K2)
+    acc0 = tl.zeros((BLOCK_M, V0), dtype=tl.float32)
+    if V1 > 0:
+        acc1 = tl.zeros((BLOCK_M, V1), dtype=tl.float32)
+    if V2 > 0:
+        acc2 = tl.zeros((BLOCK_M, V2), dtype=tl.float32)
+    for m0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
+        offs_m = m0 + tl.arange(0, BLOCK_N)
+        m_i = tl.load(BST + offs_m, mask=offs_m < C, other=0.0)
+        lo = tl.load(BST + C + offs_m, mask=offs_m < C, other=0.0)
+        q0, q1, q2 = _pieces(Q, offs_m, C, L, sqc, sql, K0, K1, K2)
+        do0, do1, do2 = _tile_pieces(DO, offs_m, C, t, sdc, sdl, V0, V1, V2)
+        # -- pᵀ from rows i's statistics, then dV_j[t] += pᵀ do_i[t]
+        st = _dot_t(k0, k1, k2, q0, q1, q2, K1, K2, PRECISION) * scale
+        valid = (offs_n[:, None] < C) & (offs_m[None, :] < C)
+        pt = probs(st, m_i[None, :], lo[None, :], valid).to(do0.dtype)
+        acc0 = tl.dot(pt, do0, acc0, input_precision=PRECISION)
+        if V1 > 0:
+            acc1 = tl.dot(pt, do1, acc1, input_precision=PRECISION)
+        if V2 > 0:
+            acc2 = tl.dot(pt, do2, acc2, input_precision=PRECISION)
+    # -- tile t is columns t·TV .. (t+1)·TV of dV's own (unpadded) width LV
+    d0 = t * TV
+    d_end = tl.minimum(d0 + TV, LV)
+    _store_rows(DV, acc0, offs_n, C, d0, V0, d_end, sgc, sgl)
+    if V1 > 0:
+        _store_rows(DV, acc1, offs_n, C, d0 + V0, V1, d_end, sgc, sgl)
+    if V2 > 0:
+        _store_rows(DV, acc2, offs_n, C, d0 + V0 + V1, V2, d_end, sgc, sgl)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers (plain functions on real tensors)
 
@@ -483,82 +705,62 @@ def _backward_self(do, x, stats, scale: float, tf32: bool):
         return _backward_self_unguarded(do, x, stats, scale, tf32)
 
 
+def _backward_cross_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
+    check_device(do, q, k, v)
+    bsz, c, length = q.shape
+    lv = v.shape[2]
+    n_tiles = triton.cdiv(lv, MAX_LENGTH)  # column tiles of v and do, as in the forward
+    tv = triton.cdiv(lv, n_tiles)
+    kp, vp = pieces(length), pieces(tv)
+    prec = precision(q, tf32)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    q, k = (_aligned(x, 1, length, sum(kp)) for x in (q, k))
+    v, do = (_aligned(x, n_tiles, tv, sum(vp)) for x in (v, do))
+    bst = torch.empty((bsz, 3, c), device=q.device, dtype=torch.float32)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    shapes = {"K0": kp[0], "K1": kp[1], "K2": kp[2], "V0": vp[0], "V1": vp[1], "V2": vp[2]}
+
+    def grid(meta):
+        return (triton.cdiv(c, meta["BLOCK_M"]), bsz)
+
+    _bwd_delta_cross_kernel[grid](
+        q, k, v, do, stats, bst, c, sum(kp), n_tiles, tv, scale, *strides,
+        **shapes, PRECISION=prec,
+    )  # fmt: skip
+    _bwd_dq_kernel[grid](
+        q, k, v, do, bst, dq, c, sum(kp), length, n_tiles, tv, scale, *strides, *dq.stride(),
+        **shapes, PRECISION=prec,
+    )  # fmt: skip
+    _bwd_dk_kernel[grid](
+        q, k, v, do, bst, dk, c, sum(kp), length, n_tiles, tv, scale, *strides, *dk.stride(),
+        **shapes, PRECISION=prec,
+    )  # fmt: skip
+    _bwd_dv_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), n_tiles, bsz)](
+        q, k, do, bst, dv, c, sum(kp), lv, n_tiles, tv, scale,
+        *q.stride(), *k.stride(), *do.stride(), *dv.stride(), **shapes, PRECISION=prec,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _backward_cross(do, q, k, v, stats, scale: float, tf32: bool):
+    with device_guard(q):
+        return _backward_cross_unguarded(do, q, k, v, stats, scale, tf32)
+
+
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
+# Custom ops (`fused_op`: schema, fake and autograd) and entry points
 
 
-@torch.library.custom_op("fgattn::flash_channel_attention_fwd", mutates_args=())
-def flash_channel_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
-    return _forward(q, k, v, scale, tf32)
-
-
-@flash_channel_attention_fwd.register_fake
-def _(q, k, v, scale, tf32):
-    bsz, c, _ = q.shape
-    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, scale, tf32 = inputs
-    ctx.save_for_backward(q, k, v, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad(ctx, do, _dstats):
-    # The row statistics are those of triton_channel_attention's forward: its backward applies.
-    q, k, v, stats = ctx.saved_tensors
-    dq, dk, dv = _v1.channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
-    return dq, dk, dv, None, None
-
-
-flash_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-@torch.library.custom_op("fgattn::flash_self_channel_attention_fwd", mutates_args=())
-def flash_self_channel_attention_fwd(
-    x: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
+def _forward_self(x, scale: float, tf32: bool):
     return _forward(x, x, x, scale, tf32, is_self=True)
 
 
-@flash_self_channel_attention_fwd.register_fake
-def _(x, scale, tf32):
-    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
-
-
-@torch.library.custom_op("fgattn::flash_self_channel_attention_bwd", mutates_args=())
-def flash_self_channel_attention_bwd(
-    do: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, scale: float, tf32: bool
-) -> torch.Tensor:
-    return _backward_self(do, x, stats, scale, tf32)
-
-
-@flash_self_channel_attention_bwd.register_fake
-def _(do, x, stats, scale, tf32):
-    return torch.empty_like(x)
-
-
-def _setup_self(ctx, inputs, output):
-    x, scale, tf32 = inputs
-    ctx.save_for_backward(x, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad_self(ctx, do, _dstats):
-    x, stats = ctx.saved_tensors
-    return flash_self_channel_attention_bwd(do, x, stats, ctx.scale, ctx.tf32), None, None
-
-
-flash_self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
+flash_channel_attention_fwd, flash_channel_attention_bwd = fused_op(
+    "flash_channel_attention", ("q", "k", "v"), _forward, _backward_cross, value=2
+)
+flash_self_channel_attention_fwd, flash_self_channel_attention_bwd = fused_op(
+    "flash_self_channel_attention", ("x",), _forward_self, _backward_self
+)
 
 
 def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
@@ -572,8 +774,4 @@ def channel_attention(
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) q, k (L ≤ 256) and (B, C, Lv) v; v's dtype."""
     _check_length(q.shape[2])
-    dtype = v.dtype
-    if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
-    return flash_channel_attention_fwd(q, k, v, scale, tf32)[0].to(dtype)
+    return flash_channel_attention_fwd(*one_dtype(q, k, v), scale, tf32)[0].to(v.dtype)
