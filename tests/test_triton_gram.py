@@ -1,7 +1,7 @@
 """The Gram-GEMM Triton kernels (`fgattn/ops/triton_gram.py`, backend "triton_gram", L > 256)
 against the PyTorch reference: outputs and every gradient of self and cross attention, fp32 and
 fp16, large logits, odd C and L, batch chunks smaller than B, several tile configs; config pruning,
-registration and dispatch.
+registration and dispatch (opcheck of the two op pairs: tests/test_triton_kernels.py, OP_PAIRS).
 
 Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before Triton is imported), where the autotuner is pruned to one config, `INTERPRETER_TILES`; the
@@ -308,20 +308,6 @@ def test_same_statistics_as_the_fused_kernels():
 
 # ---------------------------------------------------------------------------------------------
 # Registration and dispatch
-
-
-def test_opcheck():
-    x = randn(2, 20, 5).requires_grad_()
-    q, k, v = (randn(2, 20, w).requires_grad_() for w in (5, 5, 9))
-    torch.library.opcheck(tg.gram_self_channel_attention_fwd, (x, -1.0, False))
-    torch.library.opcheck(tg.gram_channel_attention_fwd, (q, k, v, -1.0, False))
-    with torch.no_grad():
-        out, stats = tg.gram_self_channel_attention_fwd(x, -1.0, False)
-        out_c, stats_c = tg.gram_channel_attention_fwd(q, k, v, -1.0, False)
-    args = (torch.randn_like(out), x.detach(), stats, -1.0, False)
-    torch.library.opcheck(tg.gram_self_channel_attention_bwd, args)
-    args = (torch.randn_like(out_c), q.detach(), k.detach(), v.detach(), stats_c, -1.0, False)
-    torch.library.opcheck(tg.gram_channel_attention_bwd, args)
 
 
 def test_dispatch_by_name_at_long_rows():

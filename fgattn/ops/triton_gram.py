@@ -44,7 +44,15 @@ import triton
 import triton.language as tl
 
 from . import _triton_common
-from ._triton_common import check_device, device_guard, load_tile, precision, probs
+from ._triton_common import (
+    check_device,
+    device_guard,
+    fused_op,
+    load_tile,
+    one_dtype,
+    precision,
+    probs,
+)
 from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned, _time_config
 
 # Bytes of (B, C, C)-sized temporaries one batch chunk may hold: the fp32 S buffer of the forward,
@@ -638,98 +646,19 @@ def _backward(do, q, k, v, stats, scale: float, tf32: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (fake impls give shapes), differentiable via autograd.
+# Custom ops (`fused_op`: schema, fake and autograd) and entry points
 
 
-@torch.library.custom_op("fgattn::gram_channel_attention_fwd", mutates_args=())
-def gram_channel_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, Lv) in v's dtype, row stats (B, 2, C) fp32: [max, log Σ] of the softmax)."""
-    return _forward(q, k, v, scale, tf32)
-
-
-@gram_channel_attention_fwd.register_fake
-def _(q, k, v, scale, tf32):
-    bsz, c, _ = q.shape
-    return v.new_empty((bsz, c, v.shape[2])), q.new_empty((bsz, 2, c), dtype=torch.float32)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, scale, tf32 = inputs
-    ctx.save_for_backward(q, k, v, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-@torch.library.custom_op("fgattn::gram_channel_attention_bwd", mutates_args=())
-def gram_channel_attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    stats: torch.Tensor,
-    scale: float,
-    tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, stats, scale, tf32)
-
-
-@gram_channel_attention_bwd.register_fake
-def _(do, q, k, v, stats, scale, tf32):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-
-
-def _grad(ctx, do, _dstats):
-    q, k, v, stats = ctx.saved_tensors
-    dq, dk, dv = gram_channel_attention_bwd(do, q, k, v, stats, ctx.scale, ctx.tf32)
-    return dq, dk, dv, None, None
-
-
-gram_channel_attention_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-@torch.library.custom_op("fgattn::gram_self_channel_attention_fwd", mutates_args=())
-def gram_self_channel_attention_fwd(
-    x: torch.Tensor, scale: float, tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scale · x xᵀ) x: (out (B, C, L) in x's dtype, row stats (B, 2, C) fp32)."""
+def _forward_self(x, scale: float, tf32: bool):
     return _forward(x, x, x, scale, tf32, is_self=True)
 
 
-@gram_self_channel_attention_fwd.register_fake
-def _(x, scale, tf32):
-    stats = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats
-
-
-@torch.library.custom_op("fgattn::gram_self_channel_attention_bwd", mutates_args=())
-def gram_self_channel_attention_bwd(
-    do: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, scale: float, tf32: bool
-) -> torch.Tensor:
-    return _backward_self(do, x, stats, scale, tf32)
-
-
-@gram_self_channel_attention_bwd.register_fake
-def _(do, x, stats, scale, tf32):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup_self(ctx, inputs, output):
-    x, scale, tf32 = inputs
-    ctx.save_for_backward(x, output[1])
-    ctx.scale, ctx.tf32 = scale, tf32
-
-
-def _grad_self(ctx, do, _dstats):
-    x, stats = ctx.saved_tensors
-    return gram_self_channel_attention_bwd(do, x, stats, ctx.scale, ctx.tf32), None, None
-
-
-gram_self_channel_attention_fwd.register_autograd(_grad_self, setup_context=_setup_self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
+gram_channel_attention_fwd, gram_channel_attention_bwd = fused_op(
+    "gram_channel_attention", ("q", "k", "v"), _forward, _backward, value=2
+)
+gram_self_channel_attention_fwd, gram_self_channel_attention_bwd = fused_op(
+    "gram_self_channel_attention", ("x",), _forward_self, _backward_self
+)
 
 
 def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
@@ -741,8 +670,4 @@ def channel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool = False
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) q, k and (B, C, Lv) v, any L; v's dtype."""
-    dtype = v.dtype
-    if not (q.dtype == k.dtype == v.dtype):  # one dtype per kernel: promote, cast back after
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
-    return gram_channel_attention_fwd(q, k, v, scale, tf32)[0].to(dtype)
+    return gram_channel_attention_fwd(*one_dtype(q, k, v), scale, tf32)[0].to(v.dtype)
