@@ -2,8 +2,8 @@
 
 For each op and size (B, C, L, dtype), one run times on the same inputs:
   - every candidate: each implementation `fgattn.ops.dispatch.candidates` says can run the call
-    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton, triton_fa), called through
-    `fgattn.functional` with backend=NAME;
+    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton, triton_fa (L <= 256),
+    triton_gram (L > 256)), called through `fgattn.functional` with backend=NAME;
   - auto: backend=None, the dispatcher's own choice, with the implementation it picked (the
     forward, under no_grad, and the forward+backward are different calls and may pick differently);
   - extras that a user could call instead but the dispatcher never picks (not candidates):

@@ -12,6 +12,7 @@ fail at launch ("out of resources") and is flagged.
     python benchmarks/kernel_resources.py                      # sm_80 and sm_90, B=32, C=2048
     python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --length 196 --json res.json
     python benchmarks/kernel_resources.py --check              # exit 1 on any compile/limit failure
+    python benchmarks/kernel_resources.py --length 784 --workload gram  # one family's workloads
 
 Needs Triton's NVIDIA backend (ships with the `triton` wheel, ptxas included); no CUDA driver.
 Must run without TRITON_INTERPRET (the kernels have to be real JIT functions).
@@ -47,6 +48,7 @@ KERNEL_MODULES = (
     "fgattn.ops.triton_contrastive",
     "fgattn.ops.triton_flash",
     "fgattn.ops.triton_flash_contrastive",
+    "fgattn.ops.triton_gram",
 )
 
 
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--length", type=int, nargs="+", default=[49, 196, 784])
     p.add_argument("--workload", nargs="+", help="only workloads whose label starts so ('fa')")
+    p.add_argument(
+        "--first-config", action="store_true", help="of an autotuned kernel, the first config only"
+    )
     p.add_argument("--json", help="write every compiled kernel's record here")
     p.add_argument("--check", action="store_true", help="exit 1 if a limit is exceeded")
     return p.parse_args(argv)
@@ -87,8 +92,8 @@ class Recorder:
     """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching.
     An autotuned kernel compiles every config its prune function keeps for this target."""
 
-    def __init__(self, fn, log):
-        self.fn, self.log = fn, log
+    def __init__(self, fn, log, first_config=False):
+        self.fn, self.log, self.first_config = fn, log, first_config
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -107,7 +112,7 @@ class Recorder:
         if not isinstance(self.fn, Autotuner):
             return [(self.fn, kwargs)]
         self.fn.nargs = dict(zip(self.fn.arg_names, args, strict=False))
-        configs = self.fn.prune_configs(kwargs)
+        configs = self.fn.prune_configs(kwargs)[: 1 if self.first_config else None]
         self.fn.nargs = None
         return [(self.fn.fn, {**kwargs, **cfg.all_kwargs()}) for cfg in configs]
 
@@ -193,6 +198,7 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     from fgattn.ops import triton_contrastive as tcc
     from fgattn.ops import triton_flash as tfa
     from fgattn.ops import triton_flash_contrastive as tfc
+    from fgattn.ops import triton_gram as tg
 
     def x_like(width=length, channels_last=False):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
@@ -237,6 +243,20 @@ def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
         _, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
         tfc.flash_contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
 
+    # The Gram kernels' launchers also run torch ops (statistics, cuBLAS products), here on
+    # CPU: one batch element keeps them short (the compiled kernels do not depend on B).
+    def gram_self_attention():
+        x = torch.randn(1, channels, length).to(dtype)
+        _, stats = tg.gram_self_channel_attention_fwd(x, -1.0, tf32)
+        tg.gram_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
+
+    def gram_co_attention():
+        q, v = torch.randn(1, channels, length).to(dtype), torch.randn(1, channels, 2 * length)
+        _, stats = tg.gram_channel_attention_fwd(q, q, v.to(dtype), -1.0, tf32)
+        tg.gram_channel_attention_bwd(v.to(dtype), q, q, v.to(dtype), stats, -1.0, tf32)
+
+    if length > tfa.MAX_LENGTH:  # where the flash-shaped kernels stop
+        runs += [("gram self", gram_self_attention), ("gram co-attention", gram_co_attention)]
     if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
         runs += [
             ("fa self", flash_self_attention),
@@ -299,7 +319,7 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
         for module in modules:
             module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
         for (module, name), fn in kernels.items():
-            setattr(module, name, Recorder(fn, log))
+            setattr(module, name, Recorder(fn, log, args.first_config))
         for arch in args.arch:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]

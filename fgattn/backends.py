@@ -21,6 +21,9 @@ Backends:
 - ``"triton_fa"``: fgattn's FlashAttention-2-shaped Triton kernels (CUDA; every op with L ≤ 256),
   autotuned on the device at first use. Not yet measured on a GPU, so ``"auto"``
   takes them only in benchmark mode.
+- ``"triton_gram"``: fgattn's Gram-GEMM Triton kernels (CUDA; self and cross attention with
+  L > 256, where ``"triton_fa"`` stops): the logits as an fp32 GEMM, then P·V. Not yet measured
+  on a GPU either: ``"auto"`` takes them only in benchmark mode.
 
 A global setting that cannot run a call (``"triton"`` on CPU tensors, any fused path in float64)
 falls back to ``"auto"`` for that call, with a warning; ``backend=`` given to a `fgattn.functional`
@@ -50,6 +53,7 @@ BACKENDS = (
     "sdpa_efficient",
     "triton",
     "triton_fa",
+    "triton_gram",
 )
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 

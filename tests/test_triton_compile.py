@@ -52,6 +52,8 @@ def test_every_kernel_compiles_for_every_arch(compiled):
         if refused:
             assert all(r["workload"].startswith("fa ") for r in refused), refused
             missing = {k for k in missing if not k.startswith("triton_flash")}
+        # the Gram kernels are for L > 256: tests/test_triton_gram.py compiles them at L = 400
+        missing = {k for k in missing if not k.startswith("triton_gram")}
         assert not missing, f"sm_{arch} never launched {missing}"
 
 

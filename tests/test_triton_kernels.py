@@ -28,6 +28,7 @@ from fgattn.ops import triton_channel_attention as tca
 from fgattn.ops import triton_contrastive as tcc
 from fgattn.ops import triton_flash as tfa
 from fgattn.ops import triton_flash_contrastive as tfc
+from fgattn.ops import triton_gram as tg
 
 INTERPRETED = isinstance(tca._fwd_kernel, InterpretedFunction)
 RERUN = not INTERPRETED and not torch.cuda.is_available()
@@ -299,6 +300,8 @@ OP_PAIRS = {
     "flash_attention": (tfa, "flash_channel_attention", "attention"),
     "flash_self": (tfa, "flash_self_channel_attention", "self"),
     "flash_contrastive": (tfc, "flash_contrastive_channel_attention", "contrastive"),
+    "gram_attention": (tg, "gram_channel_attention", "attention"),
+    "gram_self": (tg, "gram_self_channel_attention", "self"),
 }
 
 

@@ -108,11 +108,14 @@ class Implementation:
     exportable: bool = True  # torch.export / ONNX can translate it (False: fgattn's custom ops)
     options: tuple[tuple[str, str], ...] = ()  # keyword arguments of every function
     max_length: int | None = None  # the longest L it takes
+    min_length: int | None = None  # the shortest L it is meant for
 
     def supports(self, call: Call) -> bool:
         if call.op not in self.ops or call.dtype not in self.dtypes:
             return False
         if self.max_length is not None and call.length > self.max_length:
+            return False
+        if self.min_length is not None and call.length < self.min_length:
             return False
         if min(call.batch, call.channels, call.length, call.value_length) == 0:
             return self.name == "reference"  # empty: nothing to be fast at
@@ -166,6 +169,19 @@ IMPLEMENTATIONS = {
             exportable=False,
             options=(("kernels", "flash"),),
             max_length=256,
+        ),
+        # Gram-GEMM kernels for the rows triton_fa cannot hold (fgattn/ops/triton_gram.py): not
+        # yet timed on a GPU, so in no rule; benchmark mode and backend="triton_gram" can pick them
+        Implementation(
+            "triton_gram",
+            "fgattn.ops.triton_backend",
+            ATTENTION,
+            ("cuda",),
+            FLOATS,
+            interpretable=True,
+            exportable=False,
+            options=(("kernels", "gram"),),
+            min_length=257,
         ),
     )
 }
@@ -418,6 +434,7 @@ def _supported_text(names: Sequence[str]) -> str:
         impl = IMPLEMENTATIONS[name]
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in impl.dtypes)
         longest = f" with L <= {impl.max_length}" if impl.max_length else ""
+        longest += f" with L >= {impl.min_length}" if impl.min_length else ""
         parts.append(
             f"{name}: {'/'.join(impl.ops)} on {'/'.join(impl.devices)} in {dtypes}{longest}"
         )

@@ -7,7 +7,8 @@ accumulation. The dispatcher sends float64 and empty inputs elsewhere.
 
 `kernels` picks the kernel family: "fused" (`triton_channel_attention`, `triton_contrastive`; any L)
 or "flash" (the FlashAttention-2-shaped `triton_flash`, `triton_flash_contrastive`; L ≤ 256; the
-dispatcher's "triton_fa").
+dispatcher's "triton_fa") or "gram" (`triton_gram`: the logits as an fp32 Gram GEMM, for L > 256;
+self and cross attention only; the dispatcher's "triton_gram").
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ try:
     from . import triton_contrastive as _contrastive
     from . import triton_flash as _flash
     from . import triton_flash_contrastive as _flash_contrastive
+    from . import triton_gram as _gram
     from ._triton_common import interpreting
 except ImportError as err:  # triton missing or too old
     AVAILABLE = False
@@ -42,7 +44,7 @@ def _tf32() -> bool:
 
 
 def _module(kernels: str):
-    return _flash if kernels == "flash" else _attention
+    return {"flash": _flash, "gram": _gram}.get(kernels, _attention)
 
 
 def self_attention(x: torch.Tensor, scale: float, kernels: str = "fused") -> torch.Tensor:
