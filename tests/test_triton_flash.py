@@ -80,9 +80,21 @@ def close(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
+def refused_on_gpu(inputs, call):
+    """On a GPU, exact fp32 (TF32 off) is refused by name (`fits`): assert that and skip the rest
+    of the test, whose numerics the interpreter checks. False where the kernels run `inputs`."""
+    exact = all(t.dtype == torch.float32 for t in inputs if t.is_floating_point())
+    if INTERPRETED or not exact or torch.backends.cuda.matmul.allow_tf32:
+        return False
+    with pytest.raises(tfa.DoesNotFit, match="exact fp32"):
+        call()
+    pytest.skip("exact fp32 is refused on GPUs (asserted); the interpreter checks its numerics")
+
+
 def check(inputs, scale=-1.0, tol=2e-5):
     """Output and every input gradient of backend "triton_fa" against the reference on the same
     (rounded) inputs in fp64; self attention when `inputs` is one tensor."""
+    refused_on_gpu(inputs, lambda: channel_attention(*inputs, scale=scale, backend="triton_fa"))
     xs = [leaf(t) for t in inputs]
     out = channel_attention(*xs, scale=scale, backend="triton_fa")
     assert out.dtype == inputs[-1].dtype and out.shape == inputs[-1].shape[:2] + out.shape[2:]
@@ -124,42 +136,50 @@ def test_pieces(width, want):
 SPACES = {
     "fwd": ("fwd", tfa.FWD_SPACE),
     "bwd": ("bwd", tfa.BWD_SPACE),
-    "delta": ("bwd", tfa.DELTA_SPACE),
+    "delta": ("delta", tfa.DELTA_SPACE),
     "cfwd": ("cfwd", tfc.SPACE),
     "cbwd": ("cbwd", tfc.BWD_SPACE),
 }
 
 
-def _prune(name, limit, dtype, width, monkeypatch, is_self=True):
+def _prune(name, limit, dtype, width, monkeypatch, is_self=True, arch=None, tf32=None):
+    """What `fits` keeps of a space on a GPU with `limit` bytes of shared memory and compute
+    capability `arch`, and their estimates; fp32 as TF32 unless `tf32` is False."""
     kind, space = SPACES[name]
+    tf32 = dtype == torch.float32 if tf32 is None else tf32
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
+    monkeypatch.setattr(tfa, "target_arch", lambda x: arch)
     kp = tfa.pieces(width)
     kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=is_self)
+    kwargs["PRECISION"] = "tf32" if tf32 else "ieee"
     x = torch.empty(0, dtype=dtype)
     kept = tfa.fits(kind)(tfa._configs(space), {"X": x}, **kwargs)
     estimates = [
         tfa.estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                     c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size())
+                     c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size(),
+                     tf32)
         for c in kept
     ]  # fmt: skip
     return kept, estimates
 
 
-# Every kernel at sm_90 / sm_80 / sm_86 limits, but the contrastive ones in fp32 on sm_86, where no
-# config's estimate fits (the fallback below).
+GPUS = {"sm_90": (227 * 1024, 90), "sm_80": (163 * 1024, 80), "sm_86": (99 * 1024, 86)}
+# Every kernel on each GPU in bf16 and TF32, but the contrastive ones in TF32 on sm_80 / sm_86,
+# where no config's estimate fits (refused, below).
 FITTING = [
-    (kind, limit, dtype)
+    (kind, gpu, dtype)
     for kind in SPACES
-    for limit in (227 * 1024, 163 * 1024, 99 * 1024)
+    for gpu in GPUS
     for dtype in (torch.bfloat16, torch.float32)
-    if not (kind in ("cfwd", "cbwd") and (limit, dtype) == (99 * 1024, torch.float32))
+    if not (kind in ("cfwd", "cbwd") and gpu != "sm_90" and dtype == torch.float32)
 ]
 
 
-@pytest.mark.parametrize(("kind", "limit", "dtype"), FITTING)
-def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
-    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, is_self=kind != "fwd")
+@pytest.mark.parametrize(("kind", "gpu", "dtype"), FITTING)
+def test_prune_keeps_configs_that_fit(kind, gpu, dtype, monkeypatch):
+    limit, arch = GPUS[gpu]
+    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, kind != "fwd", arch)
     assert kept
     for smem, words in estimates:
         assert smem <= limit and words <= tfa.REGISTER_BUDGET
@@ -167,11 +187,46 @@ def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
         assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
 
 
+@pytest.mark.parametrize("space", [tfa.FWD_SPACE, tfa.BWD_SPACE, tfc.BWD_SPACE])
+def test_chained_dots_get_16_rows_a_warp(space):
+    # Triton lays out a tl.dot whose result feeds another as [num_warps, 1] warps of 16 rows:
+    # fewer rows than 16 per warp would be held (and multiplied) twice
+    for bm, _, warps, _ in space:
+        assert bm == 16 * warps
+
+
+@pytest.mark.parametrize("kind", ["bwd", "cbwd"])
+def test_backward_configs_suit_the_gpu(kind, monkeypatch):
+    # compiled (bf16, L = 196 / 256): wgmma spilled with one warpgroup of 64 rows, not with two
+    # of 128; mma.sync spilled KBs at 8 warps
+    hopper, _ = _prune(kind, 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=90)
+    assert hopper and all(c.kwargs["BLOCK_M"] == 128 and c.num_warps == 8 for c in hopper)
+    ampere, _ = _prune(kind, 163 * 1024, torch.bfloat16, 196, monkeypatch, arch=80)
+    assert ampere and all(c.num_warps <= 4 for c in ampere)
+    anywhere, _ = _prune(kind, 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=None)
+    assert {c.num_warps for c in anywhere} > {4}
+
+
+def test_register_budget_drops_what_spilled(monkeypatch):
+    # sm_90, bf16, contrastive backward: its two 128-row configs were spill-free at L = 196 (208
+    # columns); at L = 256 every config compiled spilled (8-190 B) and those do not fit
+    at_196, estimates = _prune("cbwd", 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=90)
+    assert len(at_196) == 2 and max(words for _, words in estimates) <= tfa.REGISTER_BUDGET
+    at_256, ((_, words),) = _prune("cbwd", 227 * 1024, torch.bfloat16, 256, monkeypatch, arch=90)
+    assert len(at_256) == 1 and words > tfa.REGISTER_BUDGET  # none within: the fewest registers
+
+
+@pytest.mark.parametrize("kind", list(SPACES))
+def test_exact_fp32_is_refused(kind, monkeypatch):
+    with pytest.raises(tfa.DoesNotFit, match=r"exact fp32 .*backend='triton'.*allow TF32"):
+        _prune(kind, 227 * 1024, torch.float32, 196, monkeypatch, arch=90, tf32=False)
+
+
 def test_prune_refuses_what_cannot_fit(monkeypatch):
-    # sm_86 (99 KiB), fp32 contrastive backward: three resident and three streamed rows of 208
+    # sm_86 (99 KiB), TF32 contrastive backward: three resident and three streamed rows of 208
     # fp32 values do not fit at all: a clear error, not "out of resources" at launch
     with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 99 KiB.*backend='triton'"):
-        _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
+        _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch, arch=86)
 
 
 def test_tf32_estimate_has_a_margin():
@@ -260,6 +315,7 @@ def test_tf32_option_runs():
 def _errors(fused, ref, inputs):
     """Max errors of the fused op and of the fp32 reference against the fp64 reference, for the
     output and each input's gradient."""
+    refused_on_gpu(inputs, lambda: fused(*inputs))
     g = torch.randn(ref(*inputs).shape, dtype=torch.float64).float().to(DEVICE)
     results = []
     for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
@@ -314,6 +370,10 @@ def test_agrees_with_the_fused_kernels():
 
 
 def check_contrastive(x_a, x_b, eta, scale=-1.0, tol=2e-5):
+    refused_on_gpu(
+        (x_a, x_b),
+        lambda: contrastive_channel_attention(x_a, x_b, eta, scale=scale, backend="triton_fa"),
+    )
     xs = [leaf(x_a), leaf(x_b), leaf(eta)]
     out = contrastive_channel_attention(*xs, scale=scale, backend="triton_fa")
     assert out.shape == x_a.shape and out.dtype == x_a.dtype

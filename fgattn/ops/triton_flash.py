@@ -42,22 +42,30 @@ MAX_PIECES = 3
 
 # Config space: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M rows stay resident, BLOCK_N rows
 # stream. `fits` drops what would not fit the device's shared memory or spill registers.
-# The 32-row configs are for GPUs with ~99 KiB of shared memory per block (sm_86/sm_89) in fp32.
+# A kernel whose logits feed a second tl.dot gets Triton's [num_warps, 1] warp layout (16 rows a
+# warp), so BLOCK_M = 16 · num_warps: fewer rows hold every row twice (both warpgroups compute the
+# same logits), as (64, 128, 8 warps) did. The 32-row configs are for GPUs with ~99 KiB of shared
+# memory per block (sm_86/sm_89).
 FWD_SPACE = [
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2),
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
-    (32, 32, 4, 1), (32, 16, 4, 1),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2),
+    (32, 32, 2, 1), (32, 16, 2, 1),
 ]  # fmt: skip
-# The tied backward streams 16 rows at a time: on sm_90 in bf16 its 32- and 64-row steps spilled
-# (16-208 bytes of stack), the 16-row ones did not (benchmarks/README.md).
-BWD_SPACE = [(64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+# The tied backward streams 16 rows at a time (32 and 64 spilled). Which rows and warps suit which
+# GPU: `_suits` (compiled in benchmarks/README.md, third session); one warp for TF32 on sm_86/89.
+BWD_SPACE = [
+    (128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3), (32, 16, 2, 2),
+    (16, 16, 1, 1),
+]  # fmt: skip
 DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
 ]  # fmt: skip
 # The one config the interpreter runs (tests shrink or widen it to reach other code paths).
 INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
-REGISTER_BUDGET = 168  # fp32 words per thread the estimate may fill (ptxas caps at 255)
+# fp32 words per thread the estimate may fill, calibrated on the compiled backward kernels: at
+# L = 196 (208 columns) their spill-free configs estimate ≤ 184, at L = 256 those spilling 8 B 208.
+REGISTER_BUDGET = 184
 
 
 def pieces(width: int) -> tuple[int, int, int]:
@@ -99,7 +107,17 @@ def autotune(space, key: list[str], kind: str):
 
 
 class DoesNotFit(RuntimeError):
-    """No config of a kernel fits the GPU's shared memory (raised by the prune, at launch)."""
+    """No config of a kernel suits the GPU and dtype (raised by the prune, at launch): none fits
+    its shared memory, or the inputs are exact fp32 (see `fits`)."""
+
+
+def target_arch(x: torch.Tensor) -> int | None:
+    """x's GPU as 10 · major + minor compute capability (80 for an A100, 90 for an H100); None
+    off the GPU. `benchmarks/kernel_resources.py` replaces it to compile for other GPUs."""
+    if x.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def estimate(
@@ -112,62 +130,81 @@ def estimate(
     "fwd": q staged once, k and v tiles per pipeline stage, p converted to a dot operand through
     shared memory; in registers the (bm x lv) fp32 accumulator and two (bm x bn) fp32 tiles (s, p).
     "bwd" (self attention): x, do resident, two streamed tiles per stage, ds and pt converted; the
-    (bm x lk) accumulator and five (bm x bn) tiles. The contrastive kernels: "cfwd" (statistics,
-    forward, row sums) up to three resident and two streamed tiles, one converted, one
-    accumulator, four (bm x bn) tiles; "cbwd" three of each, two accumulators and eight tiles.
+    (bm x lk) accumulator and five (bm x bn) tiles. "delta" (its δ pass): x, do resident, x
+    streamed, three tiles, no accumulator. The contrastive kernels: "cfwd" (statistics, forward,
+    row sums) up to three resident and two streamed tiles, one converted, one accumulator, four
+    (bm x bn) tiles; "cbwd" (one pass of dX_A or dX_B) three resident and streamed, |W| and ds
+    converted, one accumulator and ten tiles.
     TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
     (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
-    estimate, TF32 ones up to 1.21x without the margin.
+    estimate, TF32 ones up to 1.21x without the margin. The register side is calibrated on the
+    backward kernels in bf16 (`REGISTER_BUDGET`).
     """
     resident, streamed, converted, accumulators, tiles = {
         "fwd": (1, 1, 1, 1, 2),
         "bwd": (2, 2, 2, 1, 5),
+        "delta": (2, 1, 0, 0, 3),
         "cfwd": (3, 2, 1, 1, 4),
-        "cbwd": (3, 3, 3, 2, 8),
+        "cbwd": (3, 3, 2, 1, 10),
     }[kind]
     operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
     words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
     return operands * size * (1.25 if tf32 else 1.0), words
 
 
+def _suits(kind: str, cfg, arch: int | None) -> bool:
+    """Whether a backward config suits the GPU's matrix instructions, as compiled (bf16, L = 196
+    and 256): on sm_90 (wgmma) the 128-row, 8-warp tiles stayed spill-free where the 64-row,
+    4-warp ones spilled 32-190 B; with mma.sync (sm_80/86/89) the 8-warp ones spilled KBs."""
+    if kind not in ("bwd", "cbwd") or arch is None:
+        return True
+    if arch >= 90:
+        return cfg.kwargs["BLOCK_M"] >= 128
+    return cfg.num_warps <= 4
+
+
 def fits(kind: str):
-    """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
-    device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
-    any fits; where none does, the one needing the least shared memory if that fits it (registers
-    over budget), else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+    """An early_config_prune for `kind` (see `estimate`). Exact fp32 (fp32 inputs, TF32 off) is
+    refused with `DoesNotFit`: its tl.dot runs on the FMA units with whole rows of L in registers,
+    which spilled 2-17 KB in every config compiled. Otherwise: the configs whose shared memory fits
+    the device's (any, off the GPU) and that `_suits` its GPU; of those, the ones within
+    `REGISTER_BUDGET`, only the ≥ 64-row ones where any is; where none is, the one needing the
+    fewest registers. `DoesNotFit` where no config fits the shared memory. Under TRITON_INTERPRET
+    the one config `INTERPRETER_TILES` (exact fp32 included: the tests' reference precision)."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
         x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
+        tf32 = kwargs.get("PRECISION") == "tf32"
+        if x.element_size() == 4 and not tf32:
+            raise DoesNotFit(
+                "fgattn's flash-shaped Triton kernels do not run exact fp32 (TF32 off): on the "
+                "FMA units every config spilled registers. Use backend='triton' (or 'auto'), "
+                "allow TF32, or pass bf16/fp16 inputs"
+            )
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
-
-        tf32 = kwargs.get("PRECISION") == "tf32"
+        arch = target_arch(x)
 
         def need(cfg):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
             return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), tf32)
 
-        kept = [
-            cfg
-            for cfg in configs
-            if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
-        ]
+        room = [cfg for cfg in configs if limit is None or need(cfg)[0] <= limit]
+        if not room:
+            smallest = min(need(cfg)[0] for cfg in configs)
+            raise DoesNotFit(
+                f"fgattn's flash-shaped Triton kernels need at least {smallest / 1024:.0f} KiB "
+                f"of shared memory per block for rows of {lk} {x.dtype} values; this GPU allows "
+                f"{limit / 1024:.0f} KiB. Use backend='triton' (or 'auto') for this call"
+            )
+        suited = [cfg for cfg in room if _suits(kind, cfg, arch)] or room
+        kept = [cfg for cfg in suited if need(cfg)[1] <= REGISTER_BUDGET]
         # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        if wide or kept:
-            return wide or kept
-        smallest = min(configs, key=lambda cfg: need(cfg)[0])
-        if limit is None or need(smallest)[0] <= limit:
-            return [smallest]
-        raise DoesNotFit(
-            f"fgattn's flash-shaped Triton kernels need at least "
-            f"{need(smallest)[0] / 1024:.0f} KiB of shared memory per block for "
-            f"rows of {lk} {x.dtype} values; this GPU allows {limit / 1024:.0f} KiB. "
-            f"Use backend='triton' (or 'auto') for this call"
-        )
+        return wide or kept or [min(suited, key=lambda cfg: need(cfg)[1])]
 
     return prune
 
@@ -294,7 +331,7 @@ def _fwd_kernel(
         tl.store(STATS + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)
 
 
-@autotune(DELTA_SPACE, ["C", "L"], "bwd")
+@autotune(DELTA_SPACE, ["C", "L"], "delta")
 @triton.jit
 def _bwd_delta_self_kernel(
     X, DO, STATS, BST,
