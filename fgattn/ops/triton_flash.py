@@ -131,10 +131,11 @@ def estimate(
     shared memory; in registers the (bm x lv) fp32 accumulator and two (bm x bn) fp32 tiles (s, p).
     "bwd" (self attention): x, do resident, two streamed tiles per stage, ds and pt converted; the
     (bm x lk) accumulator and five (bm x bn) tiles. "delta" (its δ pass): x, do resident, x
-    streamed, three tiles, no accumulator. The contrastive kernels: "cfwd" (statistics, forward,
-    row sums) up to three resident and two streamed tiles, one converted, one accumulator, four
-    (bm x bn) tiles; "cbwd" (one pass of dX_A or dX_B) three resident and streamed, |W| and ds
-    converted, one accumulator and ten tiles.
+    streamed, three tiles, no accumulator. The contrastive kernels: "cstats" (statistics, row
+    sums) up to three resident and two streamed tiles, one converted, one accumulator, four
+    (bm x bn) tiles (an over-count: they have no accumulator); "cfwd" (the forward) two resident,
+    two streamed, |W| converted, one accumulator, four tiles; "cbwd" (one pass of dX_A or dX_B)
+    three resident and streamed, |W| and ds converted, one accumulator and ten tiles.
     TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
     (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
     estimate, TF32 ones up to 1.21x without the margin. The register side is calibrated on the
@@ -144,7 +145,8 @@ def estimate(
         "fwd": (1, 1, 1, 1, 2),
         "bwd": (2, 2, 2, 1, 5),
         "delta": (2, 1, 0, 0, 3),
-        "cfwd": (3, 2, 1, 1, 4),
+        "cstats": (3, 2, 1, 1, 4),
+        "cfwd": (2, 2, 1, 1, 4),
         "cbwd": (3, 3, 2, 1, 10),
     }[kind]
     operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
@@ -153,14 +155,15 @@ def estimate(
 
 
 def _suits(kind: str, cfg, arch: int | None) -> bool:
-    """Whether a backward config suits the GPU's matrix instructions, as compiled (bf16, L = 196
-    and 256): on sm_90 (wgmma) the 128-row, 8-warp tiles stayed spill-free where the 64-row,
-    4-warp ones spilled 32-190 B; with mma.sync (sm_80/86/89) the 8-warp ones spilled KBs."""
-    if kind not in ("bwd", "cbwd") or arch is None:
+    """Whether a config of a kernel with chained products (a product feeding another) suits the
+    GPU's matrix instructions, as compiled (bf16, L = 196 and 256): with mma.sync (sm_80/86/89)
+    the 8-warp ones spilled 24 B-4 KB; on sm_90 (wgmma) the backward's 128-row, 8-warp tiles
+    stayed spill-free where its 64-row, 4-warp ones spilled 32-190 B."""
+    if arch is None or kind not in ("bwd", "cbwd", "cfwd"):
         return True
-    if arch >= 90:
-        return cfg.kwargs["BLOCK_M"] >= 128
-    return cfg.num_warps <= 4
+    if arch < 90:
+        return cfg.num_warps <= 4
+    return kind == "cfwd" or cfg.kwargs["BLOCK_M"] >= 128
 
 
 def fits(kind: str):
