@@ -156,14 +156,14 @@ def estimate(
 
 def _suits(kind: str, cfg, arch: int | None) -> bool:
     """Whether a config of a kernel with chained products (a product feeding another) suits the
-    GPU's matrix instructions, as compiled (bf16, L = 196 and 256): with mma.sync (sm_80/86/89)
-    the 8-warp ones spilled 24 B-4 KB; on sm_90 (wgmma) the backward's 128-row, 8-warp tiles
+    GPU's matrix instructions, as compiled (bf16, L = 49, 196 and 256): with mma.sync (sm_80/86/
+    89) 8-warp tiles spilled 8 B-4 KB; on sm_90 (wgmma) the backward's 128-row, 8-warp tiles
     stayed spill-free where its 64-row, 4-warp ones spilled 32-190 B."""
-    if arch is None or kind not in ("bwd", "cbwd", "cfwd"):
+    if arch is None or kind not in ("fwd", "bwd", "cbwd", "cfwd"):
         return True
     if arch < 90:
         return cfg.num_warps <= 4
-    return kind == "cfwd" or cfg.kwargs["BLOCK_M"] >= 128
+    return kind in ("fwd", "cfwd") or cfg.kwargs["BLOCK_M"] >= 128
 
 
 def fits(kind: str):
