@@ -172,8 +172,9 @@ def fits(kind: str):
     which spilled 2-17 KB in every config compiled. Otherwise: the configs whose shared memory fits
     the device's (any, off the GPU) and that `_suits` its GPU; of those, the ones within
     `REGISTER_BUDGET`, only the ≥ 64-row ones where any is; where none is, the one needing the
-    fewest registers. `DoesNotFit` where no config fits the shared memory. Under TRITON_INTERPRET
-    the one config `INTERPRETER_TILES` (exact fp32 included: the tests' reference precision)."""
+    fewest registers (of those, the widest on sm_90, the narrowest with mma.sync). `DoesNotFit`
+    where no config fits the shared memory. Under TRITON_INTERPRET the one config
+    `INTERPRETER_TILES` (exact fp32 included: the tests' reference precision)."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
@@ -207,7 +208,13 @@ def fits(kind: str):
         kept = [cfg for cfg in suited if need(cfg)[1] <= REGISTER_BUDGET]
         # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        return wide or kept or [min(suited, key=lambda cfg: need(cfg)[1])]
+        if wide or kept:
+            return wide or kept
+        # None within the budget (the contrastive backward at L = 256, which spilled 168-176 B
+        # at 64 rows): on sm_90 the widest, keeping wgmma; with mma.sync the narrowest (32 rows,
+        # 2 warps compiled spill-free there).
+        rows = -1 if arch is None or arch >= 90 else 1
+        return [min(suited, key=lambda cfg: (need(cfg)[1], rows * cfg.kwargs["BLOCK_M"]))]
 
     return prune
 
