@@ -14,7 +14,9 @@ program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
 over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
-(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`.
+(`fits`, which also picks per GPU generation); under the Triton interpreter the prune keeps only
+`INTERPRETER_TILES`. Exact fp32 (TF32 off) is refused on GPUs (`DoesNotFit`): on the FMA units
+these kernels spill (benchmarks/README.md).
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
 max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij

@@ -7,8 +7,9 @@ pipelined loop, and both softmaxes are handled in the same pass:
   1. `_lse_kernel`: the row (max, log Σ) of P_A and of P_B in one sweep (2 tile products per step);
   2. `_fwd_kernel`: |P_A − η P_B| X_A from the recomputed, normalised P_A and P_B (3 per step);
   3. `_bwd_rowsum_kernel`: δ_i = Σ_k P_A,ik G_ik D_ik and ε_i = Σ_k P_B,ik G_ik D_ik (3 per step);
-  4. `_bwd_kernel`: rows n of dX_A and dX_B from the symmetric logits, both orientations of the
-     softmax from one tile per matrix (7 per step), no atomics.
+  4. `_bwd_kernel`, launched twice: rows n of dX_A, then of dX_B, from the symmetric logits, both
+     orientations of the softmax from one tile per matrix (6 and 5 per step), no atomics. Two
+     passes because two (rows x L) fp32 accumulators in one program spilled registers.
 The |·| between the softmax and the product rules out the online-softmax rescaling, hence the
 separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`.
 """
