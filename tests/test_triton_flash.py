@@ -365,6 +365,7 @@ def test_agrees_with_the_fused_kernels():
     from fgattn.ops import triton_channel_attention as tca
 
     x = randn(2, 40, 49)
+    refused_on_gpu([x], lambda: tfa.flash_self_channel_attention_fwd(x, -1.0, False))
     out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
     out1, stats1 = tca.self_channel_attention_fwd(x, -1.0, False)
     close(out, out1, 1e-5)
@@ -406,6 +407,7 @@ def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
     # η = 1, X_B = X_A: W = 0 exactly, and d|u|/du at 0 is 0 as in PyTorch.
     x = randn(2, 24, 20)
     a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
+    refused_on_gpu([x], lambda: contrastive_channel_attention(a, b, e, backend="triton_fa"))
     out = contrastive_channel_attention(a, b, e, backend="triton_fa")
     assert out.abs().max() == 0
     for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
@@ -446,6 +448,7 @@ def test_contrastive_large_logits(magnitude):
 def test_opcheck():
     x = randn(2, 20, 5).requires_grad_()
     q, k, v = (randn(2, 20, w).requires_grad_() for w in (5, 5, 9))
+    refused_on_gpu([x], lambda: tfa.flash_self_channel_attention_fwd(x, -1.0, False))
     torch.library.opcheck(tfa.flash_self_channel_attention_fwd, (x, -1.0, False))
     torch.library.opcheck(tfa.flash_channel_attention_fwd, (q, k, v, -1.0, False))
     with torch.no_grad():
@@ -466,6 +469,7 @@ def test_torch_compile_fullgraph():
     q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))
 
     eta = leaf(torch.rand(2, device=DEVICE))
+    refused_on_gpu([q], lambda: channel_attention(q, backend="triton_fa"))
 
     def loss(x, q, k, v, eta, backend):
         y1 = channel_attention(x, backend=backend)
