@@ -81,14 +81,14 @@ def close(actual, expected, tol):
 
 
 def refused_on_gpu(inputs, call):
-    """On a GPU, exact fp32 (TF32 off) is refused by name (`fits`): assert that and skip the rest
-    of the test, whose numerics the interpreter checks. False where the kernels run `inputs`."""
-    exact = all(t.dtype == torch.float32 for t in inputs if t.is_floating_point())
-    if INTERPRETED or not exact or torch.backends.cuda.matmul.allow_tf32:
-        return False
-    with pytest.raises(tfa.DoesNotFit, match="exact fp32"):
+    """On a GPU, fp32 (exact or TF32) is refused by name (`fits`): assert that and skip the rest
+    of the test, whose numerics the interpreter checks. Nothing where the kernels run `inputs`."""
+    fp32 = all(t.dtype == torch.float32 for t in inputs if t.is_floating_point())
+    if INTERPRETED or not fp32:
+        return
+    with pytest.raises(tfa.DoesNotFit, match="do not run fp32 inputs"):
         call()
-    pytest.skip("exact fp32 is refused on GPUs (asserted); the interpreter checks its numerics")
+    pytest.skip("fp32 is refused on GPUs (asserted); the interpreter checks its numerics")
 
 
 def check(inputs, scale=-1.0, tol=2e-5):
@@ -143,11 +143,10 @@ SPACES = {
 }
 
 
-def _prune(name, limit, dtype, width, monkeypatch, is_self=True, arch=None, tf32=None):
+def _prune(name, limit, dtype, width, monkeypatch, is_self=True, arch=None, tf32=False):
     """What `fits` keeps of a space on a GPU with `limit` bytes of shared memory and compute
-    capability `arch`, and their estimates; fp32 as TF32 unless `tf32` is False."""
+    capability `arch`, and their estimates."""
     kind, space = SPACES[name]
-    tf32 = dtype == torch.float32 if tf32 is None else tf32
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
     monkeypatch.setattr(tfa, "target_arch", lambda x: arch)
@@ -158,33 +157,25 @@ def _prune(name, limit, dtype, width, monkeypatch, is_self=True, arch=None, tf32
     kept = tfa.fits(kind)(tfa._configs(space), {"X": x}, **kwargs)
     estimates = [
         tfa.estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                     c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size(),
-                     tf32)
+                     c.kwargs["STAGES"], sum(kp), 0 if is_self else sum(kp), x.element_size())
         for c in kept
     ]  # fmt: skip
     return kept, estimates
 
 
 GPUS = {"sm_90": (227 * 1024, 90), "sm_80": (163 * 1024, 80), "sm_86": (99 * 1024, 86)}
-# Every kernel on each GPU in bf16 and TF32, but the contrastive ones in TF32 on sm_80 / sm_86,
-# where no config's estimate fits (refused, below).
-FITTING = [
-    (kind, gpu, dtype)
-    for kind in SPACES
-    for gpu in GPUS
-    for dtype in (torch.bfloat16, torch.float32)
-    if not (kind in ("cstats", "cfwd", "cbwd") and gpu != "sm_90" and dtype == torch.float32)
-]
 
 
-@pytest.mark.parametrize(("kind", "gpu", "dtype"), FITTING)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gpu", list(GPUS))
+@pytest.mark.parametrize("kind", list(SPACES))
 def test_prune_keeps_configs_that_fit(kind, gpu, dtype, monkeypatch):
     limit, arch = GPUS[gpu]
     kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, kind != "fwd", arch)
     assert kept
     for smem, words in estimates:
         assert smem <= limit and words <= tfa.REGISTER_BUDGET
-    if limit >= 163 * 1024 and dtype == torch.bfloat16:  # wgmma needs 64-row tiles on sm_90
+    if limit >= 163 * 1024:  # wgmma needs 64-row tiles on sm_90
         assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
 
 
@@ -222,17 +213,18 @@ def test_register_budget_drops_what_spilled(monkeypatch):
         assert [c.kwargs["BLOCK_M"] for c in kept] == [rows]
 
 
+@pytest.mark.parametrize("tf32", [False, True])
 @pytest.mark.parametrize("kind", list(SPACES))
-def test_exact_fp32_is_refused(kind, monkeypatch):
-    with pytest.raises(tfa.DoesNotFit, match=r"exact fp32 .*backend='triton'.*allow TF32"):
-        _prune(kind, 227 * 1024, torch.float32, 196, monkeypatch, arch=90, tf32=False)
+def test_fp32_is_refused(kind, tf32, monkeypatch):
+    with pytest.raises(tfa.DoesNotFit, match=r"fp32 inputs \(exact or TF32\).*backend='triton'"):
+        _prune(kind, 227 * 1024, torch.float32, 196, monkeypatch, arch=90, tf32=tf32)
 
 
 def test_prune_refuses_what_cannot_fit(monkeypatch):
-    # sm_86 (99 KiB), TF32 contrastive backward: three resident and three streamed rows of 208
-    # fp32 values do not fit at all: a clear error, not "out of resources" at launch
-    with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 99 KiB.*backend='triton'"):
-        _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch, arch=86)
+    # 64 KiB (sm_75), bf16 contrastive backward: three resident and three streamed rows of 208
+    # values do not fit at all: a clear error, not "out of resources" at launch
+    with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 64 KiB.*backend='triton'"):
+        _prune("cbwd", 64 * 1024, torch.bfloat16, 196, monkeypatch, arch=75)
 
 
 def test_tf32_estimate_has_a_margin():

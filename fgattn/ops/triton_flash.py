@@ -15,8 +15,8 @@ program along the grid's second axis.
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
 over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
 (`fits`, which also picks per GPU generation); under the Triton interpreter the prune keeps only
-`INTERPRETER_TILES`. Exact fp32 (TF32 off) is refused on GPUs (`DoesNotFit`): on the FMA units
-these kernels spill (benchmarks/README.md).
+`INTERPRETER_TILES`. fp32 inputs (exact or TF32) are refused on GPUs (`DoesNotFit`): every
+backward config spilled registers (benchmarks/README.md).
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
 max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij
@@ -140,8 +140,9 @@ def estimate(
     three resident and streamed, |W| and ds converted, one accumulator and ten tiles.
     TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
     (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
-    estimate, TF32 ones up to 1.21x without the margin. The register side is calibrated on the
-    backward kernels in bf16 (`REGISTER_BUDGET`).
+    estimate, TF32 ones up to 1.21x without the margin (`fits` now refuses fp32; kept for a TF32
+    space that compiles spill-free). The register side is calibrated on the backward kernels in
+    bf16 (`REGISTER_BUDGET`).
     """
     resident, streamed, converted, accumulators, tiles = {
         "fwd": (1, 1, 1, 1, 2),
@@ -169,25 +170,24 @@ def _suits(kind: str, cfg, arch: int | None) -> bool:
 
 
 def fits(kind: str):
-    """An early_config_prune for `kind` (see `estimate`). Exact fp32 (fp32 inputs, TF32 off) is
-    refused with `DoesNotFit`: its tl.dot runs on the FMA units with whole rows of L in registers,
-    which spilled 2-17 KB in every config compiled. Otherwise: the configs whose shared memory fits
-    the device's (any, off the GPU) and that `_suits` its GPU; of those, the ones within
-    `REGISTER_BUDGET`, only the ≥ 64-row ones where any is; where none is, the one needing the
-    fewest registers (of those, the widest on sm_90, the narrowest with mma.sync). `DoesNotFit`
-    where no config fits the shared memory. Under TRITON_INTERPRET the one config
-    `INTERPRETER_TILES` (exact fp32 included: the tests' reference precision)."""
+    """An early_config_prune for `kind` (see `estimate`). fp32 inputs are refused with
+    `DoesNotFit`, exact or TF32: every backward config compiled spilled registers (exact fp32's
+    tl.dot runs on the FMA units with whole rows of L in registers: 2-17 KB; TF32: 0.4-1.2 KB).
+    Otherwise: the configs whose shared memory fits the device's (any, off the GPU) and that
+    `_suits` its GPU; of those, the ones within `REGISTER_BUDGET`, only the ≥ 64-row ones where
+    any is; where none is, the one needing the fewest registers (of those, the widest on sm_90,
+    the narrowest with mma.sync). `DoesNotFit` where no config fits the shared memory. Under
+    TRITON_INTERPRET the one config `INTERPRETER_TILES` (fp32 included: the tests' reference)."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
         x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
-        tf32 = kwargs.get("PRECISION") == "tf32"
-        if x.element_size() == 4 and not tf32:
+        if x.element_size() == 4:
             raise DoesNotFit(
-                "fgattn's flash-shaped Triton kernels do not run exact fp32 (TF32 off): on the "
-                "FMA units every config spilled registers. Use backend='triton' (or 'auto'), "
-                "allow TF32, or pass bf16/fp16 inputs"
+                "fgattn's flash-shaped Triton kernels do not run fp32 inputs (exact or TF32): "
+                "every backward config spilled registers. Use backend='triton' (or 'auto'), or "
+                "pass bf16/fp16 inputs"
             )
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
         lv = 0 if kwargs.get("IS_SELF", True) else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
@@ -196,7 +196,7 @@ def fits(kind: str):
 
         def need(cfg):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
-            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), tf32)
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
 
         room = [cfg for cfg in configs if limit is None or need(cfg)[0] <= limit]
         if not room:
