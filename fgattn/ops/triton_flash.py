@@ -46,19 +46,16 @@ MAX_PIECES = 3
 # stream. `fits` drops what would not fit the device's shared memory or spill registers.
 # A kernel whose logits feed a second tl.dot gets Triton's [num_warps, 1] warp layout (16 rows a
 # warp), so BLOCK_M = 16 · num_warps: fewer rows hold every row twice (both warpgroups compute the
-# same logits), as (64, 128, 8 warps) did. The 32-row configs are for GPUs with ~99 KiB of shared
-# memory per block (sm_86/sm_89).
+# same logits), as (64, 128, 8 warps) did. The 32-row configs are for GPUs with little shared
+# memory per block (sm_75's 64 KiB).
 FWD_SPACE = [
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2),
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2),
     (32, 32, 2, 1), (32, 16, 2, 1),
 ]  # fmt: skip
 # The tied backward streams 16 rows at a time (32 and 64 spilled). Which rows and warps suit which
-# GPU: `_suits` (compiled in benchmarks/README.md, third session); one warp for TF32 on sm_86/89.
-BWD_SPACE = [
-    (128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3), (32, 16, 2, 2),
-    (16, 16, 1, 1),
-]  # fmt: skip
+# GPU: `_suits` (compiled in benchmarks/README.md, third session).
+BWD_SPACE = [(128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3), (32, 16, 2, 2)]
 DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
@@ -110,7 +107,7 @@ def autotune(space, key: list[str], kind: str):
 
 class DoesNotFit(RuntimeError):
     """No config of a kernel suits the GPU and dtype (raised by the prune, at launch): none fits
-    its shared memory, or the inputs are exact fp32 (see `fits`)."""
+    its shared memory, or the inputs are fp32 (see `fits`)."""
 
 
 def target_arch(x: torch.Tensor) -> int | None:
