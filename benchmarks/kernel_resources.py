@@ -13,6 +13,8 @@ fail at launch ("out of resources") and is flagged.
     python benchmarks/kernel_resources.py --arch 90 --dtype bf16 --length 196 --json res.json
     python benchmarks/kernel_resources.py --check              # exit 1 on any compile/limit failure
     python benchmarks/kernel_resources.py --length 784 --workload gram  # one family's workloads
+    python benchmarks/kernel_resources.py --arch 80 --dtype bf16 --length 196 \
+        --kernel flash_contrastive._bwd_kernel                 # one kernel: seconds, not minutes
 
 Needs Triton's NVIDIA backend (ships with the `triton` wheel, ptxas included); no CUDA driver.
 Must run without TRITON_INTERPRET (the kernels have to be real JIT functions).
@@ -33,6 +35,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+# Profile the checkout this script is in, not whichever fgattn the environment installed (an
+# editable install of another worktree would otherwise be compiled instead).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Per-block shared memory a kernel may opt into, and per-SM register file / shared memory.
 ARCH_LIMITS = {
@@ -61,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--length", type=int, nargs="+", default=[49, 196, 784])
     p.add_argument("--workload", nargs="+", help="only workloads whose label starts so ('fa')")
+    p.add_argument(
+        "--kernel", nargs="+", default=[],
+        help="compile only kernels whose qualified name contains one of these, e.g. "
+        "'flash_contrastive._bwd_kernel' or 'triton_flash.' (the others' launches are skipped)",
+    )  # fmt: skip
     p.add_argument(
         "--first-config", action="store_true", help="of an autotuned kernel, the first config only"
     )
@@ -92,11 +103,13 @@ class Recorder:
     """Stands in for a kernel in its module: `kernel[grid](...)` compiles instead of launching.
     An autotuned kernel compiles every config its prune function keeps for this target."""
 
-    def __init__(self, fn, log, first_config=False):
-        self.fn, self.log, self.first_config = fn, log, first_config
+    def __init__(self, fn, log, wanted=True, first_config=False):
+        self.fn, self.log, self.wanted, self.first_config = fn, log, wanted, first_config
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if not self.wanted:  # filtered out (--kernel): nothing compiled, outputs stay empty
+                return
             for fn, full in self.variants(args, kwargs):
                 g = grid(full) if callable(grid) else grid
                 start = time.perf_counter()
@@ -294,6 +307,11 @@ def qualified(fn) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
+def selected(fn, patterns) -> bool:
+    """Whether `--kernel` patterns (substrings of the qualified name; none: all) take `fn`."""
+    return not patterns or any(p in qualified(jit_function(fn)) for p in patterns)
+
+
 def compile_all(args) -> tuple[list[dict], list[dict]]:
     """(a record per compiled kernel, a record per workload whose kernels refused the arch:
     the flash-shaped kernels raise DoesNotFit where no tile config fits its shared memory)."""
@@ -304,11 +322,11 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
     if triton.knobs.runtime.interpret:
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (kernels must be JIT functions)")
     from fgattn.ops import _triton_common
-    from fgattn.ops.triton_flash import DoesNotFit
+    from fgattn.ops import triton_flash as tfa
 
     kernels = find_kernels()
     modules = {module for module, _ in kernels}
-    smem_limit = _triton_common.shared_memory_limit
+    smem_limit, target_arch = _triton_common.shared_memory_limit, tfa.target_arch
     checks = {module: module.check_device for module in modules}
     log, records, refused, seen = [], [], [], set()
     # The active driver, restored afterwards without creating one (reset_active() needs a real GPU):
@@ -319,11 +337,13 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
         for module in modules:
             module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
         for (module, name), fn in kernels.items():
-            setattr(module, name, Recorder(fn, log, args.first_config))
+            wanted = selected(fn, args.kernel)
+            setattr(module, name, Recorder(fn, log, wanted, args.first_config))
         for arch in args.arch:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]
             _triton_common.shared_memory_limit = lambda x, limit=limit: limit  # tiles as there
+            tfa.target_arch = lambda x, arch=arch: arch  # the flash kernels' configs as there
             for fn in map(jit_function, kernels.values()):  # binders and caches hold the target
                 fn.device_caches = defaultdict(fn.create_binder)
             variants = [(d, False) for d in args.dtype if not (arch < 80 and d == "bf16")]
@@ -339,7 +359,7 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
                         variant = {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
                         try:
                             run()
-                        except DoesNotFit as err:
+                        except tfa.DoesNotFit as err:
                             where = {"L": length, "workload": label, "reason": str(err)}
                             refused.append(variant | where)
                         for fn, grid, kwargs, compiled, secs in log:
@@ -359,6 +379,7 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
             module.check_device = check
         setattr(driver, active_attr, previous_driver)
         _triton_common.shared_memory_limit = smem_limit
+        tfa.target_arch = target_arch
     return records, refused
 
 
@@ -414,7 +435,8 @@ def main(argv=None) -> int:
             f"{r['loads']}"
             f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
-    names = sorted({qualified(jit_function(fn)) for fn in find_kernels().values()})
+    kernels = find_kernels().values()
+    names = sorted({qualified(jit_function(fn)) for fn in kernels if selected(fn, args.kernel)})
     compiled = sorted({r["kernel"] for r in records})
     print(f"\n{len(records)} kernels compiled for sm_{args.arch}; kernels: {', '.join(compiled)}")
     for r in refused:

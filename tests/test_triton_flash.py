@@ -80,9 +80,21 @@ def close(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
+def refused_on_gpu(inputs, call):
+    """On a GPU, fp32 (exact or TF32) is refused by name (`fits`): assert that and skip the rest
+    of the test, whose numerics the interpreter checks. Nothing where the kernels run `inputs`."""
+    fp32 = all(t.dtype == torch.float32 for t in inputs if t.is_floating_point())
+    if INTERPRETED or not fp32:
+        return
+    with pytest.raises(tfa.DoesNotFit, match="do not run fp32 inputs"):
+        call()
+    pytest.skip("fp32 is refused on GPUs (asserted); the interpreter checks its numerics")
+
+
 def check(inputs, scale=-1.0, tol=2e-5):
     """Output and every input gradient of backend "triton_fa" against the reference on the same
     (rounded) inputs in fp64; self attention when `inputs` is one tensor."""
+    refused_on_gpu(inputs, lambda: channel_attention(*inputs, scale=scale, backend="triton_fa"))
     xs = [leaf(t) for t in inputs]
     out = channel_attention(*xs, scale=scale, backend="triton_fa")
     assert out.dtype == inputs[-1].dtype and out.shape == inputs[-1].shape[:2] + out.shape[2:]
@@ -124,18 +136,23 @@ def test_pieces(width, want):
 SPACES = {
     "fwd": ("fwd", tfa.FWD_SPACE),
     "bwd": ("bwd", tfa.BWD_SPACE),
-    "delta": ("bwd", tfa.DELTA_SPACE),
-    "cfwd": ("cfwd", tfc.SPACE),
+    "delta": ("delta", tfa.DELTA_SPACE),
+    "cstats": ("cstats", tfc.SPACE),
+    "cfwd": ("cfwd", tfc.FWD_SPACE),
     "cbwd": ("cbwd", tfc.BWD_SPACE),
 }
 
 
-def _prune(name, limit, dtype, width, monkeypatch, is_self=True):
+def _prune(name, limit, dtype, width, monkeypatch, is_self=True, arch=None, tf32=False):
+    """What `fits` keeps of a space on a GPU with `limit` bytes of shared memory and compute
+    capability `arch`, and their estimates."""
     kind, space = SPACES[name]
     monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: limit)
+    monkeypatch.setattr(tfa, "target_arch", lambda x: arch)
     kp = tfa.pieces(width)
     kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=is_self)
+    kwargs["PRECISION"] = "tf32" if tf32 else "ieee"
     x = torch.empty(0, dtype=dtype)
     kept = tfa.fits(kind)(tfa._configs(space), {"X": x}, **kwargs)
     estimates = [
@@ -146,32 +163,68 @@ def _prune(name, limit, dtype, width, monkeypatch, is_self=True):
     return kept, estimates
 
 
-# Every kernel at sm_90 / sm_80 / sm_86 limits, but the contrastive ones in fp32 on sm_86, where no
-# config's estimate fits (the fallback below).
-FITTING = [
-    (kind, limit, dtype)
-    for kind in SPACES
-    for limit in (227 * 1024, 163 * 1024, 99 * 1024)
-    for dtype in (torch.bfloat16, torch.float32)
-    if not (kind in ("cfwd", "cbwd") and (limit, dtype) == (99 * 1024, torch.float32))
-]
+GPUS = {"sm_90": (227 * 1024, 90), "sm_80": (163 * 1024, 80), "sm_86": (99 * 1024, 86)}
 
 
-@pytest.mark.parametrize(("kind", "limit", "dtype"), FITTING)
-def test_prune_keeps_configs_that_fit(kind, limit, dtype, monkeypatch):
-    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, is_self=kind != "fwd")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gpu", list(GPUS))
+@pytest.mark.parametrize("kind", list(SPACES))
+def test_prune_keeps_configs_that_fit(kind, gpu, dtype, monkeypatch):
+    limit, arch = GPUS[gpu]
+    kept, estimates = _prune(kind, limit, dtype, 196, monkeypatch, kind != "fwd", arch)
     assert kept
     for smem, words in estimates:
         assert smem <= limit and words <= tfa.REGISTER_BUDGET
-    if limit >= 163 * 1024 and dtype == torch.bfloat16:  # wgmma needs 64-row tiles on sm_90
+    if limit >= 163 * 1024:  # wgmma needs 64-row tiles on sm_90
         assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
 
 
+@pytest.mark.parametrize("space", [tfa.FWD_SPACE, tfa.BWD_SPACE, tfc.FWD_SPACE, tfc.BWD_SPACE])
+def test_chained_dots_get_16_rows_a_warp(space):
+    # Triton lays out a tl.dot whose result feeds another as [num_warps, 1] warps of 16 rows:
+    # fewer rows than 16 per warp would be held (and multiplied) twice
+    for bm, _, warps, _ in space:
+        assert bm == 16 * warps
+
+
+@pytest.mark.parametrize("kind", ["fwd", "cfwd", "bwd", "cbwd"])
+def test_chained_kernels_configs_suit_the_gpu(kind, monkeypatch):
+    # compiled (bf16, L = 196 / 256): mma.sync spilled at 8 warps; wgmma spilled in the backward
+    # with one warpgroup of 64 rows, not with two of 128
+    ampere, _ = _prune(kind, 163 * 1024, torch.bfloat16, 196, monkeypatch, arch=80)
+    assert ampere and all(c.num_warps <= 4 for c in ampere)
+    hopper, _ = _prune(kind, 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=90)
+    assert {c.num_warps for c in hopper} == {4, 8} or kind in ("bwd", "cbwd")
+    if kind in ("bwd", "cbwd"):
+        assert hopper and all(c.kwargs["BLOCK_M"] == 128 and c.num_warps == 8 for c in hopper)
+        anywhere, _ = _prune(kind, 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=None)
+        assert {c.num_warps for c in anywhere} > {4}
+
+
+def test_register_budget_drops_what_spilled(monkeypatch):
+    # bf16 contrastive backward: its two 128-row configs were spill-free on sm_90 at L = 196 (208
+    # columns); at L = 256 those do not fit, the 64-row ones spilled 168-176 B (sm_80 and sm_90),
+    # the 32-row ones 8 B on sm_90 (mma.sync) and none on sm_80
+    at_196, estimates = _prune("cbwd", 227 * 1024, torch.bfloat16, 196, monkeypatch, arch=90)
+    assert len(at_196) == 2 and max(words for _, words in estimates) <= tfa.REGISTER_BUDGET
+    for arch, limit, rows in ((90, 227 * 1024, 64), (80, 163 * 1024, 32)):
+        kept, ((_, words),) = _prune("cbwd", limit, torch.bfloat16, 256, monkeypatch, True, arch)
+        assert words > tfa.REGISTER_BUDGET  # none within: one config, the fewest registers
+        assert [c.kwargs["BLOCK_M"] for c in kept] == [rows]
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("kind", list(SPACES))
+def test_fp32_is_refused(kind, tf32, monkeypatch):
+    with pytest.raises(tfa.DoesNotFit, match=r"fp32 inputs \(exact or TF32\).*backend='triton'"):
+        _prune(kind, 227 * 1024, torch.float32, 196, monkeypatch, arch=90, tf32=tf32)
+
+
 def test_prune_refuses_what_cannot_fit(monkeypatch):
-    # sm_86 (99 KiB), fp32 contrastive backward: three resident and three streamed rows of 208
-    # fp32 values do not fit at all: a clear error, not "out of resources" at launch
-    with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 99 KiB.*backend='triton'"):
-        _prune("cbwd", 99 * 1024, torch.float32, 196, monkeypatch)
+    # 64 KiB (sm_75), bf16 contrastive backward: three resident and three streamed rows of 208
+    # values do not fit at all: a clear error, not "out of resources" at launch
+    with pytest.raises(tfa.DoesNotFit, match=r"this GPU allows 64 KiB.*backend='triton'"):
+        _prune("cbwd", 64 * 1024, torch.bfloat16, 196, monkeypatch, arch=75)
 
 
 def test_tf32_estimate_has_a_margin():
@@ -260,6 +313,7 @@ def test_tf32_option_runs():
 def _errors(fused, ref, inputs):
     """Max errors of the fused op and of the fp32 reference against the fp64 reference, for the
     output and each input's gradient."""
+    refused_on_gpu(inputs, lambda: fused(*inputs))
     g = torch.randn(ref(*inputs).shape, dtype=torch.float64).float().to(DEVICE)
     results = []
     for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
@@ -303,6 +357,7 @@ def test_agrees_with_the_fused_kernels():
     from fgattn.ops import triton_channel_attention as tca
 
     x = randn(2, 40, 49)
+    refused_on_gpu([x], lambda: tfa.flash_self_channel_attention_fwd(x, -1.0, False))
     out, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, False)
     out1, stats1 = tca.self_channel_attention_fwd(x, -1.0, False)
     close(out, out1, 1e-5)
@@ -314,6 +369,10 @@ def test_agrees_with_the_fused_kernels():
 
 
 def check_contrastive(x_a, x_b, eta, scale=-1.0, tol=2e-5):
+    refused_on_gpu(
+        (x_a, x_b),
+        lambda: contrastive_channel_attention(x_a, x_b, eta, scale=scale, backend="triton_fa"),
+    )
     xs = [leaf(x_a), leaf(x_b), leaf(eta)]
     out = contrastive_channel_attention(*xs, scale=scale, backend="triton_fa")
     assert out.shape == x_a.shape and out.dtype == x_a.dtype
@@ -340,6 +399,7 @@ def test_contrastive_identical_inputs_give_zero_and_zero_gradients():
     # η = 1, X_B = X_A: W = 0 exactly, and d|u|/du at 0 is 0 as in PyTorch.
     x = randn(2, 24, 20)
     a, b, e = leaf(x), leaf(x.clone()), leaf(torch.ones(2, device=DEVICE))
+    refused_on_gpu([x], lambda: contrastive_channel_attention(a, b, e, backend="triton_fa"))
     out = contrastive_channel_attention(a, b, e, backend="triton_fa")
     assert out.abs().max() == 0
     for grad in torch.autograd.grad(out, (a, b, e), randn(*out.shape)):
@@ -382,6 +442,7 @@ def test_torch_compile_fullgraph():
     q, k, v = leaf(randn(2, 24, 20)), leaf(randn(2, 24, 20)), leaf(randn(2, 24, 40))
 
     eta = leaf(torch.rand(2, device=DEVICE))
+    refused_on_gpu([q], lambda: channel_attention(q, backend="triton_fa"))
 
     def loss(x, q, k, v, eta, backend):
         y1 = channel_attention(x, backend=backend)

@@ -14,10 +14,12 @@ program along the grid's second axis.
 
 Tiles, warps and pipeline depth are autotuned per (C, L, Lv, dtype) on the user's GPU at first call,
 over `FWD_SPACE` / `DELTA_SPACE` / `BWD_SPACE` pruned by an estimate of shared memory and registers
-(`fits`); under the Triton interpreter the prune keeps only `INTERPRETER_TILES`. The forward
-kernels' configs come twice, streaming k / v through masked pointer loads (cp.async) or through
-on-device TMA descriptors (`USE_TMA`, kept only on sm_90+ with Triton ≥ 3.5, `tma_available`);
-their launches set Triton's allocator for the descriptors' scratch for that launch only (`launch`).
+(`fits`, which also picks per GPU generation); under the Triton interpreter the prune keeps only
+`INTERPRETER_TILES`. fp32 inputs (exact or TF32) are refused on GPUs (`DoesNotFit`): every
+backward config spilled registers (benchmarks/README.md). The forward kernels' configs come
+twice, streaming k / v through masked pointer loads (cp.async) or through on-device TMA
+descriptors (`USE_TMA`, kept only on sm_90+ with Triton ≥ 3.5, `tma_available`); their launches
+set Triton's allocator for the descriptors' scratch for that launch only (`launch`).
 
 Numerics as in `triton_channel_attention`: fp32 logits scaled (sign included) before any running
 max, fp32 softmax statistics kept as the pair (max, log Σ), and the backward's δ_i = Σ_j p_ij dp_ij
@@ -50,15 +52,18 @@ MAX_PIECES = 3
 
 # Config space: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M rows stay resident, BLOCK_N rows
 # stream. `fits` drops what would not fit the device's shared memory or spill registers.
-# The 32-row configs are for GPUs with ~99 KiB of shared memory per block (sm_86/sm_89) in fp32.
+# A kernel whose logits feed a second tl.dot gets Triton's [num_warps, 1] warp layout (16 rows a
+# warp), so BLOCK_M = 16 · num_warps: fewer rows hold every row twice (both warpgroups compute the
+# same logits), as (64, 128, 8 warps) did. The 32-row configs are for GPUs with little shared
+# memory per block (sm_75's 64 KiB).
 FWD_SPACE = [
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2),
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
-    (32, 32, 4, 1), (32, 16, 4, 1),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2),
+    (32, 32, 2, 1), (32, 16, 2, 1),
 ]  # fmt: skip
-# The tied backward streams 16 rows at a time: on sm_90 in bf16 its 32- and 64-row steps spilled
-# (16-208 bytes of stack), the 16-row ones did not (benchmarks/README.md).
-BWD_SPACE = [(64, 16, 8, 2), (64, 16, 8, 3), (128, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+# The tied backward streams 16 rows at a time (32 and 64 spilled). Which rows and warps suit which
+# GPU: `_suits` (compiled in benchmarks/README.md, third session).
+BWD_SPACE = [(128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3), (32, 16, 2, 2)]
 DELTA_SPACE = [
     (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 1),
     (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1),
@@ -70,7 +75,9 @@ INTERPRETER_TMA = False
 # Triton keeps the allocator on-device descriptors need in a ContextVar from 3.5 on (a module
 # global in 3.4), so `launch` can set one for its own launch only: TMA configs from 3.5 on.
 TMA_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
-REGISTER_BUDGET = 168  # fp32 words per thread the estimate may fill (ptxas caps at 255)
+# fp32 words per thread the estimate may fill, calibrated on the compiled backward kernels: at
+# L = 196 (208 columns) their spill-free configs estimate ≤ 184, at L = 256 those spilling 8 B 208.
+REGISTER_BUDGET = 184
 
 
 def pieces(width: int) -> tuple[int, int, int]:
@@ -179,7 +186,17 @@ def launch(kernel, grid, *args, **kwargs):
 
 
 class DoesNotFit(RuntimeError):
-    """No config of a kernel fits the GPU's shared memory (raised by the prune, at launch)."""
+    """No config of a kernel suits the GPU and dtype (raised by the prune, at launch): none fits
+    its shared memory, or the inputs are fp32 (see `fits`)."""
+
+
+def target_arch(x: torch.Tensor) -> int | None:
+    """x's GPU as 10 · major + minor compute capability (80 for an A100, 90 for an H100); None
+    off the GPU. `benchmarks/kernel_resources.py` replaces it to compile for other GPUs."""
+    if x.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def estimate(
@@ -192,63 +209,92 @@ def estimate(
     "fwd": q staged once, k and v tiles per pipeline stage, p converted to a dot operand through
     shared memory; in registers the (bm x lv) fp32 accumulator and two (bm x bn) fp32 tiles (s, p).
     "bwd" (self attention): x, do resident, two streamed tiles per stage, ds and pt converted; the
-    (bm x lk) accumulator and five (bm x bn) tiles. The contrastive kernels: "cfwd" (statistics,
-    forward, row sums) up to three resident and two streamed tiles, one converted, one
-    accumulator, four (bm x bn) tiles; "cbwd" three of each, two accumulators and eight tiles.
+    (bm x lk) accumulator and five (bm x bn) tiles. "delta" (its δ pass): x, do resident, x
+    streamed, three tiles, no accumulator. The contrastive kernels: "cstats" (statistics, row
+    sums) up to three resident and two streamed tiles, one converted, one accumulator, four
+    (bm x bn) tiles (an over-count: they have no accumulator); "cfwd" (the forward) two resident,
+    two streamed, |W| converted, one accumulator, four tiles; "cbwd" (one pass of dX_A or dX_B)
+    three resident and streamed, |W| and ds converted, one accumulator and ten tiles.
     TF32 gets a 25 % margin on shared memory: compiled for sm_80/sm_90 at L = 49, 196 and 256
     (benchmarks/kernel_resources.py), fp16/bf16 and exact fp32 configs measured at most 1.0x the
-    estimate, TF32 ones up to 1.21x without the margin.
+    estimate, TF32 ones up to 1.21x without the margin (`fits` now refuses fp32; kept for a TF32
+    space that compiles spill-free). The register side is calibrated on the backward kernels in
+    bf16 (`REGISTER_BUDGET`).
     """
     resident, streamed, converted, accumulators, tiles = {
         "fwd": (1, 1, 1, 1, 2),
         "bwd": (2, 2, 2, 1, 5),
-        "cfwd": (3, 2, 1, 1, 4),
-        "cbwd": (3, 3, 3, 2, 8),
+        "delta": (2, 1, 0, 0, 3),
+        "cstats": (3, 2, 1, 1, 4),
+        "cfwd": (2, 2, 1, 1, 4),
+        "cbwd": (3, 3, 2, 1, 10),
     }[kind]
     operands = resident * bm * lk + stages * bn * (streamed * lk + lv) + converted * bm * bn
     words = (accumulators * bm * (lv or lk) + tiles * bm * bn) / (32 * warps)
     return operands * size * (1.25 if tf32 else 1.0), words
 
 
+def _suits(kind: str, cfg, arch: int | None) -> bool:
+    """Whether a config of a kernel with chained products (a product feeding another) suits the
+    GPU's matrix instructions, as compiled (bf16, L = 49, 196 and 256): with mma.sync (sm_80/86/
+    89) 8-warp tiles spilled 8 B-4 KB; on sm_90 (wgmma) the backward's 128-row, 8-warp tiles
+    stayed spill-free where its 64-row, 4-warp ones spilled 32-190 B."""
+    if arch is None or kind not in ("fwd", "bwd", "cbwd", "cfwd"):
+        return True
+    if arch < 90:
+        return cfg.num_warps <= 4
+    return kind in ("fwd", "cfwd") or cfg.kwargs["BLOCK_M"] >= 128
+
+
 def fits(kind: str):
-    """An early_config_prune for `kind` (see `estimate`): the configs whose estimate fits the
-    device's shared memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where
-    any fits; where none does, the one needing the least shared memory if that fits it (registers
-    over budget), else `DoesNotFit`. Under TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
+    """An early_config_prune for `kind` (see `estimate`). fp32 inputs are refused with
+    `DoesNotFit`, exact or TF32: every backward config compiled spilled registers (exact fp32's
+    tl.dot runs on the FMA units with whole rows of L in registers: 2-17 KB; TF32: 0.4-1.2 KB).
+    Otherwise: the configs whose shared memory fits the device's (any, off the GPU) and that
+    `_suits` its GPU; of those, the ones within `REGISTER_BUDGET`, only the ≥ 64-row ones where
+    any is; where none is, the one needing the fewest registers (of those, the widest on sm_90,
+    the narrowest with mma.sync). `DoesNotFit` where no config fits the shared memory. Under
+    TRITON_INTERPRET the one config `INTERPRETER_TILES` (fp32 included: the tests' reference)."""
 
     def prune(configs, named_args, **kwargs):
         if _triton_common.interpreting():
             return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
         x = next(t for t in named_args.values() if isinstance(t, torch.Tensor))
+        if x.element_size() == 4:
+            raise DoesNotFit(
+                "fgattn's flash-shaped Triton kernels do not run fp32 inputs (exact or TF32): "
+                "every backward config spilled registers. Use backend='triton' (or 'auto'), or "
+                "pass bf16/fp16 inputs"
+            )
         lk = kwargs["K0"] + kwargs["K1"] + kwargs["K2"]
         is_self = kwargs.get("IS_SELF", "V0" not in kwargs)  # the cross backward: v's pieces
         lv = 0 if is_self else kwargs["V0"] + kwargs["V1"] + kwargs["V2"]
         limit = _triton_common.shared_memory_limit(x)
-
-        tf32 = kwargs.get("PRECISION") == "tf32"
+        arch = target_arch(x)
 
         def need(cfg):
             bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["STAGES"]
-            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size(), tf32)
+            return estimate(kind, bm, bn, cfg.num_warps, st, lk, lv, x.element_size())
 
-        kept = [
-            cfg
-            for cfg in configs
-            if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
-        ]
+        room = [cfg for cfg in configs if limit is None or need(cfg)[0] <= limit]
+        if not room:
+            smallest = min(need(cfg)[0] for cfg in configs)
+            raise DoesNotFit(
+                f"fgattn's flash-shaped Triton kernels need at least {smallest / 1024:.0f} KiB "
+                f"of shared memory per block for rows of {lk} {x.dtype} values; this GPU allows "
+                f"{limit / 1024:.0f} KiB. Use backend='triton' (or 'auto') for this call"
+            )
+        suited = [cfg for cfg in room if _suits(kind, cfg, arch)] or room
+        kept = [cfg for cfg in suited if need(cfg)[1] <= REGISTER_BUDGET]
         # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
         wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
         if wide or kept:
             return wide or kept
-        smallest = min(configs, key=lambda cfg: need(cfg)[0])
-        if limit is None or need(smallest)[0] <= limit:
-            return [smallest]
-        raise DoesNotFit(
-            f"fgattn's flash-shaped Triton kernels need at least "
-            f"{need(smallest)[0] / 1024:.0f} KiB of shared memory per block for "
-            f"rows of {lk} {x.dtype} values; this GPU allows {limit / 1024:.0f} KiB. "
-            f"Use backend='triton' (or 'auto') for this call"
-        )
+        # None within the budget (the contrastive backward at L = 256, which spilled 168-176 B
+        # at 64 rows): on sm_90 the widest, keeping wgmma; with mma.sync the narrowest (32 rows,
+        # 2 warps compiled spill-free there).
+        rows = -1 if arch is None or arch >= 90 else 1
+        return [min(suited, key=lambda cfg: (need(cfg)[1], rows * cfg.kwargs["BLOCK_M"]))]
 
     return prune
 
@@ -434,7 +480,7 @@ def _fwd_kernel(
         tl.store(STATS + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)
 
 
-@autotune(DELTA_SPACE, ["C", "L"], "bwd")
+@autotune(DELTA_SPACE, ["C", "L"], "delta")
 @triton.jit
 def _bwd_delta_self_kernel(
     X, DO, STATS, BST,
@@ -548,7 +594,7 @@ def _tile_pieces(ptr, rows, C, t, stride_r, stride_c,
                    V0, V1, V2)  # fmt: skip
 
 
-@autotune(DELTA_SPACE, ["C", "L", "N_TILES", "TV"], "bwd")
+@autotune(DELTA_SPACE, ["C", "L", "N_TILES", "TV"], "delta")
 @triton.jit
 def _bwd_delta_cross_kernel(
     Q, K, V, DO, STATS, BST,

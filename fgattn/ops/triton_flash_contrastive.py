@@ -7,8 +7,9 @@ pipelined loop, and both softmaxes are handled in the same pass:
   1. `_lse_kernel`: the row (max, log Σ) of P_A and of P_B in one sweep (2 tile products per step);
   2. `_fwd_kernel`: |P_A − η P_B| X_A from the recomputed, normalised P_A and P_B (3 per step);
   3. `_bwd_rowsum_kernel`: δ_i = Σ_k P_A,ik G_ik D_ik and ε_i = Σ_k P_B,ik G_ik D_ik (3 per step);
-  4. `_bwd_kernel`: rows n of dX_A and dX_B from the symmetric logits, both orientations of the
-     softmax from one tile per matrix (7 per step), no atomics.
+  4. `_bwd_kernel`, launched twice: rows n of dX_A, then of dX_B, from the symmetric logits, both
+     orientations of the softmax from one tile per matrix (6 and 5 per step), no atomics. Two
+     passes because two (rows x L) fp32 accumulators in one program spilled registers.
 The |·| between the softmax and the product rules out the online-softmax rescaling, hence the
 separate statistics pass. Row statistics (B, 2, C) as in `triton_contrastive`. Kernels 1 and 2
 stream rows through masked pointer loads or TMA descriptors, as the autotuner picks (`USE_TMA`,
@@ -36,10 +37,15 @@ from .triton_flash import (
     pieces,
 )
 
-# (BLOCK_M resident rows, BLOCK_N streamed rows, num_warps, num_stages); see triton_flash.
+# (BLOCK_M resident rows, BLOCK_N streamed rows, num_warps, num_stages); see triton_flash. SPACE:
+# the statistics and row sums, whose products feed no other product; (64, 16, ...) keeps 64-row
+# tiles on sm_80 at L = 256 (its 32-row ones spilled 16-48 B).
 SPACE = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2),
-         (32, 32, 4, 1), (32, 16, 4, 1)]  # fmt: skip
-BWD_SPACE = [(64, 32, 8, 2), (64, 32, 8, 1), (64, 16, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)]
+         (64, 16, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)]  # fmt: skip
+# The forward: 16 rows a warp, as triton_flash.FWD_SPACE; on sm_80 4-warp steps of 32 rows spilled
+# 8 B, 1-stage ones 16 B. The backward: as triton_flash.BWD_SPACE (16-row steps, `_suits`).
+FWD_SPACE = [(128, 32, 8, 2), (128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3)]
+BWD_SPACE = [(128, 16, 8, 2), (128, 16, 8, 3), (64, 16, 4, 2), (64, 16, 4, 3), (32, 16, 2, 2)]
 
 
 @triton.jit
@@ -52,7 +58,7 @@ def _stats(S, b, offs, C):
     )
 
 
-@autotune(SPACE, ["C", "L"], "cfwd", tma=True)
+@autotune(SPACE, ["C", "L"], "cstats", tma=True)
 @triton.jit
 def _lse_kernel(
     XA, XB, LSEA, LSEB,
@@ -105,7 +111,7 @@ def _lse_kernel(
     tl.store(LSEB + C + offs_m, tl.log(lb), mask=offs_m < C)
 
 
-@autotune(SPACE, ["C", "L"], "cfwd", tma=True)
+@autotune(FWD_SPACE, ["C", "L"], "cfwd", tma=True)
 @triton.jit
 def _fwd_kernel(
     XA, XB, ETA, LSEA, LSEB, Out,
@@ -163,7 +169,7 @@ def _fwd_kernel(
         _store_rows(Out, acc2, offs_m, C, K0 + K1, K2, L_OUT, soc, sol)
 
 
-@autotune(SPACE, ["C", "L"], "cfwd")
+@autotune(SPACE, ["C", "L"], "cstats")
 @triton.jit
 def _bwd_rowsum_kernel(
     XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS,
@@ -205,26 +211,28 @@ def _bwd_rowsum_kernel(
     tl.store(EPS + b * C + offs_m, eps, mask=offs_m < C)
 
 
-@autotune(BWD_SPACE, ["C", "L"], "cbwd")
+@autotune(BWD_SPACE, ["C", "L", "SIDE_B"], "cbwd")
 @triton.jit
 def _bwd_kernel(
-    XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS, DA, DB,
+    XA, XB, G, ETA, LSEA, LSEB, DELTA, EPS, DX,
     C, L, L_OUT, scale,
-    sab, sac, sal, sbb, sbc, sbl, sgb, sgc, sgl, sdab, sdac, sdal, sdbb, sdbc, sdbl,
+    sab, sac, sal, sbb, sbc, sbl, sgb, sgc, sgl, sdb, sdc, sdl,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PRECISION: tl.constexpr,
+    SIDE_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    # grid: (row blocks n of dA/dB, batch). Rows n of X_A, X_B, G resident with the dA_n, dB_n
-    # accumulators; rows m streamed. All tiles [n, m]: "mn" terms use rows m's statistics, "nm"
-    # terms rows n's; the logits are symmetric, so one product per matrix gives both.
+    # grid: (row blocks n of DX, batch); launched twice: DX = dA (SIDE_B false), then dB. Rows n
+    # of X_A, X_B, G resident with one accumulator; rows m streamed. All tiles [n, m]: "mn" terms
+    # use rows m's statistics, "nm" terms rows n's; the logits are symmetric, so one product per
+    # matrix gives both.
     #   dA_n += |W_mn| g_m + scale (dS_A,mn + dS_A,nm) a_m,   dB_n += −η scale (...) b_m
+    # One accumulator per pass, not two: two (BLOCK_M x L) fp32 tiles spilled on sm_80/sm_90.
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     XA += b * sab
     XB += b * sbb
     G += b * sgb
-    DA += b * sdab
-    DB += b * sdbb
+    DX += b * sdb
     eta = tl.load(ETA + b).to(tl.float32)
     offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
     ma_n, la_n = _stats(LSEA, b, offs_n, C)
@@ -234,21 +242,16 @@ def _bwd_kernel(
     a0, a1, a2 = _pieces(XA, offs_n, C, L, sac, sal, K0, K1, K2)
     b0, b1, b2 = _pieces(XB, offs_n, C, L, sbc, sbl, K0, K1, K2)
     g0, g1, g2 = _pieces(G, offs_n, C, L, sgc, sgl, K0, K1, K2)
-    acc_a0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
-    acc_b0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, K0), dtype=tl.float32)
     if K1 > 0:
-        acc_a1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
-        acc_b1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, K1), dtype=tl.float32)
     if K2 > 0:
-        acc_a2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
-        acc_b2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, K2), dtype=tl.float32)
 
     for m0 in tl.range(0, C, BLOCK_N, num_stages=STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_N)
         ma_m, la_m = _stats(LSEA, b, offs_m, C)
         mb_m, lb_m = _stats(LSEB, b, offs_m, C)
-        delta_m = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
-        eps_m = tl.load(EPS + b * C + offs_m, mask=offs_m < C, other=0.0)
         am0, am1, am2 = _pieces(XA, offs_m, C, L, sac, sal, K0, K1, K2)
         bm0, bm1, bm2 = _pieces(XB, offs_m, C, L, sbc, sbl, K0, K1, K2)
         gm0, gm1, gm2 = _pieces(G, offs_m, C, L, sgc, sgl, K0, K1, K2)
@@ -266,32 +269,34 @@ def _bwd_kernel(
         pa_nm = probs(s_a, ma_n[:, None], la_n[:, None], valid)
         pb_nm = probs(s_b, mb_n[:, None], lb_n[:, None], valid)
         gd_nm = _sign(pa_nm - eta * pb_nm) * d_nm
-        ds_a = pa_mn * (gd_mn - delta_m[None, :]) + pa_nm * (gd_nm - delta_n[:, None])
-        ds_b = pb_mn * (gd_mn - eps_m[None, :]) + pb_nm * (gd_nm - eps_n[:, None])
-        ds_a = (ds_a * scale).to(am0.dtype)
-        ds_b = (ds_b * (-eta * scale)).to(bm0.dtype)
-        abs_w = tl.abs(w_mn).to(gm0.dtype)
-        # -- dA_n += |W|ᵀ-side g_m + ds_a a_m;  dB_n += ds_b b_m
-        acc_a0 = tl.dot(abs_w, gm0, acc_a0, input_precision=PRECISION)
-        acc_a0 = tl.dot(ds_a, am0, acc_a0, input_precision=PRECISION)
-        acc_b0 = tl.dot(ds_b, bm0, acc_b0, input_precision=PRECISION)
-        if K1 > 0:
-            acc_a1 = tl.dot(abs_w, gm1, acc_a1, input_precision=PRECISION)
-            acc_a1 = tl.dot(ds_a, am1, acc_a1, input_precision=PRECISION)
-            acc_b1 = tl.dot(ds_b, bm1, acc_b1, input_precision=PRECISION)
-        if K2 > 0:
-            acc_a2 = tl.dot(abs_w, gm2, acc_a2, input_precision=PRECISION)
-            acc_a2 = tl.dot(ds_a, am2, acc_a2, input_precision=PRECISION)
-            acc_b2 = tl.dot(ds_b, bm2, acc_b2, input_precision=PRECISION)
+        if SIDE_B:  # -- dB_n += ds_b b_m
+            eps_m = tl.load(EPS + b * C + offs_m, mask=offs_m < C, other=0.0)
+            ds = pb_mn * (gd_mn - eps_m[None, :]) + pb_nm * (gd_nm - eps_n[:, None])
+            ds = (ds * (-eta * scale)).to(bm0.dtype)
+            acc0 = tl.dot(ds, bm0, acc0, input_precision=PRECISION)
+            if K1 > 0:
+                acc1 = tl.dot(ds, bm1, acc1, input_precision=PRECISION)
+            if K2 > 0:
+                acc2 = tl.dot(ds, bm2, acc2, input_precision=PRECISION)
+        else:  # -- dA_n += |W|ᵀ-side g_m + ds_a a_m
+            delta_m = tl.load(DELTA + b * C + offs_m, mask=offs_m < C, other=0.0)
+            ds = pa_mn * (gd_mn - delta_m[None, :]) + pa_nm * (gd_nm - delta_n[:, None])
+            ds = (ds * scale).to(am0.dtype)
+            abs_w = tl.abs(w_mn).to(gm0.dtype)
+            acc0 = tl.dot(abs_w, gm0, acc0, input_precision=PRECISION)
+            acc0 = tl.dot(ds, am0, acc0, input_precision=PRECISION)
+            if K1 > 0:
+                acc1 = tl.dot(abs_w, gm1, acc1, input_precision=PRECISION)
+                acc1 = tl.dot(ds, am1, acc1, input_precision=PRECISION)
+            if K2 > 0:
+                acc2 = tl.dot(abs_w, gm2, acc2, input_precision=PRECISION)
+                acc2 = tl.dot(ds, am2, acc2, input_precision=PRECISION)
 
-    _store_rows(DA, acc_a0, offs_n, C, 0, K0, L_OUT, sdac, sdal)
-    _store_rows(DB, acc_b0, offs_n, C, 0, K0, L_OUT, sdbc, sdbl)
+    _store_rows(DX, acc0, offs_n, C, 0, K0, L_OUT, sdc, sdl)
     if K1 > 0:
-        _store_rows(DA, acc_a1, offs_n, C, K0, K1, L_OUT, sdac, sdal)
-        _store_rows(DB, acc_b1, offs_n, C, K0, K1, L_OUT, sdbc, sdbl)
+        _store_rows(DX, acc1, offs_n, C, K0, K1, L_OUT, sdc, sdl)
     if K2 > 0:
-        _store_rows(DA, acc_a2, offs_n, C, K0 + K1, K2, L_OUT, sdac, sdal)
-        _store_rows(DB, acc_b2, offs_n, C, K0 + K1, K2, L_OUT, sdbc, sdbl)
+        _store_rows(DX, acc2, offs_n, C, K0 + K1, K2, L_OUT, sdc, sdl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,10 +350,11 @@ def _backward_unguarded(g, x_a, x_b, eta, lse_a, lse_b, scale: float, tf32: bool
         a, b, gp, eta32, lse_a, lse_b, delta, eps, c, sum(kp), scale,
         *a.stride(), *b.stride(), *gp.stride(), **pieces_kw,
     )  # fmt: skip
-    _bwd_kernel[_grid(c, bsz)](
-        a, b, gp, eta32, lse_a, lse_b, delta, eps, da, db, c, sum(kp), length, scale,
-        *a.stride(), *b.stride(), *gp.stride(), *da.stride(), *db.stride(), **pieces_kw,
-    )  # fmt: skip
+    for dx, side_b in ((da, False), (db, True)):  # one accumulator per pass (see _bwd_kernel)
+        _bwd_kernel[_grid(c, bsz)](
+            a, b, gp, eta32, lse_a, lse_b, delta, eps, dx, c, sum(kp), length, scale,
+            *a.stride(), *b.stride(), *gp.stride(), *dx.stride(), **pieces_kw, SIDE_B=side_b,
+        )  # fmt: skip
     deta = (-eps.sum(dim=1)).to(eta.dtype)  # dη = −Σ_i ε_i
     return da, db, deta
 
