@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     print(
         f"{'arch':>4} {'dtype':9}{'L':>4} {'workload':19}{'kernel':45}{'blocks':24}"
         f"{'warps':>5}{'stages':>7}{'smem KB':>8}{'regs':>5}{'spill':>6}{'stack':>6}{'blk/SM':>7}"
-        "  mma    loads"
+        "  mma      loads"
     )
     for r in records:
         blocks = "x".join(str(v) for v in r["blocks"].values())
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
             f"{r['arch']:>4} {r['dtype']:9}{r['L']:>4} {r['workload']:19}{r['kernel']:45}"
             f"{blocks:24}{r['num_warps']:>5}{r['num_stages']:>7}{r['shared_bytes'] / 1024:8.1f}"
             f"{r['regs']:>5}"
-            f"{r['local_bytes']:>6}{r['stack_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']:7}"
+            f"{r['local_bytes']:>6}{r['stack_bytes']:>6}{r['blocks_per_sm']:>7}  {r['mma']:9}"
             f"{r['loads']}"
             f"{'' if r['smem_ok'] else '  SMEM!'}"
         )
