@@ -421,3 +421,24 @@ def test_compile_in_benchmark_mode_uses_cached_winners_and_never_times(fake_time
     y = torch.randn(2, 8, 6)  # not cached: the rule table decides, nothing is timed in a trace
     torch.testing.assert_close(fn(y), reference.channel_attention(y, y, y, -1.0))
     assert len(fake_timer) == len(CPU_IMPLS)
+
+
+def test_torch_compile_is_not_export():
+    # Dynamo of torch 2.8/2.9 traces torch.compiler.is_exporting() as True under torch.compile
+    # (pytorch/pytorch#176347): the export fallback then swapped every compiled model's Triton
+    # kernels for the reference. Under compile `exporting()` must be False, under export True.
+    def f(x):
+        return x + 1 if dispatch.exporting() else x - 1
+
+    x = torch.zeros(3)
+    assert torch.compile(f, fullgraph=True)(x).tolist() == [-1.0] * 3
+    assert torch.export.export(_Call(f), (x,)).module()(x).tolist() == [1.0] * 3
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

@@ -448,8 +448,13 @@ def _supported_text(names: Sequence[str]) -> str:
 _export_warned: set[tuple[str, str]] = set()  # (op, implementation) pairs already warned about
 
 
+@torch.compiler.assume_constant_result
 def exporting() -> bool:
-    """Whether torch.export or torch.onnx.export is tracing the model now."""
+    """Whether torch.export or torch.onnx.export is tracing the model now.
+
+    Run eagerly even while dynamo traces (`assume_constant_result`): dynamo of some releases
+    (torch 2.8 and 2.9 among them, pytorch/pytorch#176347) answers torch.compiler.is_exporting()
+    with True inside torch.compile too, which sent compiled models to the reference."""
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
