@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _numerics import close, leaf
 
 import fgattn
 from fgattn import backends
@@ -32,16 +33,6 @@ def _fresh_settings():
     backends.set_backend(backend)
     backends.set_benchmark(benchmark)
     dispatch.clear_benchmark_cache()
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def close(actual, expected, tol):
-    """Relative to the expected tensor's largest magnitude (softmax outputs vary in scale)."""
-    atol = tol * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
 def check_against_fp64(op, inputs, backend, scale=-1.0, tol=2e-5):

@@ -10,12 +10,14 @@ interpreter was on, the file re-runs itself in a fresh process, as test_triton_k
 bf16 runs on a GPU only (the interpreter's bf16 tl.dot is unreliable).
 """
 
+import functools
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from _numerics import assert_as_accurate_as_fp32, close, leaf, randn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -63,21 +65,6 @@ def tiles(request, monkeypatch):
     _forget_tuning()
     yield request.param
     _forget_tuning()
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def randn(*shape, scale=1.0, dtype=torch.float32):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def close(actual, expected, tol):
-    """Relative to the expected tensor's largest magnitude."""
-    expected = expected.to(actual.device)
-    atol = tol * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
 def refused_on_gpu(inputs, call):
@@ -310,22 +297,6 @@ def test_tf32_option_runs():
     check([randn(2, 24, 20)], tol=2e-2)
 
 
-def _errors(fused, ref, inputs):
-    """Max errors of the fused op and of the fp32 reference against the fp64 reference, for the
-    output and each input's gradient."""
-    refused_on_gpu(inputs, lambda: fused(*inputs))
-    g = torch.randn(ref(*inputs).shape, dtype=torch.float64).float().to(DEVICE)
-    results = []
-    for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
-        xs = [leaf(t.to(cast)) for t in inputs]
-        out = fn(*xs)
-        results.append([out, *torch.autograd.grad(out, xs, g.to(cast))])
-    return [
-        ((a.double() - c).abs().max().item(), (b.double() - c).abs().max().item(), c.abs().max())
-        for a, b, c in zip(*results, strict=True)
-    ]
-
-
 @pytest.mark.parametrize("magnitude", [30.0, 150.0])
 def test_large_logits(magnitude):
     # |x| ≈ 30 gives logits near −1e4, |x| ≈ 150 near −5e5 (L = 49), where fp32 itself is coarse:
@@ -346,10 +317,8 @@ def test_large_logits(magnitude):
         ),
     ]
     for fused, ref, inputs in cases:
-        errors = _errors(fused, ref, inputs)
-        floor = max(size.item() for _, _, size in errors)
-        for err, err_ref32, size in errors:
-            assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+        refused_on_gpu(inputs, functools.partial(fused, *inputs))
+        assert_as_accurate_as_fp32(fused, ref, inputs)
 
 
 def test_agrees_with_the_fused_kernels():
@@ -422,15 +391,15 @@ def test_contrastive_large_logits(magnitude):
     a[:, ::5] = 0
     b = randn(2, 32, 49, scale=magnitude).relu()
     eta = torch.tensor([0.5, 1.2], device=DEVICE)
-    errors = _errors(
-        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton_fa"),
-        lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
-        (a, b, eta),
-    )
+
+    def fused(a, b, e):
+        return contrastive_channel_attention(a, b, e, backend="triton_fa")
+
+    refused_on_gpu([a, b, eta], lambda: fused(a, b, eta))
     # the dX_B and dη here are ~0 (pure fp32 noise): the floor is the op's largest output/gradient
-    floor = max(size.item() for _, _, size in errors)
-    for err, err_ref32, size in errors:
-        assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+    assert_as_accurate_as_fp32(
+        fused, lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0), (a, b, eta)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

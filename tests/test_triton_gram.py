@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _numerics import assert_as_accurate_as_fp32, close, leaf, randn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -68,21 +69,6 @@ def tiles(request, monkeypatch):
     _forget_tuning()
     yield request.param
     _forget_tuning()
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def randn(*shape, scale=1.0, dtype=torch.float32):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def close(actual, expected, tol):
-    """Relative to the expected tensor's largest magnitude."""
-    expected = expected.to(actual.device)
-    atol = tol * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
 def gram(*xs, scale=-1.0):
@@ -262,21 +248,6 @@ def test_tf32_option_runs():
     assert torch.backends.cuda.matmul.allow_tf32  # the backward's cuBLAS call restores it
 
 
-def _errors(fused, ref, inputs):
-    """Max errors of the fused op and of the fp32 reference against the fp64 reference, for the
-    output and each input's gradient."""
-    g = torch.randn(ref(*inputs).shape, dtype=torch.float64).float().to(DEVICE)
-    results = []
-    for fn, cast in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
-        xs = [leaf(t.to(cast)) for t in inputs]
-        out = fn(*xs)
-        results.append([out, *torch.autograd.grad(out, xs, g.to(cast))])
-    return [
-        ((a.double() - c).abs().max().item(), (b.double() - c).abs().max().item(), c.abs().max())
-        for a, b, c in zip(*results, strict=True)
-    ]
-
-
 @pytest.mark.parametrize("magnitude", [30.0, 150.0])
 def test_large_logits(magnitude):
     # |x| ≈ 30 gives logits near −1e4, |x| ≈ 150 near −1e5 to −5e5 (L = 49), where fp32 itself is
@@ -289,10 +260,7 @@ def test_large_logits(magnitude):
         (gram, lambda q, k, v: reference.channel_attention(q, k, v, -1.0), (q, k, v)),
     ]
     for fused, ref, inputs in cases:
-        errors = _errors(fused, ref, inputs)
-        floor = max(size.item() for _, _, size in errors)
-        for err, err_ref32, size in errors:
-            assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+        assert_as_accurate_as_fp32(fused, ref, inputs)
 
 
 def test_same_statistics_as_the_fused_kernels():

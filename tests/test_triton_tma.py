@@ -20,6 +20,7 @@ import os
 
 import pytest
 import torch
+from _numerics import close, leaf, randn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -83,21 +84,6 @@ def tiles(request, monkeypatch):
     _forget_tuning()
     yield request.param
     _forget_tuning()
-
-
-def randn(*shape, scale=1.0, dtype=torch.float32):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def close(actual, expected, tol):
-    """Relative to the expected tensor's largest magnitude."""
-    expected = expected.to(actual.device)
-    atol = tol * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=tol)
 
 
 def assert_loaded_with(tma, kernels):
