@@ -28,6 +28,25 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def time_config(kernel_call, quantiles):
+    """The autotuners' timer: Triton's own on a GPU. Under the interpreter the prunes keep one
+    config, which Triton 3.4 still times (through a GPU driver there is none of): no run."""
+    if interpreting():
+        return [0.0 for _ in quantiles]
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, quantiles=quantiles)
+
+
+def autotuned(configs: list, key: list[str], prune):
+    """`triton.autotune` over `configs`, keyed on `key`, pruned by `prune` (an
+    early_config_prune), timed by `time_config`: the autotuned kernels' one decorator."""
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+        do_bench=time_config,
+    )  # fmt: skip
+
+
 def check_device(*xs: torch.Tensor) -> None:
     if any(x.device.type != "cuda" for x in xs) and not interpreting():
         raise RuntimeError(

@@ -104,27 +104,12 @@ def _configs(space, tma: bool = False):
     ]
 
 
-def _time_config(kernel_call, quantiles):
-    """The autotuner's timer: Triton's own on a GPU. Under the interpreter the prune keeps one
-    config, which Triton 3.4 still times (through a GPU driver there is none of): no run."""
-    if _triton_common.interpreting():
-        return [0.0 for _ in quantiles]
-    from triton.testing import do_bench
-
-    return do_bench(kernel_call, quantiles=quantiles)
-
-
 def autotune(space, key: list[str], kind: str, tma: bool = False):
     """`triton.autotune` over the (BLOCK_M, BLOCK_N, warps, stages) `space`, keyed on `key`,
     pruned by `fits(kind)`; with `tma` (a kernel with a `USE_TMA` constexpr) each config also with
     TMA loads, kept only where `tma_available` (see `_with_tma`)."""
     prune = _with_tma(fits(kind)) if tma else fits(kind)
-    return triton.autotune(
-        configs=_configs(space, tma),
-        key=key,
-        prune_configs_by={"early_config_prune": prune},
-        do_bench=_time_config,
-    )
+    return _triton_common.autotuned(_configs(space, tma), key, prune)
 
 
 def tma_available() -> bool:

@@ -53,7 +53,7 @@ from ._triton_common import (
     precision,
     probs,
 )
-from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned, _time_config
+from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned
 
 # Bytes of (B, C, C)-sized temporaries one batch chunk may hold: the fp32 S buffer of the forward,
 # the [G | Pᵀ] buffer of the backward. 64 MiB: four batch elements at C = 2048 in the forward.
@@ -171,14 +171,9 @@ def fits(kind: str):
 
 
 def autotune(space, key: list[str], kind: str):
-    """`triton.autotune` over `space`, keyed on `key`, pruned by `fits(kind)`, timed by
-    `triton_flash._time_config` (no timing under the interpreter)."""
-    return triton.autotune(
-        configs=_configs(space),
-        key=key,
-        prune_configs_by={"early_config_prune": fits(kind)},
-        do_bench=_time_config,
-    )
+    """`_triton_common.autotuned` over the (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) `space`,
+    keyed on `key`, pruned by `fits(kind)`."""
+    return _triton_common.autotuned(_configs(space), key, fits(kind))
 
 
 # ----------------------------------------------------------------------------------------------
