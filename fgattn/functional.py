@@ -29,7 +29,7 @@ def _check_scale(scale: float) -> float:
 
 
 def _check_backend(backend: str | None) -> str | None:
-    return None if backend is None else check_backend(backend)
+    return None if backend is None else check_backend(backend, "backend")
 
 
 def channel_attention(

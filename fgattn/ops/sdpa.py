@@ -1,4 +1,5 @@
-"""Channel attention through PyTorch's `scaled_dot_product_attention` (SDPA).
+"""The "sdpa_cudnn", "sdpa_flash" and "sdpa_efficient" implementations: channel attention through
+PyTorch's `scaled_dot_product_attention` (SDPA), each naming the SDPA kernel it asks for.
 
 softmax(scale · q kᵀ) v over channels is attention with the C channels as the sequence and L as the
 head dimension, one head: (B, C, L) -> (B, 1, C, L). Three things make SDPA compute it exactly:
@@ -13,8 +14,9 @@ head dimension, one head: (B, C, L) -> (B, 1, C, L). Three things make SDPA comp
   since flash and cuDNN need equal q/k/v head dims; q and k are repeated per chunk.
 
 SDPA accumulates the scores and the softmax statistics in fp32 whatever the input dtype, as the
-reference does. Which SDPA kernel runs is named by the caller (`fgattn.ops.dispatch`); if that
-kernel refuses the shape, the next in `FALLBACK` takes it, so a call never fails for that reason.
+reference does. If the named kernel refuses the shape, the next in `FALLBACK` takes it, so a call
+never fails for that reason. A NaN (or inf) in a row of q gives a NaN row, as in the reference
+(`_keep_nan`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .call import ALL_FLOATS, FLOATS, HALF, Call, Limits
 
 # The SDPA kernels fgattn names, by the suffix of its implementation names ("sdpa_cudnn", ...).
 KERNELS = {
@@ -36,6 +40,17 @@ KERNELS = {
 FALLBACK = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 PAD = 8
+# Where each kernel runs, as fgattn offers it (the CPU's flash kernel takes every dtype).
+LIMITS = {
+    "cudnn": Limits(("cuda",), HALF),
+    "flash": Limits(("cuda", "cpu"), ALL_FLOATS),
+    "efficient": Limits(("cuda",), FLOATS),
+}
+
+
+def refusal(call: Call, kernel: str) -> str | None:
+    """Why SDPA's `kernel` is not offered for `call` (None: it is)."""
+    return LIMITS[kernel].refusal(call)
 
 
 # sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
@@ -68,15 +83,22 @@ def _attend(q, k, v, scale: float, kernel: str) -> torch.Tensor:
     return _heads(out)
 
 
+def _keep_nan(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out with a NaN row wherever q's row holds a NaN or an inf, as the reference gives: SDPA's
+    kernels take the row maximum past a NaN logit and return a finite row there. q's row sums
+    times 0 are 0, or NaN for such a row; their gradient is 0."""
+    return out + (q.sum(-1, keepdim=True) * 0).to(out.dtype)
+
+
 def self_attention(x: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
     """softmax(scale · x xᵀ) x: x (B, C, L) -> (B, C, L)."""
     length = x.shape[-1]
     xp = _padded(x, -(-length // PAD) * PAD).unsqueeze(2)  # (B, C, 1, width)
     q = -xp if scale < 0 else xp  # the sign, exactly; |scale| is applied by SDPA in fp32
-    return _attend(q, xp, xp, scale, kernel)[:, :, 0, :length]
+    return _keep_nan(_attend(q, xp, xp, scale, kernel)[:, :, 0, :length], x)
 
 
-def channel_attention(
+def cross_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: str
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v: q, k (B, C, L), v (B, C, Lv) -> (B, C, Lv) in v's dtype."""
@@ -88,9 +110,10 @@ def channel_attention(
     heads = -(-lv // length)  # v = [v_1 | v_2 | ...], each q-wide, one head each
     v = _padded(v.to(dtype), heads * length).unflatten(2, (heads, length))
     v = _padded(v, width)  # (B, C, heads, width)
+    q0 = q
     q = -q if scale < 0 else q
     q, k = (_padded(t.to(dtype), width).unsqueeze(2) for t in (q, k))
     if heads > 1:  # flash and cuDNN want dense heads, not stride-0 ones
         q, k = (t.expand(bsz, c, heads, width).contiguous() for t in (q, k))
     out = _attend(q, k, v, scale, kernel)[..., :length].flatten(2)[..., :lv]
-    return out.to(out_dtype)
+    return _keep_nan(out.to(out_dtype), q0)

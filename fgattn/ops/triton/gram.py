@@ -1,16 +1,16 @@
-"""Channel attention for long rows (L > 256) as two GEMMs, in Triton (the "triton_gram"
-implementation).
+"""The "triton_gram" implementation: channel attention for long rows (L > 256) as two GEMMs, in
+Triton.
 
 softmax(scale · q kᵀ) v with q, k: (B, C, L), v: (B, C, Lv), the softmax over the C channels.
-The flash-shaped kernels (`triton_flash`) keep a whole row of q in one program and stop at
-L = 256; past that, the logits S = scale · q kᵀ (C x C) are a GEMM with a K-loop over L, and
-materialising S in fp32 is cheap next to it (C = 2048, L = 784: 6.6 GFLOP of Gram product against
-17 MB of fp32 S per batch element). So the forward is
+`triton_flash` keeps a whole row of q in one program and stops at L = 256; past that, the logits
+S = scale · q kᵀ (C x C) are a GEMM with a K-loop over L, and materialising S in fp32 is cheap next
+to it (C = 2048, L = 784: 6.6 GFLOP of Gram product against 17 MB of fp32 S per batch element).
+So the forward is
 
 1. `_gram_kernel`: S tiles in fp32, the sign applied before any max; in the epilogue, per row and
    column block, the partial statistics (max, Σ exp(s − max)), reduced to the row pair
-   (max, log Σ) by torch ops (`_row_stats`). Self attention (q = k) computes only the
-   blocks I ≤ J of the symmetric S and stores each tile and its transpose, with the column-block
+   (max, log Σ) by torch ops (`_row_stats`). Self attention (q = k) computes only the blocks
+   I ≤ J of the symmetric S and stores each tile and its transpose, with the column-block
    statistics of the transpose: half the Gram FLOPs.
 2. `_pv_kernel`: out = P v with P = exp((S − max) − log Σ) formed in the GEMM's prologue from the
    fp32 S tiles, then fed to the tensor cores in v's dtype (as flash attention does).
@@ -20,8 +20,8 @@ not kept for the backward, which saves q, k, v and the row statistics, as flash 
 
 The self-attention backward (q = k = v = X) recomputes S in two passes over the blocks I ≤ J,
 each with the three tile products S_IJ = X_I X_Jᵀ, dP_IJ = dO_I X_Jᵀ and dP_JIᵀ = X_I dO_Jᵀ:
-`_bwd_delta_kernel` gets the row sums δ_i = Σ_j p_ij dp_ij (recomputed rather than dO · out:
-see `triton_channel_attention._bwd_delta_kernel`), then `_bwd_ds_kernel` writes
+`_bwd_delta_kernel` gets the row sums δ_i = Σ_j p_ij dp_ij (recomputed rather than dO · out, see
+`flash`), then `_bwd_ds_kernel` writes
     W = [G | Pᵀ],   G = dS + dSᵀ,   dS = scale · P ∘ (dP − δ)
 (G symmetric, so one tile serves G_IJ and G_JI) in X's dtype, and one cuBLAS GEMM gives
     dX = W · [X; dO] = (dS + dSᵀ) X + Pᵀ dO.
@@ -29,10 +29,12 @@ The cross backward does the same without symmetry: two passes over all tiles wit
 dP = dO vᵀ (`_bwd_cross_delta_kernel`, `_bwd_cross_ds_kernel`) write [dS | P], and cuBLAS gives
 dq = dS k, dk = dSᵀ q, dv = Pᵀ dO.
 
-Tiles, warps and pipeline depth are autotuned per (C, L, dtype) on the user's GPU (square tiles
-for the symmetric kernels: the transpose of a tile is a tile), pruned by an estimate of shared
-memory and registers (`fits`); under the Triton interpreter the prune keeps only
-`INTERPRETER_TILES`. The dispatcher offers these kernels for L > 256 only; they take any L.
+The partial statistics and row sums go to buffers with one slot per narrowest column block
+(`tuning.GRAM_MIN_BLOCK`); every launch writes every slot (`language.store_partial`), so the
+reduction never depends on which block width the autotuner tried or picked.
+
+Tiles, warps and pipeline depth are autotuned per (C, L, dtype) on the user's GPU
+(`tuning.gram_autotune`). The dispatcher offers these kernels for L > 256 only; they take any L.
 """
 
 from __future__ import annotations
@@ -43,17 +45,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_common
-from ._triton_common import (
-    check_device,
-    device_guard,
-    fused_op,
+from ..call import ATTENTION, FLOATS, Call, Limits
+from . import tuning
+from .language import (
     load_tile,
-    one_dtype,
-    precision,
+    load_tile_t,
+    partial_stats,
     probs,
+    store_partial,
+    store_tile_t,
 )
-from .triton_flash import REGISTER_BUDGET, DoesNotFit, _aligned
+from .library import aligned, custom_op_pair, devices, gradient_buffers, launcher, one_dtype, tf32
+from .tuning import GRAM_MIN_BLOCK, gram_autotune, precision
 
 # Bytes of (B, C, C)-sized temporaries one batch chunk may hold: the fp32 S buffer of the forward,
 # the [G | Pᵀ] buffer of the backward. 64 MiB: four batch elements at C = 2048 in the forward.
@@ -61,168 +64,41 @@ CHUNK_BYTES = 64 << 20
 # and at most 1/MIN_CHUNKS of the batch, so the temporaries stay a small fraction of eager's
 # B·C² matrices at small C too (eager's peak at C = 512, L = 784 bf16 is 340 MB: 1/5 is 68 MB)
 MIN_CHUNKS = 8
-
-# Config spaces: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Gram kernels: square
-# BLOCK_M x BLOCK_N tiles of S, K-loop over L in BLOCK_K steps. P·V: BLOCK_M rows, BLOCK_N
-# columns of out, K-loop over C in BLOCK_K steps.
-GRAM_SPACE = [
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3),
-    (64, 64, 32, 4, 4), (32, 32, 32, 4, 2),
-]  # fmt: skip
-PV_SPACE = [
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3),
-    (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (32, 32, 32, 4, 2),
-]  # fmt: skip
-# three fp32 accumulators (S, dP, dPᵀ) per tile: 128 x 128 does not fit the registers
-BWD_SPACE = [
-    (64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (64, 64, 64, 8, 3), (128, 128, 32, 8, 2),
-    (32, 32, 32, 4, 2),
-]  # fmt: skip
-# cross backward: two fp32 accumulators (S, dP), filled by two K-loops (over L, then Lv)
-CROSS_BWD_SPACE = [
-    (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3),
-    (64, 64, 64, 4, 3), (32, 32, 32, 4, 2),
-]  # fmt: skip
-# The one config the interpreter runs (tests widen it to reach other code paths).
-INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-MIN_BLOCK = 16  # the narrowest tile: the partial-statistics buffers have C / 16 columns
+LIMITS = Limits(devices(), FLOATS, min_length=tuning.FLASH_MAX_LENGTH + 1)
 
 
-def _configs(space):
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w, num_stages=st
-        )
-        for bm, bn, bk, w, st in space
-    ]
-
-
-def estimate(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, size: int):
-    """(shared bytes, fp32 words per thread) a config needs.
-
-    Shared memory: "gram", a (bm x bk) and a (bn x bk) operand per stage and the (bm x bn) fp32
-    tile staged once for the transposed store; "pv", an fp32 (bm x bk) S tile and a (bk x bn) v
-    tile per stage, p converted once; "bwd", four operands per stage (x and dO, rows I and J)
-    and two fp32 tiles for the transposed stores; "cbwd" (cross backward), a q and a k (then dO
-    and v) operand per stage. Registers: the fp32 (bm x bn) tiles live at once, counted from
-    sm_90 bf16 compilations at L = 784 (benchmarks/README.md), where configs within
-    `REGISTER_BUDGET` by this count did not spill: "gram" 2 (accumulator, exp), "pv" the
-    accumulator and the (bm x bk) s tile, "bwd" 4 (S, dP, dPᵀ accumulators, p), "cbwd" 2.
-    Both overestimate: 128 x 128 tiles in bf16 took 96 KiB (estimated 160) and 174 registers
-    per thread in the symmetric Gram kernel.
-    """
-    if kind == "gram":
-        smem = stages * (bm + bn) * bk * size + bm * bn * 4
-        words = 2 * bm * bn
-    elif kind == "pv":
-        smem = stages * (bm * bk * 4 + bk * bn * size) + bm * bk * size
-        words = bm * bn + bm * bk
-    elif kind == "cbwd":
-        smem = stages * (bm + bn) * bk * size
-        words = 2 * bm * bn
-    else:
-        smem = stages * 2 * (bm + bn) * bk * size + 2 * bm * bn * 4
-        words = 4 * bm * bn
-    return smem, words / (32 * warps)
-
-
-# The argument whose dtype the operand tiles have (the P·V kernel's first tensor is the fp32 S).
-OPERAND = {"gram": "Q", "pv": "V", "bwd": "X", "cbwd": "Q"}
-
-
-def fits(kind: str):
-    """An early_config_prune for `kind` (see `estimate`): the configs that fit the device's shared
-    memory (any, off the GPU) and `REGISTER_BUDGET`, only the ≥ 64-row ones where any fits; else
-    the one needing the least shared memory if that fits, else `DoesNotFit`. Under
-    TRITON_INTERPRET the one config `INTERPRETER_TILES`."""
-
-    def prune(configs, named_args, **kwargs):
-        if _triton_common.interpreting():
-            return [triton.Config(dict(INTERPRETER_TILES, STAGES=1), num_warps=4, num_stages=1)]
-        x = named_args[OPERAND[kind]]
-        size = x.element_size()
-        limit = _triton_common.shared_memory_limit(x)
-
-        def need(cfg):
-            k = cfg.kwargs
-            return estimate(
-                kind, k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], cfg.num_warps, k["STAGES"], size
-            )
-
-        kept = [
-            cfg
-            for cfg in configs
-            if (limit is None or need(cfg)[0] <= limit) and need(cfg)[1] <= REGISTER_BUDGET
-        ]
-        # 64-row tiles get Hopper's warpgroup MMA; narrower ones only where nothing else fits
-        wide = [cfg for cfg in kept if cfg.kwargs["BLOCK_M"] >= 64]
-        if wide or kept:
-            return wide or kept
-        smallest = min(configs, key=lambda cfg: need(cfg)[0])
-        if limit is None or need(smallest)[0] <= limit:
-            return [smallest]
-        raise DoesNotFit(
-            f"fgattn's Gram kernels need at least {need(smallest)[0] / 1024:.0f} KiB of shared "
-            f"memory per block for {x.dtype}; this GPU allows {limit / 1024:.0f} KiB. "
-            f"Use backend='triton' (or 'auto') for this call"
-        )
-
-    return prune
-
-
-def autotune(space, key: list[str], kind: str):
-    """`_triton_common.autotuned` over the (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) `space`,
-    keyed on `key`, pruned by `fits(kind)`."""
-    return _triton_common.autotuned(_configs(space), key, fits(kind))
+def refusal(call: Call) -> str | None:
+    """Why these kernels cannot run `call` (None: they can): CUDA (or the interpreter), fp16,
+    bf16 or fp32, L > 256 (where `triton_flash` stops; the kernels take any L), and every kernel
+    the call runs has a config that fits the GPU's shared memory."""
+    reason = LIMITS.refusal(call)
+    if reason or call.op not in ATTENTION:
+        return reason
+    kinds = ("gram", "pv") + (("sym_bwd" if call.op == "self" else "cross_bwd",) * call.grad)
+    device = torch.device(call.device)
+    return next(
+        filter(None, (tuning.gram_refusal(kind, call.dtype, device) for kind in kinds)), None
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
 
-@triton.jit
-def _load_t(ptr, offs_c, offs_l, C, L, stride_c, stride_l):
-    """ptr[offs_c, offs_l]ᵀ as an (offs_l x offs_c) tile, zero outside (C, L): a tl.dot operand
-    that needs no register transpose."""
-    return tl.load(
-        ptr + offs_c[None, :] * stride_c + offs_l[:, None] * stride_l,
-        mask=(offs_c[None, :] < C) & (offs_l[:, None] < L),
-        other=0.0,
-    )
-
-
-@triton.jit
-def _store_t(ptr, val, offs_r, offs_c, C, stride_r, stride_c):
-    """ptr[offs_c, offs_r] = valᵀ for a (offs_r x offs_c) tile `val`, inside (C, C) only."""
-    tl.store(
-        ptr + offs_c[None, :] * stride_r + offs_r[:, None] * stride_c,
-        val.to(ptr.dtype.element_ty),
-        mask=(offs_r[:, None] < C) & (offs_c[None, :] < C),
-    )
-
-
-@triton.jit
-def _partial_stats(s, axis: tl.constexpr):
-    """(max, Σ exp(s − max)) of the -inf-masked tile s along `axis`; rows with no valid entry
-    (padding) give (0, 0) rather than NaN and are never stored."""
-    m = tl.max(s, axis)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    return m, tl.sum(tl.exp(s - tl.expand_dims(m, axis)), axis)
-
-
-@autotune(GRAM_SPACE, ["C", "L", "SYMMETRIC"], "gram")
+@gram_autotune("gram", ["C", "L", "SYMMETRIC"])
 @triton.jit
 def _gram_kernel(
     Q, K, S, PART,
     C, L, NB, scale,
     sqb, sqc, sql, skb, skc, skl, ssb, ssr, ssc,
-    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks I, column blocks J, batch). S tile [I, J] = scale · q_I k_Jᵀ in fp32, and
-    # PART (batch, 2, C, NB) gets the tile's per-row (max, Σ exp) at [., ., rows I, J]. SYMMETRIC
-    # (q = k, BLOCK_M = BLOCK_N): only I ≤ J run; each also stores the transpose at [J, I] and its
-    # per-row statistics at [., ., rows J, I].
+    # PART (batch, 2, C, NB) gets the tile's per-row (max, Σ exp) in the slots of rows I that
+    # column block J covers (`store_partial`). SYMMETRIC (q = k, BLOCK_M = BLOCK_N): only I ≤ J
+    # run; each also stores the transpose at [J, I] and its per-row statistics in rows J's slots
+    # of block I.
     tl.static_assert(not SYMMETRIC or BLOCK_M == BLOCK_N)
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -239,24 +115,24 @@ def _gram_kernel(
     for k0 in tl.range(0, L, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(Q, rows, offs_k, C, L, sqc, sql)
-        bt = _load_t(K, cols, offs_k, C, L, skc, skl)
+        bt = load_tile_t(K, cols, offs_k, C, L, skc, skl)
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
     # -- epilogue: the sign applied in fp32 before any max; S and the partial statistics
     s = acc * scale
     valid = (rows[:, None] < C) & (cols[None, :] < C)
     tl.store(S + rows[:, None] * ssr + cols[None, :] * ssc, s, mask=valid)
     s = tl.where(valid, s, float("-inf"))
-    m, total = _partial_stats(s, 1)
-    tl.store(PART + rows * NB + pid_j, m, mask=rows < C)
-    tl.store(PART + C * NB + rows * NB + pid_j, total, mask=rows < C)
+    m, total = partial_stats(s, 1)
+    store_partial(PART, rows, C, NB, pid_j, m, float("-inf"), BLOCK_N // SLOT)
+    store_partial(PART + C * NB, rows, C, NB, pid_j, total, 0.0, BLOCK_N // SLOT)
     if SYMMETRIC and pid_i != pid_j:
-        _store_t(S, s, rows, cols, C, ssr, ssc)
-        m, total = _partial_stats(s, 0)
-        tl.store(PART + cols * NB + pid_i, m, mask=cols < C)
-        tl.store(PART + C * NB + cols * NB + pid_i, total, mask=cols < C)
+        store_tile_t(S, s, rows, cols, C, ssr, ssc)
+        m, total = partial_stats(s, 0)
+        store_partial(PART, cols, C, NB, pid_i, m, float("-inf"), BLOCK_M // SLOT)
+        store_partial(PART + C * NB, cols, C, NB, pid_i, total, 0.0, BLOCK_M // SLOT)
 
 
-@autotune(PV_SPACE, ["C", "LV"], "pv")
+@gram_autotune("pv", ["C", "LV"])
 @triton.jit
 def _pv_kernel(
     S, STATS, V, Out,
@@ -308,8 +184,8 @@ def _bwd_tiles(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xi = load_tile(X, rows, offs_k, C, L, sxc, sxl)
         doi = load_tile(DO, rows, offs_k, C, L, sdc, sdl)
-        xjt = _load_t(X, cols, offs_k, C, L, sxc, sxl)
-        dojt = _load_t(DO, cols, offs_k, C, L, sdc, sdl)
+        xjt = load_tile_t(X, cols, offs_k, C, L, sxc, sxl)
+        dojt = load_tile_t(DO, cols, offs_k, C, L, sdc, sdl)
         s = tl.dot(xi, xjt, s, input_precision=PRECISION)
         dp = tl.dot(doi, xjt, dp, input_precision=PRECISION)
         dpt = tl.dot(xi, dojt, dpt, input_precision=PRECISION)
@@ -324,13 +200,13 @@ def _bwd_tiles(
     return p, pt, dp, dpt
 
 
-@autotune(BWD_SPACE, ["C", "L"], "bwd")
+@gram_autotune("sym_bwd", ["C", "L"])
 @triton.jit
 def _bwd_delta_kernel(
     X, DO, STATS, PART,
     C, L, NB, scale,
     sxb, sxc, sxl, sdb, sdc, sdl,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks I, column blocks J, batch), I ≤ J only. PART (batch, C, NB) gets
@@ -352,12 +228,12 @@ def _bwd_delta_kernel(
         X, DO, rows, cols, C, L, sxc, sxl, sdc, sdl, scale, STATS,
         PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
     )  # fmt: skip
-    tl.store(PART + rows * NB + pid_j, tl.sum(p * dp, 1), mask=rows < C)
+    store_partial(PART, rows, C, NB, pid_j, tl.sum(p * dp, 1), 0.0, BLOCK_N // SLOT)
     if pid_i != pid_j:
-        tl.store(PART + cols * NB + pid_i, tl.sum(pt * dpt, 0), mask=cols < C)
+        store_partial(PART, cols, C, NB, pid_i, tl.sum(pt * dpt, 0), 0.0, BLOCK_M // SLOT)
 
 
-@autotune(BWD_SPACE, ["C", "L"], "bwd")
+@gram_autotune("sym_bwd", ["C", "L"])
 @triton.jit
 def _bwd_ds_kernel(
     X, DO, STATS, DELTA, W,
@@ -394,8 +270,8 @@ def _bwd_ds_kernel(
     tl.store(W + tile, g.to(W.dtype.element_ty), mask=valid)
     tl.store(W + C * swc + tile, pt.to(W.dtype.element_ty), mask=valid)
     if pid_i != pid_j:
-        _store_t(W, g, rows, cols, C, swr, swc)
-        _store_t(W + C * swc, p, rows, cols, C, swr, swc)
+        store_tile_t(W, g, rows, cols, C, swr, swc)
+        store_tile_t(W + C * swc, p, rows, cols, C, swr, swc)
 
 
 @triton.jit
@@ -410,13 +286,13 @@ def _cross_tiles(
     for k0 in tl.range(0, L, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(Q, rows, offs_k, C, L, sqc, sql)
-        bt = _load_t(K, cols, offs_k, C, L, skc, skl)
+        bt = load_tile_t(K, cols, offs_k, C, L, skc, skl)
         s = tl.dot(a, bt, s, input_precision=PRECISION)
     dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, LV, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(DO, rows, offs_k, C, LV, sdc, sdl)
-        bt = _load_t(V, cols, offs_k, C, LV, svc, svl)
+        bt = load_tile_t(V, cols, offs_k, C, LV, svc, svl)
         dp = tl.dot(a, bt, dp, input_precision=PRECISION)
     valid = (rows[:, None] < C) & (cols[None, :] < C)
     m = tl.load(STATS + rows, mask=rows < C, other=0.0)
@@ -424,13 +300,13 @@ def _cross_tiles(
     return probs(s * scale, m[:, None], lo[:, None], valid), dp
 
 
-@autotune(CROSS_BWD_SPACE, ["C", "L", "LV"], "cbwd")
+@gram_autotune("cross_bwd", ["C", "L", "LV"])
 @triton.jit
 def _bwd_cross_delta_kernel(
     Q, K, V, DO, STATS, PART,
     C, L, LV, NB, scale,
     sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks I, column blocks J, batch). PART (batch, C, NB) gets Σ_j p_ij dp_ij over
@@ -445,10 +321,10 @@ def _bwd_cross_delta_kernel(
         C, L, LV, scale, sqc, sql, skc, skl, svc, svl, sdc, sdl,
         PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
     )  # fmt: skip
-    tl.store(PART + b * C * NB + rows * NB + pid_j, tl.sum(p * dp, 1), mask=rows < C)
+    store_partial(PART + b * C * NB, rows, C, NB, pid_j, tl.sum(p * dp, 1), 0.0, BLOCK_N // SLOT)
 
 
-@autotune(CROSS_BWD_SPACE, ["C", "L", "LV"], "cbwd")
+@gram_autotune("cross_bwd", ["C", "L", "LV"])
 @triton.jit
 def _bwd_cross_ds_kernel(
     Q, K, V, DO, STATS, DELTA, W,
@@ -485,7 +361,7 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, L) contiguous with rows zero-padded to a multiple of 16 columns, so every row
     starts 16-byte aligned for the pipelined loads (no copy where it already is)."""
     length = x.shape[2]
-    return _aligned(x, 1, length, triton.cdiv(length, 16) * 16)
+    return aligned(x, 1, length, triton.cdiv(length, 16) * 16)
 
 
 def _chunk(batch: int, item_bytes: int) -> int:
@@ -506,16 +382,25 @@ def _matmul_tf32(enabled: bool):
 
 
 def _row_stats(part: torch.Tensor, stats: torch.Tensor) -> None:
-    """Reduce partial (max, Σ exp(s − max)) (n, 2, C, blocks) into stats (n, 2, C) =
-    [max, log Σ]; unused blocks hold (−inf, 0)."""
+    """Reduce partial (max, Σ exp(s − max)) (n, 2, C, slots) into stats (n, 2, C) =
+    [max, log Σ]; slots a block covered beyond its first hold (−inf, 0)."""
     m = part[:, 0].amax(-1)
     total = (part[:, 1] * torch.exp(part[:, 0] - m[..., None])).sum(-1)
     stats[:, 0] = m
     stats[:, 1] = torch.log(total)
 
 
-def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
-    check_device(q, k, v)
+def _tile_grid(c: int, width: int, chunk: int):
+    """(row blocks, column blocks of `width`, chunk) for a kernel over C x width tiles."""
+    return lambda meta: (
+        triton.cdiv(c, meta["BLOCK_M"]),
+        triton.cdiv(width, meta["BLOCK_N"]),
+        chunk,
+    )
+
+
+@launcher
+def _forward(q, k, v, scale: float, tf32: bool, is_self: bool = False):
     bsz, c, _ = q.shape
     lv = v.shape[2]
     prec = precision(q, tf32)
@@ -526,40 +411,25 @@ def _forward_unguarded(q, k, v, scale: float, tf32: bool, is_self: bool):
     stats = torch.empty((bsz, 2, c), device=q.device, dtype=torch.float32)  # [max, log Σ]
     n = _chunk(bsz, c * c * 4)
     s = torch.empty((n, c, c), device=q.device, dtype=torch.float32)
-    nb = triton.cdiv(c, MIN_BLOCK)
-    part = torch.empty((n, 2, c, nb), device=q.device, dtype=torch.float32)
+    nb = triton.cdiv(c, GRAM_MIN_BLOCK)
+    part = torch.empty((n, 2, c, nb), device=q.device, dtype=torch.float32)  # every slot written
     for b0 in range(0, bsz, n):
         b1 = min(b0 + n, bsz)
-        part[:, 0].fill_(float("-inf"))
-        part[:, 1].zero_()
-
-        def grid(meta, m=b1 - b0):
-            return (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), m)
-
-        def pv_grid(meta, m=b1 - b0):
-            return (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(lv, meta["BLOCK_N"]), m)
-
-        qc, kc, vc = q[b0:b1], k[b0:b1], v[b0:b1]
-        _gram_kernel[grid](
+        qc, kc, vc, oc = q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1]
+        _gram_kernel[_tile_grid(c, c, b1 - b0)](
             qc, kc, s, part, c, q.shape[2], nb, scale, *qc.stride(), *kc.stride(), *s.stride(),
-            SYMMETRIC=is_self, PRECISION=prec,
+            SYMMETRIC=is_self, PRECISION=prec, SLOT=GRAM_MIN_BLOCK,
         )  # fmt: skip
         _row_stats(part[: b1 - b0], stats[b0:b1])
-        oc = out[b0:b1]
-        _pv_kernel[pv_grid](
+        _pv_kernel[_tile_grid(c, lv, b1 - b0)](
             s, stats[b0:b1], vc, oc, c, lv, *s.stride(), *vc.stride(), *oc.stride(),
             PRECISION=prec,
         )  # fmt: skip
     return out, stats
 
 
-def _forward(q, k, v, scale: float, tf32: bool, is_self: bool = False):
-    with device_guard(q):
-        return _forward_unguarded(q, k, v, scale, tf32, is_self)
-
-
-def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
-    check_device(do, x, stats)
+@launcher
+def _backward_self(do, x, stats, scale: float, tf32: bool, needs: list[bool]):
     bsz, c, length = x.shape
     prec = precision(x, tf32)
     do = do.to(x.dtype)
@@ -567,20 +437,16 @@ def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
     dx = torch.empty((bsz, c, length), device=x.device, dtype=x.dtype)
     xp, dop = _padded(x), _padded(do)
     n = _chunk(bsz, 2 * c * c * x.element_size())
-    nb = triton.cdiv(c, MIN_BLOCK)
-    part = torch.empty((n, c, nb), device=x.device, dtype=torch.float32)
+    nb = triton.cdiv(c, GRAM_MIN_BLOCK)
+    part = torch.empty((n, c, nb), device=x.device, dtype=torch.float32)  # every slot written
     w = torch.empty((n, c, 2 * c), device=x.device, dtype=x.dtype)  # [G | Pᵀ]
     for b0 in range(0, bsz, n):
         b1 = min(b0 + n, bsz)
-        part.zero_()
-
-        def grid(meta, m=b1 - b0):
-            return (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), m)
-
+        grid = _tile_grid(c, c, b1 - b0)
         xc, dc, sc = xp[b0:b1], dop[b0:b1], stats[b0:b1]
         _bwd_delta_kernel[grid](
             xc, dc, sc, part, c, xp.shape[2], nb, scale, *xc.stride(), *dc.stride(),
-            PRECISION=prec,
+            PRECISION=prec, SLOT=GRAM_MIN_BLOCK,
         )  # fmt: skip
         delta = part[: b1 - b0].sum(-1)
         _bwd_ds_kernel[grid](
@@ -592,36 +458,28 @@ def _backward_self_unguarded(do, x, stats, scale: float, tf32: bool):
     return dx
 
 
-def _backward_self(do, x, stats, scale: float, tf32: bool):
-    with device_guard(x):
-        return _backward_self_unguarded(do, x, stats, scale, tf32)
-
-
-def _backward_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
-    check_device(do, q, k, v, stats)
+@launcher
+def _backward_cross(do, q, k, v, stats, scale: float, tf32: bool, needs: list[bool]):
     bsz, c, _ = q.shape
     prec = precision(q, tf32)
     do = do.to(v.dtype)
     stats = stats.contiguous()
-    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    dq, dk, dv = gradient_buffers((q, k, v), needs)
     qp, kp, vp, dop = _padded(q), _padded(k), _padded(v), _padded(do)
     n = _chunk(bsz, 2 * c * c * q.element_size())
-    nb = triton.cdiv(c, MIN_BLOCK)
-    part = torch.empty((n, c, nb), device=q.device, dtype=torch.float32)
+    nb = triton.cdiv(c, GRAM_MIN_BLOCK)
+    part = torch.empty((n, c, nb), device=q.device, dtype=torch.float32)  # every slot written
     w = torch.empty((n, c, 2 * c), device=q.device, dtype=q.dtype)  # [dS | P]
     for b0 in range(0, bsz, n):
         b1 = min(b0 + n, bsz)
-        part.zero_()
-
-        def grid(meta, m=b1 - b0):
-            return (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), m)
-
+        grid = _tile_grid(c, c, b1 - b0)
         tensors = [t[b0:b1] for t in (qp, kp, vp, dop)]
         sizes = (c, qp.shape[2], vp.shape[2])
         strides = [st for t in tensors for st in t.stride()]
         _bwd_cross_delta_kernel[grid](
-            *tensors, stats[b0:b1], part, *sizes, nb, scale, *strides, PRECISION=prec
-        )
+            *tensors, stats[b0:b1], part, *sizes, nb, scale, *strides, PRECISION=prec,
+            SLOT=GRAM_MIN_BLOCK,
+        )  # fmt: skip
         delta = part[: b1 - b0].sum(-1)
         _bwd_cross_ds_kernel[grid](
             *tensors, stats[b0:b1], delta, w, *sizes, scale, *strides, *w.stride(),
@@ -629,40 +487,38 @@ def _backward_unguarded(do, q, k, v, stats, scale: float, tf32: bool):
         )  # fmt: skip
         ds, p = w[: b1 - b0, :, :c], w[: b1 - b0, :, c:]
         with _matmul_tf32(tf32):  # cuBLAS: dq = dS k, dk = dSᵀ q, dv = Pᵀ dO
-            torch.bmm(ds, k[b0:b1], out=dq[b0:b1])
-            torch.bmm(ds.transpose(1, 2), q[b0:b1], out=dk[b0:b1])
-            torch.bmm(p.transpose(1, 2), do[b0:b1], out=dv[b0:b1])
+            if needs[0]:
+                torch.bmm(ds, k[b0:b1], out=dq[b0:b1])
+            if needs[1]:
+                torch.bmm(ds.transpose(1, 2), q[b0:b1], out=dk[b0:b1])
+            if needs[2]:
+                torch.bmm(p.transpose(1, 2), do[b0:b1], out=dv[b0:b1])
     return dq, dk, dv
 
 
-def _backward(do, q, k, v, stats, scale: float, tf32: bool):
-    with device_guard(q):
-        return _backward_unguarded(do, q, k, v, stats, scale, tf32)
-
-
 # ----------------------------------------------------------------------------------------------
-# Custom ops (`fused_op`: schema, fake and autograd) and entry points
+# Ops (schema, fake and autograd: `custom_op_pair`) and entry points
 
 
 def _forward_self(x, scale: float, tf32: bool):
-    return _forward(x, x, x, scale, tf32, is_self=True)
+    return _forward(x, x, x, scale, tf32, True)
 
 
-gram_channel_attention_fwd, gram_channel_attention_bwd = fused_op(
-    "gram_channel_attention", ("q", "k", "v"), _forward, _backward, value=2
+triton_gram_cross_fwd, triton_gram_cross_bwd = custom_op_pair(
+    "triton_gram_cross", ("q", "k", "v"), _forward, _backward_cross, value=2
 )
-gram_self_channel_attention_fwd, gram_self_channel_attention_bwd = fused_op(
-    "gram_self_channel_attention", ("x",), _forward_self, _backward_self
+triton_gram_self_fwd, triton_gram_self_bwd = custom_op_pair(
+    "triton_gram_self", ("x",), _forward_self, _backward_self
 )
 
 
-def self_attention(x: torch.Tensor, scale: float, tf32: bool = False) -> torch.Tensor:
+def self_attention(x: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale · x xᵀ) x on (B, C, L), any L (meant for L > 256)."""
-    return gram_self_channel_attention_fwd(x, scale, tf32)[0]
+    return triton_gram_self_fwd(x, scale, tf32())[0]
 
 
-def channel_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tf32: bool = False
+def cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ) v on (B, C, L) q, k and (B, C, Lv) v, any L; v's dtype."""
-    return gram_channel_attention_fwd(*one_dtype(q, k, v), scale, tf32)[0].to(v.dtype)
+    return triton_gram_cross_fwd(*one_dtype(q, k, v), scale, tf32())[0].to(v.dtype)
