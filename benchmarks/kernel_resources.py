@@ -14,7 +14,7 @@ fail at launch ("out of resources") and is flagged.
     python benchmarks/kernel_resources.py --check              # exit 1 on any compile/limit failure
     python benchmarks/kernel_resources.py --length 784 --workload gram  # one family's workloads
     python benchmarks/kernel_resources.py --arch 80 --dtype bf16 --length 196 \
-        --kernel flash_contrastive._bwd_kernel                 # one kernel: seconds, not minutes
+        --kernel flash._contrastive_bwd_kernel                 # one kernel: seconds, not minutes
 
 Needs Triton's NVIDIA backend (ships with the `triton` wheel, ptxas included); no CUDA driver.
 Must run without TRITON_INTERPRET (the kernels have to be real JIT functions).
@@ -49,13 +49,7 @@ ARCH_LIMITS = {
     90: {"smem_block": 232448, "smem_sm": 233472, "regs_sm": 65536},  # H100 / H200
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-KERNEL_MODULES = (
-    "fgattn.ops.triton_channel_attention",
-    "fgattn.ops.triton_contrastive",
-    "fgattn.ops.triton_flash",
-    "fgattn.ops.triton_flash_contrastive",
-    "fgattn.ops.triton_gram",
-)
+KERNEL_MODULES = ("fgattn.ops.triton.tiled", "fgattn.ops.triton.flash", "fgattn.ops.triton.gram")
 
 
 def parse_args(argv=None):
@@ -70,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--kernel", nargs="+", default=[],
         help="compile only kernels whose qualified name contains one of these, e.g. "
-        "'flash_contrastive._bwd_kernel' or 'triton_flash.' (the others' launches are skipped)",
+        "'flash._contrastive_bwd_kernel' or 'triton_flash.' (the others' launches are skipped)",
     )  # fmt: skip
     p.add_argument(
         "--first-config", action="store_true", help="of an autotuned kernel, the first config only"
@@ -206,75 +200,77 @@ def resource_usage(cubin: bytes) -> dict:
 
 def workloads(dtype, tf32: bool, length: int, channels: int, batch: int):
     """(label, callable) pairs that run the kernels' custom ops (forward, then backward) the way
-    the functional API does."""
-    from fgattn.ops import triton_channel_attention as tca
-    from fgattn.ops import triton_contrastive as tcc
-    from fgattn.ops import triton_flash as tfa
-    from fgattn.ops import triton_flash_contrastive as tfc
-    from fgattn.ops import triton_gram as tg
+    the functional API does, one family after the other ("tiled", "flash", "gram")."""
+    from fgattn.ops.triton import flash, gram, tiled, tuning
 
-    def x_like(width=length, channels_last=False):
+    def x_like(width=length, channels_last=False, b=batch):
         if channels_last:  # to_bcl of a channels_last (B, C, 1, L) map: strides (C·L, 1, C)
-            x = torch.randn(batch, 1, width, channels).to(dtype)
+            x = torch.randn(b, 1, width, channels).to(dtype)
             return x.permute(0, 3, 1, 2)[:, :, 0]
-        return torch.randn(batch, channels, width).to(dtype)
+        return torch.randn(b, channels, width).to(dtype)
 
-    def self_attention(channels_last=False):
-        x = x_like(channels_last=channels_last)
-        _, stats = tca.self_channel_attention_fwd(x, -1.0, tf32)
-        tca.self_channel_attention_bwd(x, x, stats, -1.0, tf32)
+    def run_self(fwd, bwd, channels_last=False, b=batch):
+        x = x_like(channels_last=channels_last, b=b)
+        _, stats = fwd(x, -1.0, tf32)
+        bwd(x, x, stats, -1.0, tf32, [True])
 
-    def co_attention():  # q = k = X_A, v = [X_A | X_B]: one W, two outputs
-        q, v = x_like(), x_like(2 * length)
-        _, stats = tca.channel_attention_fwd(q, q, v, -1.0, tf32)
-        tca.channel_attention_bwd(v, q, q, v, stats, -1.0, tf32)
+    def run_co_attention(fwd, bwd, b=batch):  # q = k = X_A, v = [X_A | X_B]: one W, two outputs
+        q, v = x_like(b=b), x_like(2 * length, b=b)
+        _, stats = fwd(q, q, v, -1.0, tf32)
+        bwd(v, q, q, v, stats, -1.0, tf32, [True, True, True])
 
-    def contrastive():
+    def run_contrastive(fwd, bwd):
         a, b, eta = x_like(), x_like(), torch.rand(batch)
-        _, lse_a, lse_b = tcc.contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
-        tcc.contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
-
-    def flash_self_attention():
-        x = x_like()
-        _, stats = tfa.flash_self_channel_attention_fwd(x, -1.0, tf32)
-        tfa.flash_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
-
-    def flash_co_attention():
-        q, v = x_like(), x_like(2 * length)
-        _, stats = tfa.flash_channel_attention_fwd(q, q, v, -1.0, tf32)
-        tfa.flash_channel_attention_bwd(v, q, q, v, stats, -1.0, tf32)
+        _, lse_a, lse_b = fwd(a, b, eta, -1.0, tf32)
+        bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32, [True, True, True])
 
     runs = [
-        ("self", self_attention),
-        ("self channels_last", lambda: self_attention(channels_last=True)),
-        ("co-attention", co_attention),
-        ("contrastive", contrastive),
+        ("self", lambda: run_self(tiled.triton_tiled_self_fwd, tiled.triton_tiled_self_bwd)),
+        (
+            "self channels_last",
+            lambda: run_self(tiled.triton_tiled_self_fwd, tiled.triton_tiled_self_bwd, True),
+        ),
+        (
+            "co-attention",
+            lambda: run_co_attention(tiled.triton_tiled_cross_fwd, tiled.triton_tiled_cross_bwd),
+        ),
+        (
+            "contrastive",
+            lambda: run_contrastive(
+                tiled.triton_tiled_contrastive_fwd, tiled.triton_tiled_contrastive_bwd
+            ),
+        ),
     ]
-
-    def flash_contrastive():
-        a, b, eta = x_like(), x_like(), torch.rand(batch)
-        _, lse_a, lse_b = tfc.flash_contrastive_channel_attention_fwd(a, b, eta, -1.0, tf32)
-        tfc.flash_contrastive_channel_attention_bwd(a, a, b, eta, lse_a, lse_b, -1.0, tf32)
-
-    # The Gram kernels' launchers also run torch ops (statistics, cuBLAS products), here on
-    # CPU: one batch element keeps them short (the compiled kernels do not depend on B).
-    def gram_self_attention():
-        x = torch.randn(1, channels, length).to(dtype)
-        _, stats = tg.gram_self_channel_attention_fwd(x, -1.0, tf32)
-        tg.gram_self_channel_attention_bwd(x, x, stats, -1.0, tf32)
-
-    def gram_co_attention():
-        q, v = torch.randn(1, channels, length).to(dtype), torch.randn(1, channels, 2 * length)
-        _, stats = tg.gram_channel_attention_fwd(q, q, v.to(dtype), -1.0, tf32)
-        tg.gram_channel_attention_bwd(v.to(dtype), q, q, v.to(dtype), stats, -1.0, tf32)
-
-    if length > tfa.MAX_LENGTH:  # where the flash-shaped kernels stop
-        runs += [("gram self", gram_self_attention), ("gram co-attention", gram_co_attention)]
-    if length <= tfa.MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
+    if length <= tuning.FLASH_MAX_LENGTH:  # the flash-shaped kernels keep a whole row of q
         runs += [
-            ("fa self", flash_self_attention),
-            ("fa co-attention", flash_co_attention),
-            ("fa contrastive", flash_contrastive),
+            ("fa self", lambda: run_self(flash.triton_flash_self_fwd, flash.triton_flash_self_bwd)),
+            (
+                "fa co-attention",
+                lambda: run_co_attention(
+                    flash.triton_flash_cross_fwd, flash.triton_flash_cross_bwd
+                ),
+            ),
+            (
+                "fa contrastive",
+                lambda: run_contrastive(
+                    flash.triton_flash_contrastive_fwd, flash.triton_flash_contrastive_bwd
+                ),
+            ),
+        ]
+    else:  # where the flash-shaped kernels stop
+        # The Gram kernels' launchers also run torch ops (statistics, cuBLAS products), here on
+        # CPU: one batch element keeps them short (the compiled kernels do not depend on B).
+        runs += [
+            (
+                "gram self",
+                lambda: run_self(gram.triton_gram_self_fwd, gram.triton_gram_self_bwd, b=1),
+            ),
+            (
+                "gram co-attention",
+                lambda: run_co_attention(
+                    gram.triton_gram_cross_fwd, gram.triton_gram_cross_bwd, b=1
+                ),
+            ),
         ]
     return runs
 
@@ -303,8 +299,9 @@ def jit_function(fn):
 
 
 def qualified(fn) -> str:
-    """'triton_contrastive._fwd_kernel': two modules both have a _fwd_kernel."""
-    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+    """'triton_flash._fwd_kernel': the implementation's name and the kernel's (two families both
+    have a _fwd_kernel)."""
+    return f"triton_{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
 def selected(fn, patterns) -> bool:
@@ -321,29 +318,26 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
 
     if triton.knobs.runtime.interpret:
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (kernels must be JIT functions)")
-    from fgattn.ops import _triton_common
-    from fgattn.ops import triton_flash as tfa
+    from fgattn.ops.triton import library, tuning
 
     kernels = find_kernels()
-    modules = {module for module, _ in kernels}
-    smem_limit, target_arch = _triton_common.shared_memory_limit, tfa.target_arch
-    checks = {module: module.check_device for module in modules}
+    smem_limit, target_arch = tuning.shared_memory_limit, tuning.target_arch
+    check_device = library.check_device
     log, records, refused, seen = [], [], [], set()
     # The active driver, restored afterwards without creating one (reset_active() needs a real GPU):
     # Triton >= 3.5 keeps it in `_active` (None until first use), 3.4 in a plain `active`.
     active_attr = "_active" if hasattr(driver, "_active") else "active"
     previous_driver = getattr(driver, active_attr)
     try:
-        for module in modules:
-            module.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
+        library.check_device = lambda *xs: None  # CPU tensors stand in for CUDA ones
         for (module, name), fn in kernels.items():
             wanted = selected(fn, args.kernel)
             setattr(module, name, Recorder(fn, log, wanted, args.first_config))
         for arch in args.arch:
             driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
             limit = ARCH_LIMITS[arch]["smem_block"]
-            _triton_common.shared_memory_limit = lambda x, limit=limit: limit  # tiles as there
-            tfa.target_arch = lambda x, arch=arch: arch  # the flash kernels' configs as there
+            tuning.shared_memory_limit = lambda device, limit=limit: limit  # tiles as there
+            tuning.target_arch = lambda device, arch=arch: arch  # the flash kernels' configs
             for fn in map(jit_function, kernels.values()):  # binders and caches hold the target
                 fn.device_caches = defaultdict(fn.create_binder)
             variants = [(d, False) for d in args.dtype if not (arch < 80 and d == "bf16")]
@@ -359,7 +353,7 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
                         variant = {"arch": arch, "dtype": dname + ("+tf32" if tf32 else "")}
                         try:
                             run()
-                        except tfa.DoesNotFit as err:
+                        except tuning.DoesNotFit as err:
                             where = {"L": length, "workload": label, "reason": str(err)}
                             refused.append(variant | where)
                         for fn, grid, kwargs, compiled, secs in log:
@@ -375,11 +369,10 @@ def compile_all(args) -> tuple[list[dict], list[dict]]:
     finally:
         for (module, name), fn in kernels.items():
             setattr(module, name, fn)
-        for module, check in checks.items():
-            module.check_device = check
+        library.check_device = check_device
         setattr(driver, active_attr, previous_driver)
-        _triton_common.shared_memory_limit = smem_limit
-        tfa.target_arch = target_arch
+        tuning.shared_memory_limit = smem_limit
+        tuning.target_arch = target_arch
     return records, refused
 
 

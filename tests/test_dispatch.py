@@ -1,14 +1,15 @@
-"""The dispatch point (fgattn.ops.dispatch, fgattn.backends).
-
-Every implementation that runs on CPU (reference, SDPA's CPU kernel, Triton through its interpreter)
-against the fp64 reference, forward and backward; the rule table against the GPU measurements it
-was written from; benchmark mode; the global setting; torch.compile through `auto`.
+"""The dispatch point (fgattn.ops.dispatch, fgattn.backends): the rule table against the GPU
+measurements it was written from; named backends, families and deprecated names; the global
+setting; benchmark mode; torch.compile and export through `auto`; the package's import graph.
+Every implementation's numbers against the fp64 reference: tests/test_conformance.py.
 """
 
+import ast
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,44 +18,14 @@ from _numerics import close, leaf
 
 import fgattn
 from fgattn import backends
-from fgattn.functional import channel_attention, contrastive_channel_attention
-from fgattn.ops import dispatch, reference, sdpa
+from fgattn.functional import channel_attention
+from fgattn.ops import benchmark, dispatch, reference, registry, rules, sdpa
+from fgattn.ops.call import Call
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "results" / "2026-11-23-h100" / "candidates_grid.json"
-CPU_IMPLS = ["reference", "sdpa_flash", "triton", "triton_fa"]  # triton*: the interpreter
-
-
-@pytest.fixture(autouse=True)
-def _fresh_settings():
-    backend, benchmark = backends.get_backend(), backends.get_benchmark()
-    dispatch.clear_benchmark_cache()
-    yield
-    backends.set_backend(backend)
-    backends.set_benchmark(benchmark)
-    dispatch.clear_benchmark_cache()
-
-
-def check_against_fp64(op, inputs, backend, scale=-1.0, tol=2e-5):
-    """Output and every input gradient of `backend` vs the reference in fp64."""
-    fns = {
-        "self": lambda x, b: channel_attention(x, scale=scale, backend=b),
-        "cross": lambda q, k, v, b: channel_attention(q, k, v, scale=scale, backend=b),
-        "contrastive": lambda a, x, e, b: contrastive_channel_attention(
-            a, x, e, scale=scale, backend=b
-        ),
-    }
-    xs = [leaf(t) for t in inputs]
-    out = fns[op](*xs, backend)
-    assert out.dtype == inputs[0].dtype and out.shape == fns[op](*inputs, "reference").shape
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, xs, g)
-    ref_xs = [leaf(t.double()) for t in inputs]
-    ref = fns[op](*ref_xs, "reference")
-    ref_grads = torch.autograd.grad(ref, ref_xs, g.double())
-    close(out, ref, tol)
-    for got, want in zip(grads, ref_grads, strict=True):
-        close(got, want, tol)
+# What runs CPU tensors here: triton_*: the interpreter (triton_gram: L > 256 only)
+CPU_IMPLS = ["reference", "sdpa_flash", "triton_tiled", "triton_flash"]
 
 
 def make(op, b, c, length, dtype=torch.float32, scale=1.0):
@@ -68,72 +39,14 @@ def make(op, b, c, length, dtype=torch.float32, scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Every implementation equals the fp64 reference
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("op", ["self", "cross"])
-@pytest.mark.parametrize("length", [1, 7, 8, 9, 196])  # SDPA pads L to a multiple of 8
-def test_attention_matches_fp64_reference(impl, op, length):
-    check_against_fp64(op, make(op, 2, 12, length), impl)
-
-
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-@pytest.mark.parametrize("length", [1, 7, 9])
-def test_contrastive_matches_fp64_reference(impl, length):
-    check_against_fp64("contrastive", make("contrastive", 2, 12, length), impl)
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("scale", [-1 / 49, 0.0, 0.5])
-def test_any_scale(impl, scale):
-    check_against_fp64("self", make("self", 2, 16, 49), impl, scale=scale)
-    check_against_fp64("cross", make("cross", 2, 16, 7), impl, scale=scale)
-
-
-@pytest.mark.parametrize(
-    ("impl", "dtype", "tol"),
-    [
-        ("reference", torch.bfloat16, 3e-2),
-        ("reference", torch.float16, 1e-2),
-        ("sdpa_flash", torch.bfloat16, 3e-2),
-        ("sdpa_flash", torch.float16, 1e-2),
-        ("triton", torch.float16, 1e-2),  # the interpreter's bf16 tl.dot is unreliable
-    ],
-)
-def test_large_logits_in_half_precision(impl, dtype, tol):
-    # |x| ≈ 30, L = 196: logits near -1e5, beyond fp16's range; every path keeps them in fp32.
-    x = make("self", 2, 32, 196, dtype, scale=30.0)[0]
-    x[:, ::5] = 0  # dead channels
-    xs = leaf(x)
-    out = channel_attention(xs, backend=impl)
-    g = torch.randn_like(out)
-    (dx,) = torch.autograd.grad(out, xs, g)
-    x32 = leaf(x.float())
-    ref = reference.channel_attention(x32, x32, x32, -1.0)
-    (rdx,) = torch.autograd.grad(ref, x32, g.float())
-    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(dx).all()
-    close(out, ref, tol)
-    close(dx, rdx, tol)
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_layouts_and_dead_channels(impl):
-    x = torch.randn(2, 12, 5, 4).relu()
-    x[:, 3] = 0
-    check_against_fp64("self", [x], impl)
-    check_against_fp64("self", [torch.randn(2, 9, 12).transpose(1, 2)], impl)  # L stride ≠ 1
-    cl = x.contiguous(memory_format=torch.channels_last)
-    out = channel_attention(cl, backend=impl)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    close(out, reference.channel_attention(*[x.flatten(2).double()] * 3, -1.0).view_as(x), 2e-5)
+# SDPA
 
 
 def test_sdpa_folds_only_the_sign_into_q():
     # A rounded q·|scale| would move logits of 1e4 by ~1; the sign alone is exact in bf16.
     x = make("self", 1, 16, 49, torch.bfloat16, scale=30.0)[0]
     out = sdpa.self_attention(x, -1 / 3, "flash")
-    ref = reference.channel_attention(*[x.double()] * 3, -1 / 3)
+    ref = reference.self_attention(x.double(), -1 / 3)
     close(out, ref, 3e-2)
 
 
@@ -142,7 +55,7 @@ def test_sdpa_folds_only_the_sign_into_q():
 
 DATA_NAMES = {
     "eager": "reference",
-    "triton": "triton",
+    "triton": "triton_tiled",  # named so when measured
     "cudnn_p8": "sdpa_cudnn",
     "flash_p8": "sdpa_flash",
     "efficient_p8": "sdpa_efficient",
@@ -158,12 +71,12 @@ def _measured_cells():
 
 
 def cuda_call(op="self", dtype=torch.bfloat16, c=2048, length=196, grad=True, cap=(9, 0)):
-    return dispatch.Call(op, "cuda", "cuda:0", cap, dtype, 32, c, length, length, grad)
+    return Call(op, "cuda", "cuda:0", cap, dtype, 32, c, length, length, grad)
 
 
 def cpu_call(op="self", dtype=torch.float32, c=512, length=49, grad=True, b=8):
     lv = 2 * length if op == "cross" else length  # PCA-Net's v = [F1 | F2]
-    return dispatch.Call(op, "cpu", "cpu", (0, 0), dtype, b, c, length, lv, grad)
+    return Call(op, "cpu", "cpu", (0, 0), dtype, b, c, length, lv, grad)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -174,7 +87,7 @@ def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
     # sub-millisecond cells).
     dtype, c, length = cell
     call = cuda_call(dtype=getattr(torch, dtype), c=c, length=length, grad=grad)
-    rule = dispatch.rule_for(call)
+    rule = rules.rule_for(call)
     key = "fwd_bwd_ms" if grad else "fwd_ms"
     pick = next(name for name in rule.prefer if name in rows)
     best = min(rows, key=lambda name: rows[name][key])
@@ -185,7 +98,7 @@ def test_rule_table_agrees_with_the_h100_grid(cell, rows, grad):
 
 @pytest.fixture
 def roomy_gpu(monkeypatch):
-    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 80 << 30)
+    monkeypatch.setattr("fgattn.ops.call.free_bytes", lambda device: 80 << 30)
 
 
 @pytest.mark.parametrize(
@@ -194,16 +107,16 @@ def roomy_gpu(monkeypatch):
         (cuda_call(), "sdpa_cudnn"),
         (cuda_call(c=512), "sdpa_flash"),
         (cuda_call(cap=(8, 0)), "sdpa_flash"),  # cuDNN is only measured on sm_90
-        (cuda_call(dtype=torch.float16, length=784), "triton"),
+        (cuda_call(dtype=torch.float16, length=784), "triton_tiled"),
         (cuda_call(length=784, grad=False), "sdpa_efficient"),
         (cuda_call(op="cross"), "sdpa_cudnn"),
         (cuda_call(dtype=torch.float32), "sdpa_efficient"),
         (cuda_call(dtype=torch.float32, c=512), "reference"),
         (cuda_call(dtype=torch.float32, length=49, c=1024), "sdpa_efficient"),
         (cuda_call(dtype=torch.float64), "reference"),
-        (cuda_call(op="contrastive"), "triton"),
+        (cuda_call(op="contrastive"), "triton_tiled"),
         (cuda_call(op="contrastive", length=784), "reference"),
-        (cuda_call(op="contrastive", length=784, grad=False), "triton"),
+        (cuda_call(op="contrastive", length=784, grad=False), "triton_tiled"),
         (cuda_call(op="contrastive", dtype=torch.float32), "reference"),
         (cpu_call(c=256, length=196), "reference"),
         (cpu_call(length=196), "sdpa_flash"),
@@ -225,19 +138,35 @@ def test_rule_table_picks_what_it_says(roomy_gpu, call, expected):
 
 def test_the_channel_matrix_is_built_only_where_it_fits(monkeypatch):
     call = cuda_call(dtype=torch.float32, c=2048, length=784)  # eager is fastest here
-    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 80 << 30)
+    monkeypatch.setattr("fgattn.ops.call.free_bytes", lambda device: 80 << 30)
     assert dispatch.by_rule(call).name == "reference"
-    monkeypatch.setattr(dispatch, "_free_bytes", lambda device: 1 << 30)  # needs 2 GiB
+    monkeypatch.setattr("fgattn.ops.call.free_bytes", lambda device: 1 << 30)  # needs 2 GiB
     assert dispatch.by_rule(call).name == "sdpa_efficient"
+    assert "more than free" in registry.IMPLEMENTATIONS["reference"].why_not(call)
 
 
 def test_unavailable_triton_is_skipped_and_named(monkeypatch, roomy_gpu):
-    module = "fgattn.ops.triton_backend"
-    monkeypatch.setitem(dispatch._import_errors, module, "No module named 'triton'")
+    missing = "fgattn's Triton kernels could not be imported: No module named 'triton'"
+    for name in ("triton_tiled", "triton_flash", "triton_gram"):
+        impl = registry.Implementation(name, {}, lambda call: missing, registry.reference.LIMITS)
+        monkeypatch.setitem(registry.IMPLEMENTATIONS, name, impl)
     assert dispatch.by_rule(cuda_call(length=784)).name == "reference"
     x = torch.randn(2, 8, 5)
-    with pytest.raises(ValueError, match=r"backend .triton. cannot run .*No module named .triton."):
-        channel_attention(x, backend="triton")
+    with pytest.raises(ValueError, match=r"backend .triton_tiled. cannot run .*No module named"):
+        channel_attention(x, backend="triton_tiled")
+
+
+def test_flash_kernels_are_never_offered_fp32_on_a_gpu(monkeypatch, roomy_gpu):
+    # what the flash kernels' prune refuses at launch, the dispatcher never offers
+    flash = pytest.importorskip("fgattn.ops.triton.flash")
+    for module in (flash, flash.tuning):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(flash.tuning, "shared_memory_limit", lambda device: 227 * 1024)  # H100
+    impl = registry.IMPLEMENTATIONS["triton_flash"]
+    for op in ("self", "cross", "contrastive"):
+        reason = impl.why_not(cuda_call(op=op, dtype=torch.float32))
+        assert reason is not None and "do not run fp32 inputs" in reason
+        assert impl.supports(cuda_call(op=op, dtype=torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,16 +175,17 @@ def test_unavailable_triton_is_skipped_and_named(monkeypatch, roomy_gpu):
 
 def test_self_attention_is_explicit(monkeypatch):
     calls = []
-    for name in ("self_attention", "channel_attention"):
-        orig = getattr(sdpa, name)
-        monkeypatch.setattr(
-            sdpa, name, lambda *a, _o=orig, _n=name, **kw: calls.append(_n) or _o(*a, **kw)
-        )
+    impl = registry.IMPLEMENTATIONS["sdpa_flash"]
+    functions = dict(impl.functions)
+    for name, fn in impl.functions.items():
+        functions[name] = lambda *a, _o=fn, _n=name: calls.append(_n) or _o(*a)
+    monkeypatch.setitem(registry.IMPLEMENTATIONS, "sdpa_flash", impl.__class__(
+        impl.name, functions, impl.refusal, impl.limits))  # fmt: skip
     x = torch.randn(2, 8, 5)
     channel_attention(x, backend="sdpa_flash")
     channel_attention(x, x, x, backend="sdpa_flash")
     channel_attention(x, v=x, backend="sdpa_flash")
-    assert calls == ["self_attention", "channel_attention", "channel_attention"]
+    assert calls == ["self", "cross", "cross"]
 
 
 def test_family_name_takes_its_best_member():
@@ -269,7 +199,7 @@ def test_global_setting_and_context_manager():
     assert backends.resolve("self", x) == "reference"
     with backends.use_backend("sdpa"):
         assert backends.resolve("self", x) == "sdpa_flash"
-        with pytest.raises(KeyError), backends.use_backend("triton"):
+        with pytest.raises(KeyError), backends.use_backend("triton_tiled"):
             raise KeyError  # restored on the way out
         assert backends.get_backend() == "sdpa"
     assert backends.get_backend() == "reference"
@@ -307,12 +237,12 @@ def test_environment_variable_never_breaks_cpu_tensors():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    y = fgattn.functional.channel_attention(x)\n"
-        "torch.testing.assert_close(y, reference.channel_attention(x, x, x, -1.0))\n"
+        "torch.testing.assert_close(y, reference.self_attention(x, -1.0))\n"
         "print(fgattn.backends.get_backend(), 'falling back' in str(w[0].message))\n"
     )
-    proc = _python(code, FGATTN_BACKEND="triton")
+    proc = _python(code, FGATTN_BACKEND="triton_tiled")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["triton", "True"]
+    assert proc.stdout.split() == ["triton_tiled", "True"]
 
 
 def test_bad_environment_variable_names_itself():
@@ -330,9 +260,9 @@ def fake_timer(monkeypatch):
 
     def fake(impl, call, repeat=5, scale=-1.0):
         log.append((impl.name, call.length))
-        return {"reference": 1.0, "triton": 2.0}.get(impl.name, 3.0)
+        return {"reference": 1.0, "triton_tiled": 2.0}.get(impl.name, 3.0)
 
-    monkeypatch.setattr(dispatch, "time_call", fake)
+    monkeypatch.setattr(benchmark, "time_call", fake)
     return log
 
 
@@ -341,14 +271,14 @@ def test_benchmark_mode_times_once_per_shape(fake_timer):
     x = torch.randn(2, 8, 5)
     for _ in range(3):
         channel_attention(x)
-    assert sorted(fake_timer) == [(name, 5) for name in CPU_IMPLS]  # timed once
+    assert sorted(fake_timer) == sorted((name, 5) for name in CPU_IMPLS)  # timed once
     x = torch.randn(2, 512, 5)  # the rule table would take sdpa_flash here
     channel_attention(x)
     assert backends.resolve("self", x) == "reference"  # the fastest by the (fake) clock
     assert len(fake_timer) == 2 * len(CPU_IMPLS)  # a new shape is timed again
     channel_attention(x.requires_grad_())  # so is the same shape with a gradient to come
     assert len(fake_timer) == 3 * len(CPU_IMPLS)
-    dispatch.clear_benchmark_cache()
+    backends.clear_benchmark_cache()
     channel_attention(torch.randn(2, 512, 5))
     assert len(fake_timer) == 4 * len(CPU_IMPLS)
     backends.benchmark = False
@@ -359,15 +289,18 @@ def test_benchmark_mode_rules_out_a_failing_candidate(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("this kernel does not compile")
 
-    monkeypatch.setattr(reference, "self_attention", broken)
+    impl = registry.IMPLEMENTATIONS["reference"]
+    functions = dict(impl.functions, self=broken)
+    monkeypatch.setitem(registry.IMPLEMENTATIONS, "reference", impl.__class__(
+        impl.name, functions, impl.refusal, impl.limits))  # fmt: skip
     backends.benchmark = True
     x = torch.randn(2, 8, 5)
     torch.testing.assert_close(channel_attention(x), sdpa.self_attention(x, -1.0, "flash"))
-    assert list(dispatch._winners.values()) in (["sdpa_flash"], ["triton"])
+    assert list(benchmark._winners.values()) in (["sdpa_flash"], ["triton_tiled"], ["triton_flash"])
 
 
 def test_fallback_warning_points_at_the_callers_line():
-    backends.set_backend("triton")
+    backends.set_backend("triton_tiled")
     sci = fgattn.SCI(8)
     with pytest.warns(UserWarning, match="falling back") as record:
         sci.double()(torch.randn(2, 8, 3, 3, dtype=torch.float64))
@@ -377,8 +310,8 @@ def test_fallback_warning_points_at_the_callers_line():
 def test_benchmark_mode_really_times():
     backends.benchmark = True
     x = torch.randn(2, 16, 9)
-    torch.testing.assert_close(channel_attention(x), reference.channel_attention(x, x, x, -1.0))
-    (winner,) = dispatch._winners.values()
+    torch.testing.assert_close(channel_attention(x), reference.self_attention(x, -1.0))
+    (winner,) = benchmark._winners.values()
     assert winner in CPU_IMPLS
 
 
@@ -410,7 +343,7 @@ def test_compile_in_benchmark_mode_uses_cached_winners_and_never_times(fake_time
     fn = torch.compile(lambda t: channel_attention(t), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(x), channel_attention(x, backend="reference"))
     y = torch.randn(2, 8, 6)  # not cached: the rule table decides, nothing is timed in a trace
-    torch.testing.assert_close(fn(y), reference.channel_attention(y, y, y, -1.0))
+    torch.testing.assert_close(fn(y), reference.self_attention(y, -1.0))
     assert len(fake_timer) == len(CPU_IMPLS)
 
 
@@ -433,3 +366,96 @@ class _Call(torch.nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names of fgattn 0.1, and resolve's arguments
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("triton", "triton_tiled"), ("triton_fa", "triton_flash")]
+)
+def test_deprecated_names_warn_once_and_work(old, new, monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    x = torch.randn(2, 8, 5)
+    with pytest.warns(FutureWarning, match=rf"{old!r} is now called {new!r}"):
+        backends.set_backend(old)
+    assert backends.get_backend() == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per name: no second warning
+        assert backends.resolve("self", x, backend=old) == new
+        torch.testing.assert_close(
+            channel_attention(x, backend=old), reference.self_attention(x, -1.0)
+        )
+
+
+def test_deprecated_name_in_the_environment():
+    code = "import fgattn; print(fgattn.backends.get_backend())"
+    proc = _python(code, FGATTN_BACKEND="triton_fa")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "triton_flash"
+    assert "FutureWarning" in proc.stderr and "'triton_fa' is now called" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (("selfie", torch.randn(2, 4, 5)), ValueError, r"op must be one of .*'selfie'"),
+        (("self",), ValueError, r"takes x: got 0 tensors"),
+        (("cross", torch.randn(2, 4, 5)), ValueError, r"takes q, k, v: got 1"),
+        (("self", "x"), TypeError, r"tensor 0 must be a torch.Tensor"),
+        (("self", torch.randn(2, 4, 5, 6)), ValueError, r"must be \(B, C, L\)"),
+        ((3, torch.randn(2, 4, 5)), TypeError, r"op must be a str"),
+    ],
+)
+def test_resolve_says_what_is_wrong(args, error, match):
+    with pytest.raises(error, match=match):
+        backends.resolve(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The import graph
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """The fgattn modules `module` (file `path`) imports, at its top level or inside functions."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fgattn")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            if base.startswith("fgattn"):
+                found |= {f"{base}.{a.name}" for a in node.names} | {base}
+    return found
+
+
+def test_the_package_imports_without_a_circle():
+    root = ROOT / "fgattn"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {m: {i for i in _imports(p, m) if i in modules and i != m} for m, p in modules.items()}
+    # a package's __init__ importing its own submodules is how packages are built, not a circle
+    graph = {m: {i for i in deps if not i.startswith(m + ".")} for m, deps in graph.items()}
+    state, cycle = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycle.extend([*path, m, dep])
+                return True
+            if dep not in state and visit(dep, [*path, m]):
+                return True
+        state[m] = "done"
+        return False
+
+    assert not any(visit(m, []) for m in sorted(graph) if m not in state), " -> ".join(cycle)
+    assert "fgattn.backends" not in set().union(*(graph[m] for m in graph if ".ops" in m))

@@ -101,7 +101,7 @@ def fgattn_ops(graph_module):
     return [n for n in graph_module.graph.nodes if str(n.target).startswith("fgattn.")]
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_fa"])
+@pytest.mark.parametrize("backend", ["triton_tiled", "triton_flash"])
 def test_export_replaces_fused_custom_ops_with_the_reference_and_says_so(
     backend, monkeypatch, tmp_path
 ):
@@ -139,9 +139,11 @@ def test_strict_export_falls_back_too(monkeypatch):
     sci = layers()["sci"].to(DEVICE)
     x = torch.randn(2, 32, 7, 7, device=DEVICE).relu()
     monkeypatch.setattr(dispatch, "_export_warned", set())
-    with fgattn.backends.use_backend("triton"):
-        assert fgattn.backends.resolve("self", x.flatten(2)) == "triton"
-        with pytest.warns(UserWarning, match=r"'triton' implementation.*'reference'") as record:
+    with fgattn.backends.use_backend("triton_tiled"):
+        assert fgattn.backends.resolve("self", x.flatten(2)) == "triton_tiled"
+        with pytest.warns(
+            UserWarning, match=r"'triton_tiled' implementation.*'reference'"
+        ) as record:
             program = torch.export.export(sci, (x,), strict=True)
     assert fgattn_ops(program.graph_module) == []
     assert any(w.filename == __file__ for w in record)

@@ -65,15 +65,15 @@ Resource usage:
 
 
 def test_kernel_filter_matches_qualified_names():
-    """`--kernel` takes substrings of 'module._name'; no pattern takes every kernel."""
+    """`--kernel` takes substrings of 'implementation._name'; no pattern takes every kernel."""
     kr = _kernel_resources()
 
     def kernel():
         pass
 
-    kernel.__module__, kernel.__name__ = "fgattn.ops.triton_flash_contrastive", "_bwd_kernel"
-    assert kr.qualified(kernel) == "triton_flash_contrastive._bwd_kernel"
+    kernel.__module__, kernel.__name__ = "fgattn.ops.triton.flash", "_contrastive_bwd_kernel"
+    assert kr.qualified(kernel) == "triton_flash._contrastive_bwd_kernel"
     assert kr.selected(kernel, [])
-    assert kr.selected(kernel, ["flash_contrastive._bwd", "nothing"])
-    assert not kr.selected(kernel, ["triton_flash._bwd", "_fwd_kernel"])
+    assert kr.selected(kernel, ["flash._contrastive_bwd", "nothing"])
+    assert not kr.selected(kernel, ["triton_tiled.", "_fwd_kernel"])
     assert kr.parse_args(["--kernel", "a", "b"]).kernel == ["a", "b"]

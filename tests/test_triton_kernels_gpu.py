@@ -1,5 +1,6 @@
-"""Fused Triton kernels at real sizes in every dtype on a CUDA GPU; on small sizes through Triton's
-CPU interpreter elsewhere, so that a mistake in this module cannot wait for a GPU to show.
+"""The "triton_tiled" kernels (auto's Triton path) at real sizes in every dtype on a CUDA GPU; on
+small sizes through Triton's CPU interpreter elsewhere, so that a mistake in this module cannot
+wait for a GPU to show. Every implementation at small sizes: tests/test_conformance.py.
 
 Tolerances are relative to the largest magnitude of the expected tensor: fp32 1e-4 (exact fp32
 products), TF32 5e-3, fp16 1e-2, bf16 3e-2 — p and ds enter the tensor cores in the input dtype,
@@ -18,13 +19,10 @@ pytest.importorskip("triton")
 from fgattn import backends
 from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import reference
-from fgattn.ops.triton_backend import interpreting
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (ON_GPU or interpreting()), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
-)
+pytestmark = pytest.mark.kernels
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="measures or compiles for a CUDA GPU")
 
 TOL = {"fp32": 1e-4, "tf32": 5e-3, "fp16": 1e-2, "bf16": 3e-2}
@@ -95,8 +93,8 @@ def test_self_attention(tf32_mode, shape):
     x = make(shape, tf32_mode, relu=True)
     x[:, ::7] = 0  # dead channels
     run(
-        lambda x: channel_attention(x, backend="triton"),
-        lambda x: reference.channel_attention(x, x, x, -1.0),
+        lambda x: channel_attention(x, backend="triton_tiled"),
+        lambda x: reference.self_attention(x, -1.0),
         [x],
         tf32_mode,
     )
@@ -110,8 +108,8 @@ def test_cross_attention_wide_value(tf32_mode, b, c, length, lv):
     q, k = make((b, c, length), tf32_mode), make((b, c, length), tf32_mode)
     v = make((b, c, lv), tf32_mode)
     run(
-        lambda q, k, v: channel_attention(q, k, v, backend="triton"),
-        lambda q, k, v: reference.channel_attention(q, k, v, -1.0),
+        lambda q, k, v: channel_attention(q, k, v, backend="triton_tiled"),
+        lambda q, k, v: reference.cross_attention(q, k, v, -1.0),
         [q, k, v],
         tf32_mode,
     )
@@ -129,8 +127,8 @@ def test_contrastive(tf32_mode, shape):
         # exact fp32 keeps testing the kink.
         eta = -0.5 - eta
     run(
-        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton"),
-        lambda a, b, e: reference.contrastive_channel_attention(a, b, e, -1.0),
+        lambda a, b, e: contrastive_channel_attention(a, b, e, backend="triton_tiled"),
+        lambda a, b, e: reference.contrastive_attention(a, b, e, -1.0),
         [a, b, eta],
         tf32_mode,
     )
@@ -140,13 +138,11 @@ def test_contrastive(tf32_mode, shape):
 def test_non_contiguous_channels_last(tf32_mode):
     shape = sizes((4, 512, 14, 14), (2, 24, 5, 4))
     x = make(shape, tf32_mode, relu=True).contiguous(memory_format=torch.channels_last)
-    out = channel_attention(x, backend="triton")
+    out = channel_attention(x, backend="triton_tiled")
     assert out.is_contiguous(memory_format=torch.channels_last)
     run(
-        lambda x: channel_attention(x, backend="triton"),
-        lambda x: reference.channel_attention(
-            x.flatten(2), x.flatten(2), x.flatten(2), -1.0
-        ).reshape(x.shape),
+        lambda x: channel_attention(x, backend="triton_tiled"),
+        lambda x: reference.self_attention(x.flatten(2), -1.0).reshape(x.shape),
         [x],
         tf32_mode,
     )
@@ -156,11 +152,11 @@ def test_non_contiguous_channels_last(tf32_mode):
 def test_large_magnitudes_half(tf32_mode):
     # |x| ≈ 30 post-ReLU: fp16 logits would reach ~1e5 and overflow; ours are fp32.
     x = make(sizes((4, 2048, 196), (2, 32, 49)), tf32_mode, scale=30.0, relu=True)
-    out = channel_attention(x, backend="triton")
+    out = channel_attention(x, backend="triton_tiled")
     assert torch.isfinite(out).all()
     run(
-        lambda x: channel_attention(x, backend="triton"),
-        lambda x: reference.channel_attention(x, x, x, -1.0),
+        lambda x: channel_attention(x, backend="triton_tiled"),
+        lambda x: reference.self_attention(x, -1.0),
         [x],
         tf32_mode,
     )
@@ -169,9 +165,9 @@ def test_large_magnitudes_half(tf32_mode):
 def test_autocast_keeps_fp32_logits():
     x = torch.randn(*sizes((4, 512, 196), (2, 32, 20)), device=DEVICE).relu()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = channel_attention(x, backend="triton")
+        out = channel_attention(x, backend="triton_tiled")
     with matmul_tf32(False):
-        ref = reference.channel_attention(x.double(), x.double(), x.double(), -1.0)
+        ref = reference.self_attention(x.double(), -1.0)
     close(out, ref, "tf32")
 
 
@@ -181,7 +177,7 @@ def test_auto_picks_a_fused_path_on_cuda():
     major, _ = torch.cuda.get_device_capability()
     assert backends.resolve("self", x) == ("sdpa_cudnn" if major >= 9 else "sdpa_flash")
     long = torch.randn(2, 512, 784, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert backends.resolve("self", long) == "triton"
+    assert backends.resolve("self", long) == "triton_tiled"
 
 
 @gpu_only
@@ -192,7 +188,7 @@ def test_never_materialises_the_channel_matrix():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    channel_attention(x, backend="triton").backward(g)
+    channel_attention(x, backend="triton_tiled").backward(g)
     torch.cuda.synchronize()
     # Beyond the output and x's gradient (x's size each), only per-row statistics: far below one
     # fp32 C x C matrix per batch (134 MB here).
@@ -210,7 +206,7 @@ def test_torch_compile_fullgraph():
         return (y * y).mean() + (z * z).mean()
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-    got = torch.autograd.grad(compiled(x, eta, "triton"), (x, eta))
+    got = torch.autograd.grad(compiled(x, eta, "triton_tiled"), (x, eta))
     with matmul_tf32(False):
         want = torch.autograd.grad(f(x, eta, "reference"), (x, eta))
     for a, b in zip(got, want, strict=True):

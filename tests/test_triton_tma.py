@@ -1,7 +1,7 @@
-"""TMA loads in the flash-shaped forward kernels (`triton_flash._fwd_kernel`, the contrastive
-`_lse_kernel` / `_fwd_kernel`): each config of their autotune space comes twice, streaming k / v
-tiles through masked pointer loads (cp.async once pipelined) or through on-device tensor
-descriptors (`USE_TMA`, TMA on sm_90). Checked here:
+"""TMA loads in the flash-shaped forward kernels (`flash._fwd_kernel`, the contrastive
+`_contrastive_stats_kernel` / `_contrastive_fwd_kernel`): each config of their autotune space
+comes twice, streaming k / v tiles through masked pointer loads (cp.async once pipelined) or
+through on-device tensor descriptors (`USE_TMA`, TMA on sm_90). Checked here:
 - the config space and its prune: TMA configs only on an NVIDIA target of compute capability
   ≥ 9.0 with Triton ≥ 3.5, never in the backward kernels;
 - the allocator the descriptors need is set for fgattn's launch only;
@@ -10,7 +10,7 @@ descriptors (`USE_TMA`, TMA on sm_90). Checked here:
   and gradients, at several tiles, with partial row blocks and B > 1 (a descriptor reaching past
   row C must read zeros, not the next batch's rows).
 Without CUDA the kernels run in Triton's interpreter, which supports tensor descriptors from
-Triton 3.4 on; `INTERPRETER_TMA` picks the load path of its one config. On a GPU the autotune
+Triton 3.4 on; `tuning.INTERPRETER_TMA` picks the load path of its configs. On a GPU the autotune
 space is cut to one load path instead. That the TMA configs compile to TMA copies on sm_90 is
 `benchmarks/kernel_resources.py`'s job (benchmarks/README.md); it needs no GPU but minutes of CPU.
 """
@@ -20,44 +20,35 @@ import os
 
 import pytest
 import torch
-from _numerics import close, leaf, randn
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _kernels import forget_tuning
+from _numerics import DEVICE, close, leaf, randn
 
 triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fgattn.functional import channel_attention, contrastive_channel_attention  # noqa: E402
-from fgattn.ops import _triton_common, reference  # noqa: E402
-from fgattn.ops import triton_flash as tfa  # noqa: E402
-from fgattn.ops import triton_flash_contrastive as tfc  # noqa: E402
+from fgattn.ops import reference  # noqa: E402
+from fgattn.ops.triton import flash, library, tuning  # noqa: E402
 
-INTERPRETED = isinstance(tfa._fwd_kernel.fn, InterpretedFunction)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-TMA_KERNELS = (tfa._fwd_kernel, tfc._lse_kernel, tfc._fwd_kernel)
+INTERPRETED = DEVICE == "cpu"
+TMA_KERNELS = (flash._fwd_kernel, flash._contrastive_stats_kernel, flash._contrastive_fwd_kernel)
 OTHER_KERNELS = (
-    tfa._bwd_delta_self_kernel,
-    tfa._bwd_self_kernel,
-    tfa._bwd_delta_cross_kernel,
-    tfa._bwd_dq_kernel,
-    tfa._bwd_dk_kernel,
-    tfa._bwd_dv_kernel,
-    tfc._bwd_rowsum_kernel,
-    tfc._bwd_kernel,
+    flash._bwd_delta_self_kernel,
+    flash._bwd_self_kernel,
+    flash._bwd_delta_cross_kernel,
+    flash._bwd_dq_kernel,
+    flash._bwd_dk_kernel,
+    flash._bwd_dv_kernel,
+    flash._contrastive_rowsum_kernel,
+    flash._contrastive_bwd_kernel,
 )
-needs_kernels = pytest.mark.skipif(
-    not INTERPRETED and not torch.cuda.is_available(),
-    reason="kernels compiled before TRITON_INTERPRET was set and no GPU (run this file alone)",
-)
+needs_kernels = pytest.mark.kernels
 
 
 def _forget_tuning():
-    for kernel in TMA_KERNELS + OTHER_KERNELS:
-        kernel.cache.clear()
+    forget_tuning(flash)
 
 
 @pytest.fixture(params=[False, True], ids=["pointers", "tma"])
@@ -65,9 +56,9 @@ def use_tma(request, monkeypatch):
     """Run the forward kernels with one load path: the interpreter's one config, or on a GPU the
     autotune space cut to that path (TMA skipped where this GPU / Triton has no TMA configs)."""
     tma = request.param
-    if tma and not INTERPRETED and not tfa.tma_available():
+    if tma and not INTERPRETED and not tuning.tma_available():
         pytest.skip("no TMA configs on this GPU / Triton (sm_90+ and Triton >= 3.5)")
-    monkeypatch.setattr(tfa, "INTERPRETER_TMA", tma)
+    monkeypatch.setattr(tuning, "INTERPRETER_TMA", tma)
     for kernel in TMA_KERNELS:
         only = [cfg for cfg in kernel.configs if cfg.kwargs["USE_TMA"] == tma]
         monkeypatch.setattr(kernel, "configs", only)
@@ -78,9 +69,9 @@ def use_tma(request, monkeypatch):
 
 @pytest.fixture(params=[(16, 16), (32, 16), (16, 64)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
 def tiles(request, monkeypatch):
-    """The interpreter's one config: resident rows x streamed rows (partial blocks at C = 40)."""
+    """The interpreter's config: resident rows x streamed rows (partial blocks at C = 40)."""
     bm, bn = request.param
-    monkeypatch.setattr(tfa, "INTERPRETER_TILES", {"BLOCK_M": bm, "BLOCK_N": bn})
+    monkeypatch.setitem(tuning.INTERPRETER, "flash", [{"BLOCK_M": bm, "BLOCK_N": bn}])
     _forget_tuning()
     yield request.param
     _forget_tuning()
@@ -109,8 +100,8 @@ class _Target:
 def target(monkeypatch):
     """Pretend to launch for `target(backend, arch)`: off the interpreter, any shared memory."""
     attr = "_active" if hasattr(driver, "_active") else "active"  # Triton >= 3.5 / 3.4
-    monkeypatch.setattr(_triton_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_triton_common, "shared_memory_limit", lambda x: None)
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: None)
 
     def set_target(backend, arch):
         monkeypatch.setattr(driver, attr, _Target(backend, arch))
@@ -119,14 +110,15 @@ def target(monkeypatch):
 
 
 def _kept(kernel, length=196, dtype=torch.bfloat16):
-    kp = tfa.pieces(length)
+    kp = flash.pieces(length)
     kwargs = dict(K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=True)
     x = torch.empty(0, dtype=dtype)
     return kernel.early_config_prune(kernel.configs, {"X": x}, **kwargs)
 
 
 def test_every_tile_config_comes_with_both_loads():
-    for kernel, space in zip(TMA_KERNELS, (tfa.FWD_SPACE, tfc.SPACE, tfc.FWD_SPACE), strict=True):
+    spaces = [tuning.FLASH_SPACES[kind] for kind in ("fwd", "cstats", "cfwd")]
+    for kernel, space in zip(TMA_KERNELS, spaces, strict=True):
         pairs = [
             (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
             for c in kernel.configs
@@ -152,8 +144,8 @@ def test_every_tile_config_comes_with_both_loads():
 def test_tma_configs_kept_only_where_they_can_run(target, monkeypatch, backend, arch, new_triton,
                                                   want):  # fmt: skip
     target(backend, arch)
-    monkeypatch.setattr(tfa, "TMA_TRITON", new_triton)
-    assert tfa.tma_available() is want
+    monkeypatch.setattr(tuning, "TMA_TRITON", new_triton)
+    assert tuning.tma_available() is want
     for kernel in TMA_KERNELS:
         kept = _kept(kernel)
         loads = {c.kwargs["USE_TMA"] for c in kept}
@@ -165,13 +157,14 @@ def test_tma_configs_kept_only_where_they_can_run(target, monkeypatch, backend, 
 
 
 @pytest.mark.parametrize("tma", [False, True])
-def test_interpreter_runs_one_config_with_the_load_path_asked(monkeypatch, tma):
-    monkeypatch.setattr(_triton_common, "interpreting", lambda: True)
-    monkeypatch.setattr(tfa, "INTERPRETER_TMA", tma)
+def test_interpreter_runs_its_configs_with_the_load_path_asked(monkeypatch, tma):
+    monkeypatch.setattr(tuning, "interpreting", lambda: True)
+    monkeypatch.setattr(tuning, "INTERPRETER_TMA", tma)
+    (tiles,) = tuning.INTERPRETER["flash"]
     for kernel in TMA_KERNELS:
         (config,) = kernel.early_config_prune(kernel.configs, {}, K0=16, K1=0, K2=0)
         assert config.kwargs["USE_TMA"] is tma
-        assert {k: config.kwargs[k] for k in tfa.INTERPRETER_TILES} == tfa.INTERPRETER_TILES
+        assert {k: config.kwargs[k] for k in tiles} == tiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,13 +198,13 @@ def test_launch_sets_the_allocator_for_its_own_launch_only():
         mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
         triton.set_allocator(mine)
         probe = _Probe()
-        assert tfa.launch(probe, (1,), 1, x=2) == "ran"
+        assert tuning.launch(probe, (1,), 1, x=2) == "ran"
         return mine, probe.seen[0], _allocator_now()
 
     # a copy of this context, so that the user's allocator set here does not leak into the suite
     mine, during, after = contextvars.copy_context().run(user_code)
-    if tfa.TMA_TRITON:
-        assert during is tfa._scratch
+    if tuning.TMA_TRITON:
+        assert during is tuning._scratch
     else:  # Triton 3.4: a global allocator; launch sets none (and no TMA config runs on a GPU)
         assert during is mine
     assert after is mine  # the user's allocator is back (and was never replaced outside)
@@ -220,7 +213,7 @@ def test_launch_sets_the_allocator_for_its_own_launch_only():
 def test_scratch_allocator_gives_what_triton_asks():
     if not torch.cuda.is_available():
         pytest.skip("allocates on the GPU")
-    buf = tfa._scratch(384, 128, None)
+    buf = tuning._scratch(384, 128, None)
     assert buf.numel() == 384 and buf.data_ptr() % 128 == 0 and buf.is_cuda
 
 
@@ -229,10 +222,10 @@ def test_aligned_copies_a_base_that_is_not_16_byte_aligned():
     storage = torch.randn(2 * 3 * 16 + 1)
     x = storage[1:].view(2, 3, 16)
     assert x.is_contiguous() and x.data_ptr() % 16 == 4
-    y = tfa._aligned(x, 1, 16, 16)
+    y = library.aligned(x, 1, 16, 16)
     assert y.data_ptr() % 16 == 0 and torch.equal(y, x)
     aligned = torch.randn(2, 3, 16)
-    assert tfa._aligned(aligned, 1, 16, 16) is aligned  # no copy where none is needed
+    assert library.aligned(aligned, 1, 16, 16) is aligned  # no copy where none is needed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,30 +233,30 @@ def test_aligned_copies_a_base_that_is_not_16_byte_aligned():
 
 
 def _self(x):
-    return tfa._forward(x, x, x, -1.0, False, is_self=True)
+    return flash._forward(x, x, x, -1.0, False, True)
 
 
 def _cross(q, k, v):
-    return tfa._forward(q, k, v, 0.3, False)
+    return flash._forward(q, k, v, 0.3, False)
 
 
 def _contrastive(a, b, eta):
-    return tfc._forward(a, b, eta, -0.2, False)
+    return flash._contrastive_forward(a, b, eta, -0.2, False)
 
 
 CASES = {  # name: (launcher, inputs, kernels it runs)
-    "self": (_self, lambda: (randn(2, 40, 49),), (tfa._fwd_kernel,)),
-    "self-196": (_self, lambda: (randn(2, 19, 196, scale=0.3),), (tfa._fwd_kernel,)),
+    "self": (_self, lambda: (randn(2, 40, 49),), (flash._fwd_kernel,)),
+    "self-196": (_self, lambda: (randn(2, 19, 196, scale=0.3),), (flash._fwd_kernel,)),
     # lv = 300: two column tiles of v, each 150 wide, padded to 128 + 32
     "cross": (
         _cross,
         lambda: (randn(2, 40, 20), randn(2, 40, 20), randn(2, 40, 300)),
-        (tfa._fwd_kernel,),
+        (flash._fwd_kernel,),
     ),
     "contrastive": (
         _contrastive,
         lambda: (randn(2, 40, 36), randn(2, 40, 36), torch.tensor([0.4, 1.3], device=DEVICE)),
-        (tfc._lse_kernel, tfc._fwd_kernel),
+        (flash._contrastive_stats_kernel, flash._contrastive_fwd_kernel),
     ),
 }
 
@@ -277,7 +270,7 @@ def test_tma_loads_give_the_pointer_loads_bits(tiles, monkeypatch, case):
     inputs = make()
     results = {}
     for tma in (False, True):
-        monkeypatch.setattr(tfa, "INTERPRETER_TMA", tma)
+        monkeypatch.setattr(tuning, "INTERPRETER_TMA", tma)
         _forget_tuning()
         results[tma] = launcher(*inputs)
         assert_loaded_with(tma, kernels)
@@ -294,23 +287,23 @@ def test_rows_past_c_are_zeros_not_the_next_batch(use_tma, tiles):
     # 0's output through 0 · NaN in p v, although p is 0 for those columns.
     x = randn(2, 40, 48)
     x[1] = float("nan")
-    assert tfa._aligned(x, 1, 48, 48) is x
+    assert library.aligned(x, 1, 48, 48) is x
     out, _ = _self(x)
-    assert_loaded_with(use_tma, [tfa._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._fwd_kernel])
     assert torch.isfinite(out[0]).all()
-    close(out[0], reference.channel_attention(*[x[:1].double()] * 3, -1.0)[0], 2e-5)
+    close(out[0], reference.self_attention(x[:1].double(), -1.0)[0], 2e-5)
 
 
 def check(inputs, scale, tol=2e-5):
-    """Output and every input gradient of backend "triton_fa" against the fp64 reference; self
+    """Output and every input gradient of backend "triton_flash" against the fp64 reference; self
     attention when `inputs` is one tensor."""
     xs = [leaf(t) for t in inputs]
-    out = channel_attention(*xs, scale=scale, backend="triton_fa")
+    out = channel_attention(*xs, scale=scale, backend="triton_flash")
     g = randn(*out.shape)
     grads = torch.autograd.grad(out, xs, g)
     xs64 = [leaf(t.double()) for t in inputs]
     qkv = xs64 * 3 if len(xs64) == 1 else xs64
-    ref = reference.channel_attention(*qkv, scale)
+    ref = reference.cross_attention(*qkv, scale)
     close(out, ref, tol)
     for got, want in zip(grads, torch.autograd.grad(ref, xs64, g.double()), strict=True):
         close(got, want, tol)
@@ -322,26 +315,26 @@ def check(inputs, scale, tol=2e-5):
 )
 def test_self_attention(use_tma, tiles, b, c, length, scale):
     check([randn(b, c, length)], scale)
-    assert_loaded_with(use_tma, [tfa._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._fwd_kernel])
 
 
 @needs_kernels
 @pytest.mark.parametrize(("c", "length", "lv"), [(40, 20, 40), (17, 49, 300)])
 def test_cross_attention(use_tma, c, length, lv):
     check([randn(2, c, length), randn(2, c, length), randn(2, c, lv)], -1.0)
-    assert_loaded_with(use_tma, [tfa._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._fwd_kernel])
 
 
 @needs_kernels
 def test_contrastive(use_tma, tiles):
     a, b = leaf(randn(2, 40, 20)), leaf(randn(2, 40, 20))
     eta = leaf(torch.tensor([0.5, 1.2], device=DEVICE))
-    out = contrastive_channel_attention(a, b, eta, backend="triton_fa")
+    out = contrastive_channel_attention(a, b, eta, backend="triton_flash")
     g = randn(*out.shape)
     grads = torch.autograd.grad(out, (a, b, eta), g)
-    assert_loaded_with(use_tma, [tfc._lse_kernel, tfc._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._contrastive_stats_kernel, flash._contrastive_fwd_kernel])
     xs64 = [leaf(t.detach().double()) for t in (a, b, eta)]
-    ref = reference.contrastive_channel_attention(*xs64, -1.0)
+    ref = reference.contrastive_attention(*xs64, -1.0)
     close(out, ref, 2e-5)
     for got, want in zip(grads, torch.autograd.grad(ref, xs64, g.double()), strict=True):
         close(got, want, 2e-5)
@@ -355,9 +348,9 @@ def test_large_logits_stay_finite(use_tma, magnitude):
     x = randn(2, 24, 20, scale=magnitude).relu()
     x[:, ::5] = 0  # dead channels: rows of zero logits beside rows of -1e6
     out, stats = _self(x)
-    assert_loaded_with(use_tma, [tfa._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._fwd_kernel])
     assert torch.isfinite(out).all() and torch.isfinite(stats).all()
-    ref = reference.channel_attention(*[x.double()] * 3, -1.0)
+    ref = reference.self_attention(x.double(), -1.0)
     close(out, ref, 1e-5)
 
 
@@ -378,7 +371,7 @@ def test_large_logits_stay_finite(use_tma, magnitude):
 def test_half_precision(use_tma, dtype, tol):
     # TMA copies the input dtype's bytes as they are; p enters the product in that dtype
     check([randn(2, 40, 49, dtype=dtype).relu()], -1.0, tol=tol)
-    assert_loaded_with(use_tma, [tfa._fwd_kernel])
+    assert_loaded_with(use_tma, [flash._fwd_kernel])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,15 +384,15 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from kernel_resources import StubDriver
-from fgattn.ops import triton_flash as tfa
+from fgattn.ops.triton import flash, library
 
 driver.set_active(StubDriver(GPUTarget("cuda", 90, 32)))
-kp = tfa.pieces(196)
-x = tfa._aligned(torch.randn(2, 256, 196).bfloat16(), 1, 196, sum(kp))
+kp = flash.pieces(196)
+x = library.aligned(torch.randn(2, 256, 196).bfloat16(), 1, 196, sum(kp))
 out, stats = torch.empty(2, 256, 196).bfloat16(), torch.empty(2, 2, 256)
 result = {}
 for tma in (False, True):
-    compiled = tfa._fwd_kernel.fn.warmup(
+    compiled = flash._fwd_kernel.fn.warmup(
         x, x, x, out, stats, 256, sum(kp), 196, 196, -1.0,
         *x.stride(), *x.stride(), *x.stride(), *out.stride(),
         K0=kp[0], K1=kp[1], K2=kp[2], V0=kp[0], V1=kp[1], V2=kp[2], IS_SELF=True,

@@ -60,6 +60,7 @@ from .language import (
     sign,
     store_backward_stats,
     store_pieces,
+    store_rows,
     zeros_pieces,
 )
 from .library import (
@@ -204,8 +205,12 @@ def _fwd_kernel(
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
 
     # -- epilogue: normalise, store; the first column tile stores the row statistics
-    acc0, acc1, acc2 = acc0 / l_i[:, None], acc1 / l_i[:, None], acc2 / l_i[:, None]
-    store_pieces(Out, acc0, acc1, acc2, offs_m, C, d0, d_end, soc, sol, V0, V1, V2)
+    # (each piece divided just before its store: three divided accumulators at once cost registers)
+    store_rows(Out, acc0 / l_i[:, None], offs_m, C, d0, V0, d_end, soc, sol)
+    if V1 > 0:
+        store_rows(Out, acc1 / l_i[:, None], offs_m, C, d0 + V0, V1, d_end, soc, sol)
+    if V2 > 0:
+        store_rows(Out, acc2 / l_i[:, None], offs_m, C, d0 + V0 + V1, V2, d_end, soc, sol)
     if pid_d == 0:
         tl.store(STATS + b * 2 * C + offs_m, m_i, mask=offs_m < C)
         tl.store(STATS + b * 2 * C + C + offs_m, tl.log(l_i), mask=offs_m < C)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import triton
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when the kernels were
-    defined: tests)."""
+    defined: tests). Read eagerly under torch.compile (dispatch asks it at trace time)."""
     return bool(triton.knobs.runtime.interpret)
 
 

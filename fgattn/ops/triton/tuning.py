@@ -38,6 +38,7 @@ def _device_shared_memory(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
+@torch.compiler.assume_constant_result
 def shared_memory_limit(device: torch.device) -> int | None:
     """Shared memory one program may use on `device` (bytes); None (no limit) off the GPU."""
     if device.type != "cuda":
@@ -277,14 +278,8 @@ def flash_refusal(kind: str, dtype: torch.dtype, device: torch.device, lk: int, 
     registers: 2-17 KB; TF32: 0.4-1.2 KB), or no config fitting the GPU's shared memory."""
     if dtype == torch.float32 and not interpreting():
         return FP32_REFUSED
-    return _flash_shared_memory_refusal(kind, dtype, device, lk, lv)
-
-
-@functools.cache
-def _flash_shared_memory_refusal(kind: str, dtype: torch.dtype, device, lk: int, lv: int):
     limit = shared_memory_limit(device)
-    size = dtype.itemsize
-    smallest = min(_flash_need(kind, cfg, lk, lv, size)[0] for cfg in flash_configs(kind))
+    smallest = _flash_smallest(kind, lk, lv, dtype.itemsize)
     if limit is not None and smallest > limit:
         return (
             f"fgattn's flash-shaped Triton kernels need at least {smallest / 1024:.0f} KiB of "
@@ -292,6 +287,18 @@ def _flash_shared_memory_refusal(kind: str, dtype: torch.dtype, device, lk: int,
             f"{limit / 1024:.0f} KiB. Use backend='triton_tiled' (or 'auto') for this call"
         )
     return None
+
+
+_SMALLEST: dict[tuple, float] = {}
+
+
+@torch.compiler.assume_constant_result
+def _flash_smallest(kind: str, lk: int, lv: int, size: int) -> float:
+    """The shared memory of `kind`'s smallest config (kept per shape)."""
+    key = ("flash", kind, lk, lv, size)
+    if key not in _SMALLEST:
+        _SMALLEST[key] = min(_flash_need(kind, cfg, lk, lv, size)[0] for cfg in flash_configs(kind))
+    return _SMALLEST[key]
 
 
 def flash_prune(kind: str):
@@ -470,7 +477,7 @@ def gram_refusal(kind: str, dtype: torch.dtype, device: torch.device):
     """Why a `kind` kernel cannot run `dtype` on `device`, or None: no config fits the GPU's
     shared memory."""
     limit = shared_memory_limit(device)
-    smallest = min(_gram_need(kind, cfg, dtype.itemsize)[0] for cfg in gram_configs(kind))
+    smallest = _gram_smallest(kind, dtype.itemsize)
     if limit is not None and smallest > limit:
         return (
             f"fgattn's Gram kernels need at least {smallest / 1024:.0f} KiB of shared memory per "
@@ -478,6 +485,15 @@ def gram_refusal(kind: str, dtype: torch.dtype, device: torch.device):
             f"backend='triton_tiled' (or 'auto') for this call"
         )
     return None
+
+
+@torch.compiler.assume_constant_result
+def _gram_smallest(kind: str, size: int) -> float:
+    """The shared memory of `kind`'s smallest config (kept per dtype size)."""
+    key = ("gram", kind, size)
+    if key not in _SMALLEST:
+        _SMALLEST[key] = min(_gram_need(kind, cfg, size)[0] for cfg in gram_configs(kind))
+    return _SMALLEST[key]
 
 
 def gram_prune(kind: str):
