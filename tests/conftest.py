@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,12 @@ import torch
 # before any test module imports fgattn. With CUDA the kernels compile and run on the GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's compiled-code cache per torch release: CI runs the suite under two releases on one
+# machine, and a cache entry of the newer one failed to build (C++) under the older.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"torchinductor_fgattn_{torch.__version__}"),
+)
 
 from fgattn import backends
 from fgattn.ops import registry

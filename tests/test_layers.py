@@ -289,15 +289,24 @@ def test_sci_compiles_with_inductor_and_backpropagates():
 
 @pytest.mark.parametrize(
     ("make", "dynamic"),
-    [(lambda: SCI(4), None), (lambda: SCI(4), True), (lambda: CCI(4), None)],
-    ids=["sci-automatic-dynamic", "sci-dynamic", "cci-automatic-dynamic"],
+    [
+        (lambda: SCI(4), None),
+        (lambda: SCI(4), True),
+        (lambda: CCI(4), None),
+        (lambda: SCI(512), None),
+        (lambda: CCI(512), None),
+    ],
+    ids=["sci-automatic-dynamic", "sci-dynamic", "cci-automatic-dynamic", "sci-512", "cci-512"],
 )
 def test_layer_with_conv_compiles_for_a_second_spatial_size(make, dynamic):
     # φ(Y) with Y a reshaped bmm output: on CPU, inductor's channels_last layout for the conv once
-    # failed to order Y's symbolic strides (pytorch/pytorch#185510) at the second size.
+    # failed to order Y's symbolic strides (pytorch/pytorch#185510) at the second size. From
+    # C = 512 eager `auto` runs SDPA's CPU kernel, whose saved views failed the same way: under
+    # compile on the CPU a call with a backward takes the reference.
     layer = make()
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
-    for shape in [(2, 4, 5, 5), (2, 4, 6, 7)]:
+    c = layer.channels
+    for shape in [(2, c, 5, 5), (2, c, 6, 7)]:
         x = torch.rand(shape, requires_grad=True)
         got = _as_list(compiled(x))
         sum(t.sum() for t in got).backward()

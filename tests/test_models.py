@@ -351,3 +351,17 @@ def test_checkpoint_round_trip(arch, tmp_path):
         name, backbone="test_resnet", num_classes=K, checkpoint_path=str(path), **extra
     )
     torch.testing.assert_close(via_timm.eval()(_images()), model(_images()))
+
+
+def test_cin_training_step_compiles_for_a_second_input_size():
+    # ResNet-10t's 512 channels: eager `auto` runs SDPA's CPU kernel there, which inductor could
+    # not compile with a backward at a second input size (CIN trained at 224 then 448 px broke);
+    # under compile on the CPU the reference runs instead.
+    model = create_model("cin", backbone="resnet10t", num_classes=K).train()
+    compiled = torch.compile(model, fullgraph=True)
+    for size in (64, 96):
+        x = _images(size=size)
+        out = compiled(x, TARGET)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and model.fc.weight.grad.abs().sum() > 0
+        model.zero_grad(set_to_none=True)

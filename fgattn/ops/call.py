@@ -12,7 +12,6 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
-from torch.fx.experimental import symbolic_shapes
 
 OPS = ("self", "cross", "contrastive")
 ATTENTION = ("self", "cross")
@@ -42,13 +41,6 @@ class Call(NamedTuple):
             f"C={self.channels} L={self.length} Lv={self.value_length}, grad={self.grad}"
         )
 
-    @property
-    def empty(self) -> bool:
-        """Whether the inputs hold no element. A dynamic batch (torch.export) counts as
-        non-empty without a guard on it, so one exported graph serves every batch size."""
-        sizes = (self.channels, self.length, self.value_length)
-        return min(sizes) == 0 or symbolic_shapes.guard_or_false(self.batch == 0)
-
 
 def describe(op: str, *tensors: torch.Tensor) -> Call:
     """The `Call` for `op` on (B, C, L) tensors (contrastive: x_a, x_b, eta)."""
@@ -69,6 +61,14 @@ def describe(op: str, *tensors: torch.Tensor) -> Call:
         value_length=data[-1].shape[2],
         grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
     )
+
+
+def is_empty(call: Call) -> bool:
+    """Whether the call's inputs hold no element. Each size is compared with 0 on its own: a
+    dynamic size (torch.compile, torch.export) is known to be ≥ 1 there, so no guard is added,
+    where min(B, C, L) == 0 would compare the sizes with each other (a guard B <= L). A function,
+    not a property: dynamo of torch 2.8 cannot branch on a NamedTuple property's SymBool."""
+    return call.batch == 0 or call.channels == 0 or call.length == 0 or call.value_length == 0
 
 
 def _names(dtypes) -> str:
@@ -95,7 +95,7 @@ class Limits:
             return f"it takes L <= {self.max_length}, got L = {call.length}"
         if self.min_length is not None and call.length < self.min_length:
             return f"it is meant for L >= {self.min_length}, got L = {call.length}"
-        if call.empty and not self.empty:
+        if not self.empty and is_empty(call):
             return "the inputs are empty (only 'reference' runs those)"
         return None
 

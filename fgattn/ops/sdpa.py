@@ -8,8 +8,9 @@ head dimension, one head: (B, C, L) -> (B, 1, C, L). Three things make SDPA comp
   of the raw scores and multiplies by the scale afterwards, which is the wrong end of the row for a
   negative scale (SDPA(x, x, x, scale=-1) returns NaN on an H100). Negating q is exact in every
   dtype, and SDPA applies |scale| to its fp32 scores, so the logits are the reference's fp32 logits.
-- **L is zero-padded to a multiple of 8.** cuDNN and memory-efficient attention need head dims in
-  multiples of 8; zero columns change no dot product and the padded output columns are sliced off.
+- **On CUDA, L is zero-padded to a multiple of 8.** cuDNN and memory-efficient attention need head
+  dims in multiples of 8; zero columns change no dot product and the padded output columns are
+  sliced off. The CPU's flash kernel takes any head dim.
 - **A value wider than q (PCA-Net's [F1 | F2]) is split into q-wide chunks along the head axis**,
   since flash and cuDNN need equal q/k/v head dims; q and k are repeated per chunk.
 
@@ -49,8 +50,18 @@ LIMITS = {
 
 
 def refusal(call: Call, kernel: str) -> str | None:
-    """Why SDPA's `kernel` is not offered for `call` (None: it is)."""
-    return LIMITS[kernel].refusal(call)
+    """Why SDPA's `kernel` is not offered for `call` (None: it is). Under torch.compile on the CPU
+    with a backward to follow, SDPA is not offered: at a layer's second input size (dynamic
+    shapes) inductor fails to order the symbolic strides of the views SDPA's CPU kernel saves for
+    its backward ("cannot determine truth value of Relational", pytorch/pytorch#185510). Dynamo
+    gives no way to tell that trace from a static one, so every compiled CPU training call takes
+    the reference instead (eager runs and inference keep SDPA)."""
+    reason = LIMITS[kernel].refusal(call)
+    compiling = torch.compiler.is_compiling()
+    if reason is None and call.device_type == "cpu" and call.grad and compiling:
+        reason = "under torch.compile on the CPU its backward does not compile at a second size"
+    return reason
+
 
 
 # sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
@@ -61,6 +72,13 @@ def _kernel_context(kernel: str):
     first = KERNELS[kernel]
     order = [first, *(k for k in FALLBACK if k != first)]
     return sdpa_kernel(order, set_priority=True) if _SET_PRIORITY else sdpa_kernel(order)
+
+
+def _width(length: int, device: torch.device) -> int:
+    """The head dim SDPA gets: on CUDA L rounded up to a multiple of `PAD`; on the CPU, whose flash
+    kernel takes any head dim, L itself (a padded width also made inductor fail there, "cannot
+    determine truth value of Relational", when a compiled layer met a second input size)."""
+    return -(-length // PAD) * PAD if device.type == "cuda" else length
 
 
 def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -93,8 +111,9 @@ def _keep_nan(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def self_attention(x: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
     """softmax(scale · x xᵀ) x: x (B, C, L) -> (B, C, L)."""
     length = x.shape[-1]
-    xp = _padded(x, -(-length // PAD) * PAD).unsqueeze(2)  # (B, C, 1, width)
+    xp = _padded(x, _width(length, x.device))  # (B, C, width)
     q = -xp if scale < 0 else xp  # the sign, exactly; |scale| is applied by SDPA in fp32
+    xp, q = xp.unsqueeze(2), q.unsqueeze(2)  # (B, C, 1, width): negated before, see below
     return _keep_nan(_attend(q, xp, xp, scale, kernel)[:, :, 0, :length], x)
 
 
@@ -106,7 +125,7 @@ def cross_attention(
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     bsz, c, length = q.shape
     lv = v.shape[2]
-    width = -(-length // PAD) * PAD
+    width = _width(length, q.device)
     heads = -(-lv // length)  # v = [v_1 | v_2 | ...], each q-wide, one head each
     v = _padded(v.to(dtype), heads * length).unflatten(2, (heads, length))
     v = _padded(v, width)  # (B, C, heads, width)
