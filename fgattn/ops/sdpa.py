@@ -63,7 +63,6 @@ def refusal(call: Call, kernel: str) -> str | None:
     return reason
 
 
-
 # sdpa_kernel(..., set_priority=True) makes the list an order, not a set (torch >= 2.6).
 _SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
