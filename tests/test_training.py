@@ -262,6 +262,65 @@ def test_run_folders_are_never_mixed_or_silently_replaced(tmp_path):
         main("cin", ["--resume", str(last), "--epochs", "1"])
 
 
+def test_a_resumed_run_never_writes_over_another_run(tmp_path):
+    """--resume X --name Z into run Z's folder, or a copy of X's checkpoint inside run Y's folder:
+    refused, naming the run that owns the folder; nothing of it changes."""
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path)]
+    main("cin", [*args, "--name", "a"])
+    main("cin", [*args, "--name", "b"])
+    b = tmp_path / "b"
+    before = {name: (b / name).read_bytes() for name in ("last.pth", "summary.csv")}
+    a_last = str(tmp_path / "a" / "last.pth")
+    with pytest.raises(RunFolderError, match=r"belongs to run 'b' .* checkpoint of run 'a'"):
+        main(None, ["--resume", a_last, "--name", "b", "--epochs", "2"])
+    (b / "copied.pth").write_bytes((tmp_path / "a" / "last.pth").read_bytes())
+    with pytest.raises(RunFolderError, match=r"belongs to run 'b' .* checkpoint of run 'a'"):
+        main(None, ["--resume", str(b / "copied.pth"), "--epochs", "2"])
+    assert {name: (b / name).read_bytes() for name in before} == before
+    # into a new name, the resumed run is a branch of a in its own folder
+    result = main(None, ["--resume", a_last, "--name", "a2", "--epochs", "2"])
+    assert result["status"] == "finished" and Path(result["run_dir"]).name == "a2"
+    assert load_checkpoint(tmp_path / "a" / "last.pth")["epoch"] == 1
+
+
+def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path), "--name", "r"]
+    main("cin", args)
+    run = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+    def broken_step(*a, **k):
+        raise FloatingPointError("fails at step 0")
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "train_step", broken_step)
+        with pytest.raises(FloatingPointError):
+            main("cin", [*args, "--overwrite", "--lr", "0.02"])
+    out = capsys.readouterr().out
+    assert "are kept in" in out and "the previous run's files are back" in out
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before  # config.yaml included: nothing of the old run was lost
+    main("cin", [*args, "--overwrite", "--lr", "0.02"])
+    out = capsys.readouterr().out
+    assert "removed the previous run's files (config.yaml, summary.csv, last.pth" in out
+    assert load_checkpoint(run / "last.pth")["config"]["lr"] == 0.02
+    assert not (run / ".previous-run").exists()
+
+
+def test_resume_of_a_finished_run_and_epoch_numbers(tmp_path, capsys):
+    args = [*TINY, "--max-steps-per-epoch", "2", "--output", str(tmp_path), "--name", "f"]
+    main("cin", args)
+    last = tmp_path / "f" / "last.pth"
+    with pytest.raises(ValueError, match=r"has finished its 1 epochs .*--epochs above 1"):
+        main(None, ["--resume", str(last)])
+    capsys.readouterr()
+    result = main(None, ["--resume", "auto", "--name", "f", "--output", str(tmp_path)])
+    assert result["status"] == "finished" and "nothing to do" in capsys.readouterr().out
+    main(None, ["--resume", str(last), "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "resumed after epoch 1 of 2" in out and "epoch 2 |" in out
+
+
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(L, "_warned_matplotlib", False)

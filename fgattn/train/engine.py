@@ -26,6 +26,7 @@ import contextlib
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,11 +180,13 @@ def _resolve_device(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[Path]:
+def _run_folder(
+    cfg: TrainConfig, device: torch.device, world: int, resume: rundir.RunIdentity | None
+) -> Iterator[tuple[Path, rundir.RunLock | None]]:
     """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 claims the
     folder for the run's duration (`rundir.claim`: no other run's files, no second writer) and
-    writes config.yaml. A folder this run created is removed if the run fails before writing
-    any output."""
+    writes config.yaml. Yields (folder, lock; None on other ranks). If the run fails before its
+    first checkpoint, a folder it created is removed and a run it was replacing comes back."""
     name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_initialized():
         box = [name]
@@ -192,18 +195,33 @@ def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[
     cfg.name = name
     run_dir = Path(cfg.output) / name
     if not _is_primary():
-        yield run_dir
+        yield run_dir, None
         return
     fresh = not run_dir.exists()
-    with rundir.claim(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite):
+    with rundir.claim(run_dir, resume=resume, overwrite=cfg.overwrite) as lock:
         save_yaml(cfg, run_dir / "config.yaml")
         _print(f"run directory: {run_dir}  (world size {world}, device {device})")
+        if lock.replaced:
+            _print(f"--overwrite: {run_dir} holds a previous run; its files "
+                   f"({', '.join(lock.replaced)}) are kept in {lock.previous} until this run "
+                   f"writes its first checkpoint, then removed")  # fmt: skip
         try:
-            yield run_dir
+            yield run_dir, lock
         except BaseException:
-            if fresh:  # a start that failed before its first checkpoint leaves no folder behind
+            if lock.replaced:
+                restored = lock.restore()
+                _print(f"--overwrite: this run failed before its first checkpoint; the previous "
+                       f"run's files are back in {run_dir} ({', '.join(restored)})")  # fmt: skip
+            elif fresh:  # a start that failed before its first checkpoint leaves no folder behind
                 rundir.remove_failed_start(run_dir)
             raise
+
+
+def _first_checkpoint_written(lock: rundir.RunLock | None) -> None:
+    """An --overwrite'n run's files go once this run has a checkpoint of its own."""
+    if lock is not None and lock.replaced:
+        removed = lock.commit()
+        _print(f"--overwrite: removed the previous run's files ({', '.join(removed)})")
 
 
 def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
@@ -245,6 +263,7 @@ class TrainState:
     partial_sums: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best_top1: float = -1.0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
 def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device) -> TrainState:
@@ -279,13 +298,13 @@ def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: 
     state.history = list(ckpt.get("history", []))
     state.best_top1 = float(ckpt.get("best_top1", -1.0))
     state.partial_sums = dict(ckpt.get("partial_sums", {}))
+    state.run_id = ckpt.get("run_id") or state.run_id  # checkpoints before run ids: a new one
     states = ckpt.get("rng", [])
     if len(states) == world:
         set_rng_state(states[rank])
     else:
         _print(f"warning: checkpoint holds RNG states of {len(states)} processes, this run "
                f"has {world}; reseeding (the continuation will not be bit-exact)")  # fmt: skip
-    _print(f"resumed at epoch {state.epoch}, step {state.step}")
 
 
 def checkpoint_state(
@@ -298,6 +317,7 @@ def checkpoint_state(
     """
     ckpt = {
         "format": CKPT_FORMAT,
+        "run_id": state.run_id,
         "config": cfg.to_dict(),
         "classes": list(classes),
         "epoch": state.epoch,
@@ -617,12 +637,15 @@ def train(
     cfg: TrainConfig,
     resume_ckpt: dict[str, Any] | None = None,
     on_start: Any = None,
+    resume_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) training as configured; returns the final metrics.
 
     The data, model and optimiser are built before the run folder is claimed, so a bad data root
     or model option leaves no folder behind. ``on_start(run_dir)``, if given, is called once the
-    run has started (folder claimed, before the first step).
+    run has started (folder claimed, before the first step). ``resume_path`` is the file
+    ``resume_ckpt`` was read from (default ``cfg.resume``, else the run folder's last.pth): the
+    run folder must belong to that checkpoint's run (`rundir.claim`).
 
     Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
     test metrics ("test_top1", ...).
@@ -631,15 +654,49 @@ def train(
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
     setup = _set_up(cfg, resume_ckpt, device, rank, world)
-    with _run_folder(cfg, device, world) as run_dir:
+    resume = None
+    if resume_ckpt is not None:
+        if resume_path is None and cfg.resume not in (None, "auto"):
+            resume_path = cfg.resume
+        path = Path(resume_path or Path(cfg.output) / (cfg.name or "") / "last.pth")
+        resume = rundir.RunIdentity.of(resume_ckpt, path)
+    with _run_folder(cfg, device, world, resume) as (run_dir, lock):
         _print(banner(cfg, setup))
+        if resume_ckpt is not None:
+            _print(_resumed(cfg, setup))
         if on_start is not None:
             on_start(run_dir)
-        result = _train_epochs(cfg, setup, device, run_dir)
+        result = _train_epochs(cfg, setup, device, run_dir, lock)
+        if result["status"] == "finished":
+            _print(final_summary(setup.state, run_dir))
         return {**result, "run_dir": str(run_dir)}
 
 
-def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dict[str, Any]:
+def _resumed(cfg: TrainConfig, setup: _Setup) -> str:
+    """Where a resumed run continues, epochs counted from 1 as in the epoch lines."""
+    state = setup.state
+    if state.step:
+        return (f"resumed in epoch {state.epoch + 1} of {cfg.epochs}, after step {state.step} of "
+                f"{setup.steps}")  # fmt: skip
+    return f"resumed after epoch {state.epoch} of {cfg.epochs}"
+
+
+def final_summary(state: TrainState, run_dir: Path) -> str:
+    """The last line of a finished run: best test top-1, its epoch and what the folder holds."""
+    tested = [row for row in state.history if "test_top1" in row]
+    files = ", ".join(name for name in rundir.OUTPUTS if (run_dir / name).exists())
+    if not tested:
+        return f"finished {len(state.history)} epochs; run folder {run_dir}: {files}"
+    best = max(tested, key=lambda row: row["test_top1"])  # the first of equal ones
+    return (
+        f"finished {state.epoch} epochs: best test top-1 {best['test_top1']:.2f} % (epoch "
+        f"{int(best['epoch'])}, best.pth); run folder {run_dir}: {files}"
+    )
+
+
+def _train_epochs(
+    cfg: TrainConfig, setup: _Setup, device, run_dir: Path, lock: rundir.RunLock | None
+) -> dict[str, Any]:
     """The epochs of `train`, from where ``setup.state`` stands."""
     state, classes, sampler = setup.state, setup.classes, setup.sampler
     result: dict[str, Any] = {"status": "finished"}
@@ -652,23 +709,15 @@ def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dic
                 cfg, state, setup.train_model, setup.loader, setup.steps, device, stop
             ):
                 last = save_last(cfg, classes, state, run_dir)
-                _print_stop(cfg, f"saved {last} at epoch {epoch}, step {state.step}; continue "
-                                 f"with --resume {last}")  # fmt: skip
+                _first_checkpoint_written(lock)
+                _print_stop(cfg, f"saved {last} in epoch {epoch + 1}, after step {state.step}; "
+                                 f"continue with --resume {last}")  # fmt: skip
                 return {**result, "status": "interrupted"}
-            row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
-            row.update(_reduce_sums(state.partial_sums, device))
-            state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics, confusion = _test_metrics(
-                    cfg, state, setup.eval_model, setup.test_loader, device, len(classes)
-                )
-                row.update(metrics)
-                if row["test_top1"] > state.best_top1:
-                    state.best_top1 = row["test_top1"]
-                    save_best(cfg, classes, state, run_dir, confusion)
+            row = _end_of_epoch(cfg, setup, device, run_dir, epoch)
             row["epoch_time_s"] = time.time() - t0
             state.history.append(row)
             last = save_last(cfg, classes, state, run_dir)
+            _first_checkpoint_written(lock)
             if _is_primary():
                 log_epoch(state.history, run_dir, cfg.plots)
             result.update(row)
@@ -676,6 +725,24 @@ def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dic
                 _print_stop(cfg, f"saved {last} after epoch {epoch + 1}")
                 return {**result, "status": "interrupted"}
     return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
+
+
+def _end_of_epoch(cfg: TrainConfig, setup: _Setup, device, run_dir: Path, epoch: int) -> dict:
+    """Epoch ``epoch`` (0-based) has trained: its summary row; evaluates when due and writes
+    best.pth on a new best test top-1."""
+    state, classes = setup.state, setup.classes
+    row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
+    row.update(_reduce_sums(state.partial_sums, device))
+    state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        metrics, confusion = _test_metrics(
+            cfg, state, setup.eval_model, setup.test_loader, device, len(classes)
+        )
+        row.update(metrics)
+        if row["test_top1"] > state.best_top1:
+            state.best_top1 = row["test_top1"]
+            save_best(cfg, classes, state, run_dir, confusion)
+    return row
 
 
 def _print_stop(cfg: TrainConfig, what: str) -> None:
@@ -695,21 +762,28 @@ def main(
     pcanet). Errors are raised (`fgattn.cli.train` turns user errors into one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(arch, argv, prog=prog)
-    ckpt = None
+    ckpt = path = None
     if cfg.resume:
-        cfg, ckpt = _resume(cfg, arch, argv, prog)
+        cfg, ckpt, path = _resume(cfg, arch, argv, prog)
+        if ckpt is not None and _finished(cfg, ckpt, path):
+            return {"status": "finished", "run_dir": str(path.parent), "epoch": ckpt["epoch"],
+                    "best_top1": ckpt.get("best_top1")}  # fmt: skip
     try:
-        return train(cfg, ckpt, on_start)
+        return train(cfg, ckpt, on_start, resume_path=path)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+# What decides a model's weights: a resumed run must build the checkpoint's model.
+MODEL_FIELDS = ("arch", "backbone", "model_kwargs")
+
+
 def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | None):
-    """(config, checkpoint) of ``--resume``: the checkpoint's saved config under the command's
-    flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say otherwise.
-    ``--resume auto`` with no last.pth yet starts afresh. The architecture is the checkpoint's
-    unless the command names another (an error)."""
+    """(config, checkpoint, its path) of ``--resume``: the checkpoint's saved config under the
+    command's flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say
+    otherwise. ``--resume auto`` with no last.pth yet starts afresh (checkpoint None). Flags that
+    would build another model than the checkpoint's (`MODEL_FIELDS`) are an error."""
     path = Path(cfg.resume)
     if cfg.resume == "auto":
         if not cfg.name:
@@ -718,7 +792,7 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
     if not path.is_file():
         if cfg.resume != "auto":
             raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
-        return cfg, None
+        return cfg, None, None
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise ValueError(
@@ -730,13 +804,16 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
             f"--resume {path}: not a training checkpoint of this version (wanted format "
             f"{CKPT_FORMAT!r}, got {ckpt.get('format')!r})"
         )
-    trained = ckpt["config"].get("arch")
     cfg = resolve_config(arch, argv, base=ckpt["config"], prog=prog)
-    if cfg.arch != trained:
-        raise ValueError(
-            f"--resume {path}: checkpoint was trained with arch {trained!r}, this command trains "
-            f"{cfg.arch!r}; drop --arch (the checkpoint's is used)"
-        )
+    for key in MODEL_FIELDS:
+        trained, asked = ckpt["config"].get(key), getattr(cfg, key)
+        if trained != asked and not (key == "model_kwargs" and not trained and not asked):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"--resume {path}: the checkpoint was trained with {key} {trained!r}, this "
+                f"command asks for {asked!r}; drop {flag} (the checkpoint's is used), or start "
+                f"a new run without --resume"
+            )
     if cfg.epochs < ckpt["epoch"]:
         raise ValueError(
             f"--epochs {cfg.epochs} is below the {ckpt['epoch']} epochs {path} has trained: "
@@ -747,4 +824,20 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
         cfg.output = str(path.parent.parent)
     if "--name" not in given:
         cfg.name = path.parent.name
-    return cfg, ckpt
+    return cfg, ckpt, path
+
+
+def _finished(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> bool:
+    """Whether the resumed run has already trained ``cfg.epochs`` epochs: ``--resume auto`` then
+    says so and does nothing (a requeued job), an explicit ``--resume PATH`` is an error."""
+    if ckpt["epoch"] < cfg.epochs or ckpt.get("step"):
+        return False
+    best = ckpt.get("best_top1")
+    what = f"this run has finished its {ckpt['epoch']} epochs" + (
+        f" (best test top-1 {best:.2f} %)" if isinstance(best, float) and best >= 0 else ""
+    )
+    fix = f"pass --epochs above {ckpt['epoch']} to train further"
+    if cfg.resume != "auto":
+        raise ValueError(f"--resume {path}: {what}; nothing to do: {fix}")
+    _print(f"--resume auto: {path}: {what}; nothing to do ({fix})")
+    return True
