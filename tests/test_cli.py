@@ -4,6 +4,7 @@ run folders of failed starts, pretrained weights offline, PCA-Net's pair check."
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
@@ -128,6 +129,44 @@ def test_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="CUB-200-2011"):  # --debug: the exception itself
         cli_train.main([*common, "--dataset", "cub", "--data-root", str(tmp_path), "--debug"])
     _user_error(capsys, cli_evaluate.main, [str(tmp_path / "nope.pth")])
+
+
+BAD_FLAGS = [
+    (["--lr", "inf"], r"--lr must be a finite float in \(0, inf\), got inf"),
+    (["--lr", "nan"], "--lr must be a finite float"),
+    (["--lr", "0"], r"--lr must be a finite float in \(0, inf\), got 0"),
+    (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be an int >= 1, got -1"),
+    (["--weight-decay", "-1"], r"--weight-decay must be a finite float in \[0, inf\)"),
+    (["--lr-gamma", "-1"], r"--lr-gamma must be a finite float in \(0, 1\], got -1"),
+    (["--ema-decay", "2"], r"--ema-decay must be a finite float in \[0, 1\], got 2"),
+    (["--grad-clip", "-1"], r"--grad-clip must be a finite float in \(0, inf\), got -1"),
+    (["--momentum", "1.5"], r"--momentum must be a finite float in \[0, 1\]"),
+    (["--hflip", "2"], r"--hflip must be a finite float in \[0, 1\]"),
+    (["--seed", "-1"], "--seed must be an int >= 0, got -1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be an int >= 1, got 0"),
+    (["--synthetic-test-per-class", "0"], "--synthetic-test-per-class must be an int >= 1"),
+    (["--resize", "20", "--image-size", "32"], r"--resize must be >= --image-size \(32\)"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--arch", "cin", "--pk-classes", "3", "--pk-images", "3"],
+     r"--pk-classes 3 x --pk-images 3 = 9 images per batch must be even"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
+def test_out_of_range_flags_are_one_line_errors(capsys, tmp_path, flags, message):
+    line = _user_error(capsys, cli_train.main, [*TINY, "--output", str(tmp_path), *flags])
+    assert re.search(message, line), line
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_out_of_range_yaml_values_name_the_option(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: .inf\n")
+    with pytest.raises(ValueError, match=r"--lr must be a finite float in \(0, inf\), got inf"):
+        resolve_config(None, ["--config", str(path)])
+    path.write_text("max_steps_per_epoch: -1\n")
+    with pytest.raises(ValueError, match="--max-steps-per-epoch must be an int >= 1"):
+        resolve_config(None, ["--config", str(path)])
 
 
 def test_failed_first_epoch_removes_the_folder_and_keeps_the_traceback(tmp_path, monkeypatch):

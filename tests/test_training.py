@@ -143,7 +143,7 @@ def test_config_precedence_yaml_and_flags(tmp_path):
     path.write_text("learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         resolve_config("cin", ["--config", str(path)])
-    with pytest.raises(ValueError, match="data_root"):
+    with pytest.raises(ValueError, match="--data-root must name the folder"):
         resolve_config("cin", ["--dataset", "cub"])
     with pytest.raises(SystemExit):
         resolve_config("cin", ["--dataset", "imagenet"])
@@ -319,6 +319,29 @@ def test_resume_of_a_finished_run_and_epoch_numbers(tmp_path, capsys):
     main(None, ["--resume", str(last), "--epochs", "2"])
     out = capsys.readouterr().out
     assert "resumed after epoch 1 of 2" in out and "epoch 2 |" in out
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """A step that leaves a weight NaN (a finite loss, so train_step cannot tell) stops the run
+    before any checkpoint holds it."""
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path), "--name", "n"]
+    main("pcanet", args)
+    before = (tmp_path / "n" / "last.pth").read_bytes()
+    step = E.train_step
+
+    def poisoning_step(cfg, state, *a, **k):
+        out = step(cfg, state, *a, **k)
+        with torch.no_grad():
+            state.model.fc.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(E, "train_step", poisoning_step)
+    with pytest.raises(FloatingPointError, match=r"not finite after epoch 2 .*first fc.weight"):
+        main(None, ["--resume", str(tmp_path / "n" / "last.pth"), "--epochs", "2"])
+    assert (tmp_path / "n" / "last.pth").read_bytes() == before
+    with pytest.raises(FloatingPointError, match="not finite"):
+        main("pcanet", [*args, "--name", "fresh"])
+    assert not (tmp_path / "fresh").exists()  # nothing was saved: the failed start is removed
 
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

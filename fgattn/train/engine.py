@@ -339,6 +339,25 @@ def checkpoint_state(
     }
 
 
+def check_finite_weights(state: TrainState) -> None:
+    """Raise FloatingPointError if any floating-point weight or buffer of the model (or its EMA)
+    is NaN or infinite: such weights are never written to a checkpoint."""
+    named = dict(state.model.state_dict())
+    if state.ema is not None:
+        named.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    floats = {k: v for k, v in named.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return
+    bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+    when = (f"in epoch {state.epoch + 1}, after step {state.step}" if state.step
+            else f"after epoch {state.epoch}")  # fmt: skip
+    raise FloatingPointError(
+        f"the weights are not finite {when} ({len(bad)} tensors, first {bad[0]}); they are not "
+        f"saved (the run folder's checkpoints keep the last finite state): lower --lr or set "
+        f"--grad-clip"
+    )
+
+
 def _gather_rng() -> list[dict[str, Any]]:
     state = rng_state()
     if not dist.is_initialized():
@@ -350,6 +369,7 @@ def _gather_rng() -> list[dict[str, Any]]:
 
 def save_last(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: Path) -> Path:
     """Write last.pth (rank 0). Collective: every rank takes part (their RNG states go in)."""
+    check_finite_weights(state)
     rngs = _gather_rng()
     path = run_dir / "last.pth"
     if _is_primary():
@@ -366,6 +386,7 @@ def save_best(
 ) -> None:
     """Write best.pth (rank 0): the weights of ``state`` and their test top-1; with their test
     ``confusion`` matrix, also confusion.csv and confusion_worst.png (`write_confusion`)."""
+    check_finite_weights(state)
     if not _is_primary():
         return
     save_atomic(checkpoint_state(cfg, classes, state), run_dir / "best.pth")
