@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -342,6 +343,37 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="not finite"):
         main("pcanet", [*args, "--name", "fresh"])
     assert not (tmp_path / "fresh").exists()  # nothing was saved: the failed start is removed
+
+
+def test_checkpoints_know_their_classes(tmp_path, capsys):
+    """fgattn-eval and --resume on a dataset with the same number of other classes are errors;
+    one lacking a class is evaluated by name."""
+    from fgattn.cli import evaluate as cli_evaluate
+
+    root = make_tree("imagefolder", tmp_path / "data", num_classes=4, train=4, test=2, size=64)
+    data = ["--dataset", "imagefolder", "--data-root", str(root), "--max-steps-per-epoch", "1"]
+    main("pcanet", [*TINY, *data, "--output", str(tmp_path), "--name", "r"])
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for c in range(4):
+            (other / split).mkdir(parents=True, exist_ok=True)
+            (root / split / f"class_{c}").rename(other / split / f"kind_{c}")
+    best = str(tmp_path / "r" / "best.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_evaluate.main([best, "--data-root", str(other)], prog="fgattn-eval")
+    err = capsys.readouterr().err
+    assert "4 of them not among the 4 classes of checkpoint" in err and "'kind_0'" in err
+    with pytest.raises(ValueError, match=r"trained on 4 classes, the dataset has 4 classes that"):
+        main(None, ["--resume", str(tmp_path / "r" / "last.pth"), "--data-root", str(other),
+                    "--epochs", "2"])  # fmt: skip
+    for split in ("train", "test"):  # back, without class_3's test images
+        for c in range(4):
+            (other / split / f"kind_{c}").rename(root / split / f"class_{c}")
+    shutil.rmtree(root / "test" / "class_3")
+    metrics = cli_evaluate.run([best])
+    assert metrics["count"] == 6
+    assert "no images of 1 of the checkpoint's 4 classes" in capsys.readouterr().err
 
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 
+from ..data import align_classes
 from ..train import (
     TrainConfig,
     build_dataset,
@@ -69,6 +70,19 @@ def _config(args: argparse.Namespace, ckpt: dict) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
+def test_split(cfg: TrainConfig, classes: list[str], checkpoint: str):
+    """The test split of ``cfg``'s dataset, labelled by the checkpoint's ``classes`` (matched by
+    name: a dataset with other classes is an error, one lacking some is said)."""
+    test_set = build_dataset(cfg, "test")
+    where = f" in {cfg.data_root}" if cfg.data_root else ""
+    missing = align_classes(test_set, classes, f"the {cfg.dataset} test split{where}",
+                            f"checkpoint {checkpoint}")  # fmt: skip
+    if missing:
+        print(f"warning: the test split has no images of {len(missing)} of the checkpoint's "
+              f"{len(classes)} classes; accuracy is over the others", file=sys.stderr)  # fmt: skip
+    return test_set
+
+
 def _weights(args: argparse.Namespace, ckpt: dict) -> dict:
     if not args.ema:
         return ckpt["model"]
@@ -91,12 +105,7 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, flo
     dev = init_distributed_device_so(device=device_name)
     device = torch.device(dev["device"])
     try:
-        test_set = build_dataset(cfg, "test")
-        if len(test_set.classes) != len(ckpt["classes"]):
-            raise ValueError(
-                f"test set has {len(test_set.classes)} classes, the checkpoint was trained on "
-                f"{len(ckpt['classes'])}"
-            )
+        test_set = test_split(cfg, ckpt["classes"], args.checkpoint)
         model = build_model(cfg, len(ckpt["classes"]))
         model.load_state_dict(_weights(args, ckpt))
         model.to(device)

@@ -80,8 +80,16 @@ def build_dataset(cfg: TrainConfig, split: str, transform: Any = "auto"):
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(train, test) datasets with the FGVC transforms of ``cfg``."""
-    return build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    """(train, test) datasets with the FGVC transforms of ``cfg``, the test labels matched to the
+    training classes by name (`fgattn.data.align_classes`)."""
+    train_set, test_set = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    missing = fgdata.align_classes(test_set, train_set.classes, "the test split")
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        _print(f"warning: the test split has no images of {len(missing)} of the "
+               f"{len(train_set.classes)} training classes ({shown}); test accuracy is over "
+               f"the others")  # fmt: skip
+    return train_set, test_set
 
 
 def build_sampler(cfg: TrainConfig, targets: list[int], rank: int, world: int):
@@ -565,7 +573,8 @@ def evaluate(
         if k:
             dist.all_reduce(confusion)
     loss, top1, top5, n = sums.tolist()
-    n = max(n, 1.0)
+    if n == 0:
+        raise ValueError("the test set holds no images: there is nothing to evaluate")
     out: dict[str, Any] = {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n,
                            "count": int(n)}  # fmt: skip
     if k:
@@ -619,6 +628,8 @@ class _Setup:
 def _set_up(cfg: TrainConfig, resume_ckpt, device: torch.device, rank: int, world: int) -> _Setup:
     """Data, model and optimiser of ``cfg`` (and the checkpoint's state when resuming)."""
     train_set, test_set = build_datasets(cfg)
+    if resume_ckpt is not None:
+        check_classes(resume_ckpt["classes"], train_set.classes, f"--resume {cfg.resume}")
     sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
     model = _place_model(build_model(cfg, len(train_set.classes)), cfg, device)
     state = create_train_state(cfg, model, device)
@@ -634,6 +645,20 @@ def _set_up(cfg: TrainConfig, resume_ckpt, device: torch.device, rank: int, worl
         state=state,
         train_model=train_model,
         eval_model=eval_model,
+    )
+
+
+def check_classes(trained: list[str], data: list[str], what: str) -> None:
+    """A checkpoint's classes and a training split's must be the same names in the same order."""
+    if list(trained) == list(data):
+        return
+    only_ckpt = [c for c in trained if c not in set(data)]
+    only_data = [c for c in data if c not in set(trained)]
+    detail = (f"only in the checkpoint: {only_ckpt[:3]}, only in the data: {only_data[:3]}"
+              if only_ckpt or only_data else "the same names in another order")  # fmt: skip
+    raise ValueError(
+        f"{what}: the checkpoint was trained on {len(trained)} classes, the dataset has "
+        f"{len(data)} classes that differ ({detail}); use the dataset it was trained on"
     )
 
 
