@@ -176,7 +176,11 @@ class TimmBackbone(nn.Module):
         except TypeError as err:
             # This fixed-size family has no dynamic-size support: it runs at its img_size only.
             if dynamic_img_size is not None or "dynamic_img_size" not in str(err):
-                raise
+                raise TypeError(
+                    f"backbone {name!r}: {err}; keyword arguments a model does not take itself "
+                    f"go to timm.create_model({name!r}, ...), so each must be an option of the "
+                    f"model or of that timm model"
+                ) from err
             kwargs.pop("dynamic_img_size")
             model = timm.create_model(name, **kwargs)
         except OSError as err:  # the download or the weights file failed

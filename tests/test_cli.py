@@ -20,7 +20,7 @@ from fgattn import TimmBackbone
 from fgattn.cli import evaluate as cli_evaluate
 from fgattn.cli import train as cli_train
 from fgattn.models import PCANet
-from fgattn.train import TrainConfig, load_checkpoint, resolve_config
+from fgattn.train import TrainConfig, load_checkpoint, resolve_config, save_atomic
 from fgattn.train import engine as E
 from fgattn.train.config import HELP, RECIPES, SYNTHETIC_PRESETS, recipe_names
 
@@ -167,6 +167,67 @@ def test_out_of_range_yaml_values_name_the_option(tmp_path):
     path.write_text("max_steps_per_epoch: -1\n")
     with pytest.raises(ValueError, match="--max-steps-per-epoch must be an int >= 1"):
         resolve_config(None, ["--config", str(path)])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished one-step PCA-Net run (bilinear_dim 8): its folder."""
+    out = tmp_path_factory.mktemp("runs")
+    E.main("pcanet", [*TINY, "--max-steps-per-epoch", "1", "--model-kwargs", "bilinear_dim=8",
+                      "--output", str(out), "--name", "r"])  # fmt: skip
+    return out / "r"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(capsys, tmp_path, tiny_run):
+    line = _user_error(capsys, cli_train.main,
+                       [*TINY, "--device", "cuda", "--output", str(tmp_path)])  # fmt: skip
+    assert "--device cuda: this machine has no CUDA GPU" in line and "--device cpu" in line
+    assert not list(tmp_path.iterdir())
+    line = _user_error(capsys, cli_evaluate.main, [str(tiny_run / "best.pth"), "--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA GPU" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--backbone", "resnet18"], "trained with backbone 'test_resnet', this command asks for "
+         "'resnet18'; drop --backbone"),
+        (["--model-kwargs", "bilinear_dim=16"], "trained with model_kwargs {'bilinear_dim': 8}, "
+         "this command asks for {'bilinear_dim': 16}; drop --model-kwargs"),
+        (["--synthetic-classes", "5"], "trained on 4 classes, the dataset has 5 classes"),
+    ],
+)  # fmt: skip
+def test_resume_with_another_model_is_one_line(capsys, tiny_run, flags, fragment):
+    argv = ["--resume", str(tiny_run / "last.pth"), "--epochs", "2", *flags]
+    line = _user_error(capsys, cli_train.main, argv)
+    assert fragment in line, line
+    assert load_checkpoint(tiny_run / "last.pth")["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"backbone": "resnet10t"}, "tensors of other shapes (first backbone.body.model.conv1"),
+        ({"arch": "cin", "model_kwargs": {}}, "missing tensors (first sci.phi.weight)"),
+        ({"model_kwargs": {"bilinear_dim": 16}}, "first head.reduce.conv.weight: checkpoint "
+         "(8, 96, 1, 1), model (16, 96, 1, 1)"),
+    ],
+)  # fmt: skip
+def test_evaluating_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path, tiny_run,
+                                                               change, fragment):  # fmt: skip
+    ckpt = load_checkpoint(tiny_run / "best.pth")
+    ckpt["config"].update(change)  # weights of one model under another model's config
+    save_atomic(ckpt, tmp_path / "odd.pth")
+    line = _user_error(capsys, cli_evaluate.main, [str(tmp_path / "odd.pth")])
+    assert f"checkpoint {tmp_path / 'odd.pth'} does not fit the model built from its config" in line
+    assert fragment in line, line
+
+
+def test_a_bad_backend_variable_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("FGATTN_BACKEND", "cuda")
+    line = _user_error(capsys, cli_train.main, ["--help"])
+    assert "$FGATTN_BACKEND must be one of" in line and "got 'cuda'" in line
 
 
 def test_failed_first_epoch_removes_the_folder_and_keeps_the_traceback(tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_run(checkpoint: str, data_root: str | None = None):
     """(model in eval mode, class names, test set) of a training checkpoint, on the CPU."""
-    from ..train import TrainConfig, build_model, load_checkpoint
+    from ..train import TrainConfig, build_model, load_checkpoint, load_weights
     from .evaluate import test_split
 
     ckpt = load_checkpoint(checkpoint)
@@ -88,7 +88,7 @@ def load_run(checkpoint: str, data_root: str | None = None):
         values["data_root"] = data_root
     cfg = TrainConfig(**{**values, "pretrained": False})
     model = build_model(cfg, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], checkpoint)
     return model.eval(), list(ckpt["classes"]), test_split(cfg, ckpt["classes"], checkpoint)
 
 

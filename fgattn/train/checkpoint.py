@@ -136,6 +136,38 @@ def _verify(ckpt: dict[str, Any], path: Path) -> None:
         )
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(weights)`` (strict), where weights that do not fit the model are a
+    one-paragraph ValueError saying which tensors differ instead of torch's list of mismatches.
+
+    Args:
+        model: the model the checkpoint's config builds.
+        weights: its state dict from the checkpoint at ``path`` (named in the message).
+    """
+    own = model.state_dict()
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if not (shapes or missing or unexpected):
+        model.load_state_dict(weights)
+        return
+    parts = [
+        f"{len(found)} {what} (first {found[0]})"
+        for found, what in ((shapes, "tensors of other shapes"), (missing, "missing tensors"),
+                            (unexpected, "unexpected tensors"))
+        if found
+    ]  # fmt: skip
+    raise ValueError(
+        f"checkpoint {path} does not fit the model built from its config: {'; '.join(parts)}; "
+        f"it was written for another arch, backbone, class count or model_kwargs (or by another "
+        f"version of fgattn)"
+    )
+
+
 def rng_state() -> dict[str, Any]:
     """This process's torch / CUDA / Python RNG states, in weights_only-loadable types."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import data as fgdata
 from ..models import create_model
 from . import rundir
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig, resolve_config, save_yaml
 from .logging import log_epoch, write_confusion
 
@@ -181,9 +181,23 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _resolve_device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """The device of ``--device``: "auto" is CUDA when there is a GPU, else the CPU; asking for a
+    CUDA device that this machine does not have is a ValueError that says so."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this machine has no CUDA GPU that torch can use "
+                f"(torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+        index = name.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return name
 
 
@@ -295,7 +309,7 @@ def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device)
 
 def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: int) -> None:
     """Restore ``state`` and this rank's RNG states from a last.pth checkpoint."""
-    state.model.load_state_dict(ckpt["model"])
+    load_weights(state.model, ckpt["model"], "--resume")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
@@ -696,7 +710,7 @@ def train(
     Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
     test metrics ("test_top1", ...).
     """
-    dev = init_distributed_device_so(device=_resolve_device(cfg.device))
+    dev = init_distributed_device_so(device=resolve_device(cfg.device))
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
     setup = _set_up(cfg, resume_ckpt, device, rank, world)
