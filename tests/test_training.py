@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import struct
@@ -74,6 +75,12 @@ def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
     run = tmp_path / "run"
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("epoch 1 |")]
     assert line.startswith("epoch 1 | test_top1 ") and len(line) < 120, line
+    last_line = proc.stdout.strip().splitlines()[-1]  # what the run did, where it is
+    assert re.fullmatch(
+        rf"finished 1 epoch: best test top-1 \d+\.\d\d % \(epoch 1, best\.pth\); run folder "
+        rf"{re.escape(str(run))}: summary\.csv, last\.pth, best\.pth, .*confusion\.csv.*",
+        last_line,
+    ), last_line
     rows = (run / "summary.csv").read_text().splitlines()
     assert len(rows) == 2
     header = rows[0].split(",")
@@ -374,6 +381,26 @@ def test_checkpoints_know_their_classes(tmp_path, capsys):
     metrics = cli_evaluate.run([best])
     assert metrics["count"] == 6
     assert "no images of 1 of the checkpoint's 4 classes" in capsys.readouterr().err
+
+
+def test_first_hour_details(tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal gets progress lines (not tqdm's carriage returns piling
+    into one line); checkpoints get the run's file mode; CIN with one image per class warns."""
+    monkeypatch.setattr(E.LineProgress, "every_s", 0.0)  # a line per step
+    old_umask = os.umask(0o022)
+    try:
+        args = [*TINY, "--progress", "--max-steps-per-epoch", "2", "--output", str(tmp_path)]
+        main("cin", [*args, "--pk-images", "1", "--pk-classes", "2", "--name", "k1"])
+    finally:
+        os.umask(old_umask)
+    out, err = capsys.readouterr()
+    assert "warning: --pk-images 1 gives no positive pairs" in out
+    steps = [line for line in out.splitlines() if line.startswith("epoch 1/1: step ")]
+    line = r"epoch 1/1: step [12]/2 \(\d+ %\) \| loss=\S+ acc=\S+ \| \S+ steps/s"
+    assert len(steps) == 2 and all(re.fullmatch(line, step) for step in steps), steps
+    assert "\r" not in out + err
+    for name in ("last.pth", "best.pth", "summary.csv", "config.yaml"):
+        assert (tmp_path / "k1" / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

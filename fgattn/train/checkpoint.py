@@ -50,7 +50,8 @@ def content_digest(obj: Any) -> str:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write `obj` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """Write `obj` to a temporary file in the same folder, fsync, then ``os.replace``; the file
+    gets the mode any other file of the run gets (the umask's), not the temporary file's 0600.
 
     os.replace is atomic on POSIX and Windows, so a kill at any moment leaves either the previous
     complete file or the new complete file at ``path``, never a truncated one. A dict is stored
@@ -69,6 +70,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what open() would give
+                os.fchmod(f.fileno(), _file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -81,6 +84,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()`` under this process's umask (0644 for 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

@@ -237,7 +237,7 @@ HELP: dict[str, str] = {
     "name": "run folder name under --output (None: <arch>-<dataset>-<backbone>-<timestamp>)",
     "resume": "continue from this last.pth (auto: <output>/<name>/last.pth if it exists)",
     "overwrite": "replace the run already in <output>/<name>/ (otherwise that is an error)",
-    "progress": "show progress bars",
+    "progress": "show progress bars (where the output is not a terminal: a line a minute)",
     "plots": "write loss.png and accuracy.png after each epoch (needs matplotlib)",
 }
 
@@ -427,17 +427,22 @@ def _source(values: dict[str, Any], base: Any, sources: list[str]) -> str:
 
 
 def build_parser(
-    arch: str, defaults: dict[str, Any] | None = None, prog: str | None = None, source: str = ""
+    arch: str,
+    defaults: dict[str, Any] | None = None,
+    prog: str | None = None,
+    source: str = "",
+    fixed_arch: bool = False,
 ) -> argparse.ArgumentParser:
     """The training command's parser; each flag's help ends with the value the run will use
-    (``defaults``: by default the synthetic quick start of ``arch``)."""
+    (``defaults``: by default the synthetic quick start of ``arch``). ``fixed_arch``: a script
+    that trains ``arch`` only (examples/train_cin.py), whose help does not offer ``--arch``."""
     if defaults is None:
         defaults = _defaults(arch, "synthetic", {}, None)
         source = _source(defaults, None, [])
+    arch_usage = "" if fixed_arch else "[--arch {pcanet,cin}] "
     parser = argparse.ArgumentParser(
         prog=prog,
-        usage="%(prog)s [--arch {pcanet,cin}] [--recipe NAME] [--config NAME|PATH] "
-        "[--FLAG VALUE ...]",
+        usage=f"%(prog)s {arch_usage}[--recipe NAME] [--config NAME|PATH] [--FLAG VALUE ...]",
         description=textwrap.fill(
             f"Train {ARCH_TITLES[arch]} with fgattn. [Values in brackets] are what this run will "
             f"use unless the flag is given: {source}.",
@@ -448,7 +453,8 @@ def build_parser(
         argument_default=argparse.SUPPRESS,  # only flags actually given override anything
         allow_abbrev=False,  # --epoch is an error, not --epochs
     )
-    parser.add_argument("--arch", choices=ARCHS, help=f"{HELP['arch']} [{arch}]")
+    arch_help = argparse.SUPPRESS if fixed_arch else f"{HELP['arch']} [{arch}]"
+    parser.add_argument("--arch", choices=ARCHS, help=arch_help)  # a script's own arch: accepted
     parser.add_argument("--recipe", metavar="NAME", help="a packaged paper recipe (see below)")
     parser.add_argument(
         "--config", metavar="NAME|PATH", help="YAML file of options (keys as in config.yaml) or "
@@ -501,11 +507,12 @@ def resolve_config(
         if value is not None:
             yaml_values.update(load_yaml(find_config(value, flag)))
             sources.append(f"{flag} {value}")
+    fixed_arch = arch is not None
     arch = _pick_arch(arch, pre.arch, yaml_values.get("arch"), (base or {}).get("arch"))
     dataset = pre.dataset or yaml_values.get("dataset") or (base or {}).get("dataset", "synthetic")
     defaults = _defaults(arch, dataset, yaml_values, base)
     source = _source(defaults, base, sources)
-    args = vars(build_parser(arch, defaults, prog, source).parse_args(argv))
+    args = vars(build_parser(arch, defaults, prog, source, fixed_arch).parse_args(argv))
     for key in ("arch", "recipe", "config", "debug"):
         args.pop(key, None)
     return TrainConfig(**{**defaults, **args}).validate()

@@ -255,13 +255,57 @@ def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
 
 
 def _progress(iterable, desc: str, cfg: TrainConfig, total: int | None = None, initial: int = 0):
+    """A tqdm bar on a terminal; where stderr is not one (nohup, CI logs, a pipe), where a bar's
+    carriage returns pile up into one line, a plain `LineProgress` line now and then instead."""
     if not (cfg.progress and _is_primary()):
         return iterable
+    if not sys.stderr.isatty():
+        return LineProgress(iterable, desc, total, initial)
     try:
         from tqdm.auto import tqdm  # installed with timm (via huggingface_hub)
     except ImportError:
-        return iterable
+        return LineProgress(iterable, desc, total, initial)
     return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+
+
+class LineProgress:
+    """Progress for logs: after the first step, then every ``every_s`` seconds, one line on stdout,
+    e.g. "epoch 2/6: step 120/375 (32 %) | loss=2.345 acc=45.1 | 1.9 steps/s". Wraps an iterable
+    like tqdm (``set_postfix``, ``close``)."""
+
+    every_s: float = 60.0
+
+    def __init__(self, iterable, desc: str, total: int | None = None, initial: int = 0) -> None:
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.desc, self.total, self.n = iterable, desc, total, initial
+        self.postfix: dict[str, Any] = {}
+        self._start = self._last = None
+
+    def __iter__(self):
+        self._start = time.perf_counter()
+        first = self.n
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.perf_counter()
+            if self._last is None or now - self._last >= self.every_s:
+                self._last = now
+                rate = (self.n - first) / max(now - self._start, 1e-9)
+                print(self.line(rate), flush=True)
+
+    def line(self, rate: float) -> str:
+        where = f"step {self.n}" + (
+            f"/{self.total} ({100 * self.n // max(self.total, 1)} %)" if self.total else ""
+        )
+        postfix = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        return " | ".join(p for p in (f"{self.desc}: {where}", postfix, f"{rate:.3g} steps/s") if p)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- training state
@@ -722,6 +766,11 @@ def train(
         resume = rundir.RunIdentity.of(resume_ckpt, path)
     with _run_folder(cfg, device, world, resume) as (run_dir, lock):
         _print(banner(cfg, setup))
+        if cfg.arch == "cin" and not setup.sampler.pairs_per_batch[0]:
+            _print(f"warning: --pk-images {cfg.pk_images} gives no positive pairs (one image per "
+                   f"class in a batch): CIN's contrastive loss then only pushes pairs apart and "
+                   f"never pulls a class together, the flaw of the public reimplementation; use "
+                   f"--pk-images 2 or more (the paper: 5)")  # fmt: skip
         if resume_ckpt is not None:
             _print(_resumed(cfg, setup))
         if on_start is not None:
@@ -745,11 +794,12 @@ def final_summary(state: TrainState, run_dir: Path) -> str:
     """The last line of a finished run: best test top-1, its epoch and what the folder holds."""
     tested = [row for row in state.history if "test_top1" in row]
     files = ", ".join(name for name in rundir.OUTPUTS if (run_dir / name).exists())
+    epochs = f"{state.epoch} epoch{'s' if state.epoch != 1 else ''}"
     if not tested:
-        return f"finished {len(state.history)} epochs; run folder {run_dir}: {files}"
+        return f"finished {epochs}; run folder {run_dir}: {files}"
     best = max(tested, key=lambda row: row["test_top1"])  # the first of equal ones
     return (
-        f"finished {state.epoch} epochs: best test top-1 {best['test_top1']:.2f} % (epoch "
+        f"finished {epochs}: best test top-1 {best['test_top1']:.2f} % (epoch "
         f"{int(best['epoch'])}, best.pth); run folder {run_dir}: {files}"
     )
 
