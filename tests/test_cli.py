@@ -25,6 +25,7 @@ from fgattn.train import engine as E
 from fgattn.train.config import HELP, RECIPES, SYNTHETIC_PRESETS, recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_TIMEOUT_S = 1800  # bounds a hang of a subprocess, not its speed (minutes on a loaded machine)
 TINY = [
     "--backbone", "test_resnet", "--image-size", "32", "--resize", "36",
     "--synthetic-classes", "4", "--synthetic-train-per-class", "4",
@@ -371,7 +372,7 @@ def test_pcanet_warns_once_on_pairs_of_different_labels():
 def test_python_dash_m_fgattn_train(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fgattn.train", "--epoch", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "python -m fgattn.train: error: unrecognized arguments: --epoch 1" in proc.stderr

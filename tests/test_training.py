@@ -30,6 +30,7 @@ from fgattn.train import logging as L
 from fgattn.train.rundir import RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_TIMEOUT_S = 1800  # bounds a hang of a subprocess, not its speed (minutes on a loaded machine)
 EXAMPLES = ROOT / "examples"
 TINY = [
     "--backbone", "test_resnet", "--image-size", "64", "--resize", "72",
@@ -70,7 +71,7 @@ def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
     """The example script itself, as a user runs it (with tiny settings)."""
     cmd = [sys.executable, str(EXAMPLES / f"train_{arch}.py"), *TINY, "--plots",
            "--output", str(tmp_path), "--name", "run"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("epoch 1 |")]
@@ -206,7 +207,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
         proc = subprocess.Popen(
             [*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
         )
-        deadline = time.time() + 240
+        deadline = time.time() + HANG_TIMEOUT_S
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert last.exists(), proc.communicate()[1][-3000:]
@@ -214,7 +215,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
 
     proc = start_and_wait_for_checkpoint()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, err[-3000:]
     assert b"stop requested" in out
     ckpt = torch.load(last, weights_only=True)
@@ -223,7 +224,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
     last.unlink()
     proc = start_and_wait_for_checkpoint("--overwrite")  # a new run in the same folder
     proc.kill()  # SIGKILL: no chance to save; the atomic last.pth must still be loadable
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG_TIMEOUT_S)
     assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(last, weights_only=True)
     resumed_from = ckpt["epoch"]
@@ -419,7 +420,7 @@ def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
            str(EXAMPLES / "train_cin.py"), *TINY,
            "--synthetic-test-per-class", "3", "--synthetic-classes", "5", "--pk-classes", "2",
            "--output", str(tmp_path), "--name", "ddp"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world size 2" in proc.stdout
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pth")
