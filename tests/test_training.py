@@ -290,6 +290,10 @@ def test_a_resumed_run_never_writes_over_another_run(tmp_path):
     result = main(None, ["--resume", a_last, "--name", "a2", "--epochs", "2"])
     assert result["status"] == "finished" and Path(result["run_dir"]).name == "a2"
     assert load_checkpoint(tmp_path / "a" / "last.pth")["epoch"] == 1
+    branch = load_checkpoint(tmp_path / "a2" / "last.pth")
+    assert branch["run_id"] != load_checkpoint(tmp_path / "a" / "last.pth")["run_id"]
+    with pytest.raises(RunFolderError, match=r"belongs to run 'a' .* checkpoint of run 'a2'"):
+        main(None, ["--resume", str(tmp_path / "a2" / "last.pth"), "--name", "a", "--epochs", "3"])
 
 
 def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, monkeypatch, capsys):

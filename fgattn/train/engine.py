@@ -8,7 +8,8 @@ sums exact counts over ranks.
 Run directory ``<output>/<name>/``: config.yaml (resolved config), summary.csv (one row per
 epoch), loss.png / accuracy.png, last.pth (end of every epoch, or on SIGTERM mid-epoch), best.pth
 (model weights of the best test top-1), confusion.csv / confusion_worst.png (the test confusion
-of best.pth's weights; the PNG shows the classes of lowest accuracy).
+of best.pth's weights; the PNG shows the classes of lowest accuracy). The folder belongs to one run
+(`rundir`: checkpoints carry the run's id); weights that are not finite are never saved.
 
 Resume is exact: a checkpoint holds the model, optimizer, scheduler, grad scaler, EMA, the epoch and
 step within it, every rank's RNG states and the metric sums of the unfinished epoch. Data
@@ -309,6 +310,11 @@ class LineProgress:
 
 
 # ----------------------------------------------------------------------------- training state
+def new_run_id() -> str:
+    """A run's identity, carried by its checkpoints (see `rundir`)."""
+    return uuid.uuid4().hex[:16]
+
+
 @dataclass
 class TrainState:
     """What training updates and a checkpoint restores: the bare model (no DDP, not compiled), its
@@ -329,7 +335,7 @@ class TrainState:
     partial_sums: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best_top1: float = -1.0
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    run_id: str = field(default_factory=new_run_id)
 
 
 def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device) -> TrainState:
@@ -765,6 +771,8 @@ def train(
         path = Path(resume_path or Path(cfg.output) / (cfg.name or "") / "last.pth")
         resume = rundir.RunIdentity.of(resume_ckpt, path)
     with _run_folder(cfg, device, world, resume) as (run_dir, lock):
+        if lock is not None and resume is not None and not lock.same_run:
+            setup.state.run_id = new_run_id()  # a branch into a new folder: a run of its own
         _print(banner(cfg, setup))
         if cfg.arch == "cin" and not setup.sampler.pairs_per_batch[0]:
             _print(f"warning: --pk-images {cfg.pk_images} gives no positive pairs (one image per "

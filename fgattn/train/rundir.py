@@ -109,12 +109,15 @@ class RunLock:
 
     ``replaced`` names the previous run's files an ``--overwrite`` moved to ``<run>/.previous-run``
     (empty when nothing was replaced); `commit` deletes them, `restore` puts them back.
+    ``same_run``: the resumed checkpoint continues the run of this folder (its own folder, or one
+    whose run it is); otherwise a resumed run is a new run, a branch of the checkpoint's.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.path = run_dir / LOCK_FILE
         self.replaced: list[str] = []
+        self.same_run = False
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is None:
             return
@@ -178,8 +181,10 @@ def claim(
     try:
         _recover_previous(run_dir)
         existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+        lock.same_run = resume is not None and resume.path.parent.resolve() == run_dir.resolve()
         if set(existing) & set(OUTPUTS):
             same_run = resume is not None and _check_owner(run_dir, resume, overwrite)
+            lock.same_run = same_run
             if resume is None and not overwrite:
                 raise RunFolderError(
                     f"run folder {run_dir} already holds a run ({', '.join(existing)}); continue "
