@@ -158,6 +158,8 @@ BAD_FLAGS = [
     (["--synthetic-test-per-class", "0"], "--synthetic-test-per-class must be an int >= 1"),
     (["--resize", "20", "--image-size", "32"], r"--resize must be >= --image-size \(32\)"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--model-kwargs", "center_loss_weight=nan"], "center_loss_weight must be a float, got str"),
+    (["--model-kwargs", "embed_dim=0", "--arch", "cin"], "embed_dim must be an int >= 1, got 0"),
     (["--arch", "cin", "--pk-classes", "3", "--pk-images", "3"],
      r"--pk-classes 3 x --pk-images 3 = 9 images per batch must be even"),
 ]  # fmt: skip

@@ -2,10 +2,10 @@
 ``fgattn-eval`` (`evaluate`), ``fgattn-visualize`` (`visualize`); ``python -m fgattn.train`` is
 ``fgattn-train``. The scripts in ``examples/`` call the same functions.
 
-A mistake in the command (config, data, checkpoint, run folder) is one line on stderr,
-``<prog>: error: <message>``, and exit status 2, as argparse does for a bad flag; ``--debug``
-shows the traceback instead. Errors after training has started are not the user's: they propagate
-with their traceback.
+A mistake in the command (config, data, checkpoint, run folder, device, the ``$FGATTN_BACKEND``
+variable once fgattn has imported) is one line on stderr, ``<prog>: error: <message>``, and exit
+status 2, as argparse does for a bad flag; ``--debug`` shows the traceback instead. Errors after
+training has started are not the user's: they propagate with their traceback.
 """
 
 from __future__ import annotations

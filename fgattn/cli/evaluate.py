@@ -91,7 +91,7 @@ def _config(args: argparse.Namespace, ckpt: dict) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def test_split(cfg: TrainConfig, classes: list[str], checkpoint: str):
+def checkpoint_test_split(cfg: TrainConfig, classes: list[str], checkpoint: str):
     """The test split of ``cfg``'s dataset, labelled by the checkpoint's ``classes`` (matched by
     name: a dataset with other classes is an error, one lacking some is said)."""
     test_set = build_dataset(cfg, "test")
@@ -123,9 +123,9 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, flo
     dev = init_distributed_device_so(device=resolve_device(cfg.device))
     device = torch.device(dev["device"])
     try:
-        test_set = test_split(cfg, ckpt["classes"], args.checkpoint)
+        test_set = checkpoint_test_split(cfg, ckpt["classes"], args.checkpoint)
         model = build_model(cfg, len(ckpt["classes"]))
-        load_weights(model, _weights(args, ckpt), args.checkpoint)
+        load_weights(model, _weights(args, ckpt), f"checkpoint {args.checkpoint}")
         model.to(device)
         loader = build_eval_loader(test_set, cfg, dev["global_rank"], dev["world_size"], device)
         metrics = evaluate(model, loader, device, cfg)

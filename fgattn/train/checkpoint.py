@@ -146,13 +146,14 @@ def _verify(ckpt: dict[str, Any], path: Path) -> None:
         )
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
     """``model.load_state_dict(weights)`` (strict), where weights that do not fit the model are a
     one-paragraph ValueError saying which tensors differ instead of torch's list of mismatches.
 
     Args:
         model: the model the checkpoint's config builds.
-        weights: its state dict from the checkpoint at ``path`` (named in the message).
+        weights: its state dict.
+        source: the checkpoint, as the message names it ("checkpoint runs/x/best.pth").
     """
     own = model.state_dict()
     shapes = [
@@ -172,7 +173,7 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: str | Pa
         if found
     ]  # fmt: skip
     raise ValueError(
-        f"checkpoint {path} does not fit the model built from its config: {'; '.join(parts)}; "
+        f"{source} does not fit the model built from its config: {'; '.join(parts)}; "
         f"it was written for another arch, backbone, class count or model_kwargs (or by another "
         f"version of fgattn)"
     )

@@ -359,7 +359,7 @@ def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device)
 
 def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: int) -> None:
     """Restore ``state`` and this rank's RNG states from a last.pth checkpoint."""
-    load_weights(state.model, ckpt["model"], "--resume")
+    load_weights(state.model, ckpt["model"], "the --resume checkpoint")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
@@ -716,8 +716,9 @@ def check_classes(trained: list[str], data: list[str], what: str) -> None:
     """A checkpoint's classes and a training split's must be the same names in the same order."""
     if list(trained) == list(data):
         return
-    only_ckpt = [c for c in trained if c not in set(data)]
-    only_data = [c for c in data if c not in set(trained)]
+    in_data, in_ckpt = set(data), set(trained)
+    only_ckpt = [c for c in trained if c not in in_data]
+    only_data = [c for c in data if c not in in_ckpt]
     detail = (f"only in the checkpoint: {only_ckpt[:3]}, only in the data: {only_data[:3]}"
               if only_ckpt or only_data else "the same names in another order")  # fmt: skip
     raise ValueError(
@@ -764,23 +765,13 @@ def train(
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
     setup = _set_up(cfg, resume_ckpt, device, rank, world)
-    resume = None
-    if resume_ckpt is not None:
-        if resume_path is None and cfg.resume not in (None, "auto"):
-            resume_path = cfg.resume
-        path = Path(resume_path or Path(cfg.output) / (cfg.name or "") / "last.pth")
-        resume = rundir.RunIdentity.of(resume_ckpt, path)
+    resume = _resume_identity(cfg, resume_ckpt, resume_path)
     with _run_folder(cfg, device, world, resume) as (run_dir, lock):
         if lock is not None and resume is not None and not lock.same_run:
             setup.state.run_id = new_run_id()  # a branch into a new folder: a run of its own
         _print(banner(cfg, setup))
-        if cfg.arch == "cin" and not setup.sampler.pairs_per_batch[0]:
-            _print(f"warning: --pk-images {cfg.pk_images} gives no positive pairs (one image per "
-                   f"class in a batch): CIN's contrastive loss then only pushes pairs apart and "
-                   f"never pulls a class together, the flaw of the public reimplementation; use "
-                   f"--pk-images 2 or more (the paper: 5)")  # fmt: skip
-        if resume_ckpt is not None:
-            _print(_resumed(cfg, setup))
+        for note in _start_notes(cfg, setup, resumed=resume is not None):
+            _print(note)
         if on_start is not None:
             on_start(run_dir)
         result = _train_epochs(cfg, setup, device, run_dir, lock)
@@ -789,13 +780,33 @@ def train(
         return {**result, "run_dir": str(run_dir)}
 
 
-def _resumed(cfg: TrainConfig, setup: _Setup) -> str:
-    """Where a resumed run continues, epochs counted from 1 as in the epoch lines."""
-    state = setup.state
-    if state.step:
-        return (f"resumed in epoch {state.epoch + 1} of {cfg.epochs}, after step {state.step} of "
-                f"{setup.steps}")  # fmt: skip
-    return f"resumed after epoch {state.epoch} of {cfg.epochs}"
+def _resume_identity(
+    cfg: TrainConfig, ckpt: dict[str, Any] | None, path: str | Path | None
+) -> rundir.RunIdentity | None:
+    """The run a resumed checkpoint belongs to (None when not resuming); its file is ``path``,
+    else ``cfg.resume``, else the run folder's last.pth."""
+    if ckpt is None:
+        return None
+    if path is None and cfg.resume not in (None, "auto"):
+        path = cfg.resume
+    return rundir.RunIdentity.of(ckpt, path or Path(cfg.output) / (cfg.name or "") / "last.pth")
+
+
+def _start_notes(cfg: TrainConfig, setup: _Setup, resumed: bool) -> list[str]:
+    """Lines after the banner: where a resumed run continues (epochs counted from 1, as in the
+    epoch lines) and a warning when CIN's batches hold no positive pair."""
+    state, notes = setup.state, []
+    if resumed and state.step:
+        notes.append(f"resumed in epoch {state.epoch + 1} of {cfg.epochs}, after step "
+                     f"{state.step} of {setup.steps}")  # fmt: skip
+    elif resumed:
+        notes.append(f"resumed after epoch {state.epoch} of {cfg.epochs}")
+    if cfg.arch == "cin" and not setup.sampler.pairs_per_batch[0]:
+        notes.append(f"warning: --pk-images {cfg.pk_images} gives no positive pairs (one image "
+                     f"per class in a batch): CIN's contrastive loss then only pushes pairs "
+                     f"apart and never pulls a class together, the flaw of the public "
+                     f"reimplementation; use --pk-images 2 or more (the paper: 5)")  # fmt: skip
+    return notes
 
 
 def final_summary(state: TrainState, run_dir: Path) -> str:
