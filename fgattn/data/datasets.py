@@ -368,15 +368,21 @@ def align_classes(
     classes = list(classes)
     if own == classes:
         return []
-    unknown = [name for name in own if name not in classes]
-    if unknown or len(set(classes)) != len(classes) or not hasattr(dataset, "samples"):
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in own if name not in index]
+    if unknown:
         shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ValueError(
             f"{what} has {len(own)} classes, {len(unknown)} of them not among the "
-            f"{len(classes)} classes of {of} ({shown or 'the same names in another order'}); "
-            f"the class names must match"
+            f"{len(classes)} classes of {of} ({shown}); the class names must match"
         )
-    index = {name: i for i, name in enumerate(classes)}
+    if len(index) != len(classes) or not hasattr(dataset, "samples"):
+        why = ("its class names repeat" if len(index) != len(classes)
+               else f"a {type(dataset).__name__} cannot be relabelled")  # fmt: skip
+        raise ValueError(
+            f"{what} lists its classes in another order than {of}, and {why}; build both from "
+            f"the same class list"
+        )
     remap = [index[name] for name in own]
     dataset.samples = [(path, remap[target]) for path, target in dataset.samples]
     dataset.classes = classes
