@@ -2,6 +2,9 @@
 
 A wrong type raises TypeError, a wrong value ValueError; both name the argument, what it got and
 what it wanted. Each check returns the value normalised (an int as int, a real number as float).
+
+Bounds shared by the layers: `MAX_CHANNELS` (φ of SCI/CCI holds 9·C² weights) and `MAX_SCALE`
+(logit scales and loss weights beyond it are not a setting but a typo; they overflow float32).
 """
 
 from __future__ import annotations
@@ -10,14 +13,26 @@ import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
+MAX_CHANNELS = 2**16
+MAX_SCALE = 1e4
 
-def integer(value: object, name: str, *, minimum: int | None = None) -> int:
-    """An int (not a bool) ≥ `minimum`."""
+
+def integer(
+    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """An int (not a bool) in [`minimum`, `maximum`]."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an int in [{minimum}, {maximum}], got {value}")
     return int(value)
+
+
+def optional(check, value: object, name: str, **kwargs):
+    """None, or `value` checked by `check` (e.g. ``optional(integer, dim, "dim", minimum=1)``)."""
+    return None if value is None else check(value, name, **kwargs)
 
 
 def real(

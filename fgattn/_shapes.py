@@ -59,7 +59,7 @@ def check_same(
 
 
 def check_image_batch(x: torch.Tensor, name: str, channels: int | None = None) -> None:
-    """A float (B, C, H, W) tensor, with C == ``channels`` when given."""
+    """A float (B, C, H, W) tensor with C, H, W >= 1, and C == ``channels`` when given."""
     check_float(x, name)
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
@@ -67,6 +67,40 @@ def check_image_batch(x: torch.Tensor, name: str, channels: int | None = None) -
         raise ValueError(
             f"{name} must have {channels} channels, got shape {tuple(x.shape)} "
             f"(wanted (B, {channels}, H, W))"
+        )
+    if min(x.shape[1:]) < 1:
+        raise ValueError(
+            f"{name} must have at least one channel and position (C, H, W >= 1), got shape "
+            f"{tuple(x.shape)}"
+        )
+
+
+def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    """Raise unless a and b are on one device."""
+    if a.device != b.device:
+        raise ValueError(
+            f"{b_name} must be on the device of {a_name} ({a.device}), got device {b.device}; "
+            f"move one of them (.to(device))"
+        )
+
+
+def check_module_input(x: torch.Tensor, name: str, module: torch.nn.Module, dtype=True) -> None:
+    """x on the device of ``module``'s floating-point weights and, with ``dtype`` and outside
+    ``torch.autocast``, of their dtype (a convolution or linear layer needs both)."""
+    weight = next((t for t in module.parameters() if t.is_floating_point()), None)
+    if weight is None:
+        return
+    what = type(module).__name__
+    if x.device != weight.device:
+        raise ValueError(
+            f"{name} is on device {x.device}, the {what}'s weights on {weight.device}; move the "
+            f"input or the module (module.to({str(x.device)!r}))"
+        )
+    if dtype and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{name} has dtype {x.dtype}, the {what}'s weights {weight.dtype}; convert the input "
+            f"(x.to({weight.dtype})) or the module (module.to({x.dtype})), or run under "
+            f"torch.autocast"
         )
 
 

@@ -15,6 +15,9 @@ from timm.models import get_pretrained_cfg
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from . import _args
+from ._shapes import check_image_batch, check_module_input
+
 __all__ = ["TimmBackbone", "resolve_backbone"]
 
 
@@ -135,6 +138,7 @@ class TimmBackbone(nn.Module):
             pretrained_cfg_overlay, ...).
 
     Attributes:
+        in_chans: channels of the input images (timm's ``in_chans``, 3 by default).
         out_channels: C of the output map.
         reduction: total stride of the output map relative to the input.
         model: the underlying timm model (after timm pruned its head).
@@ -152,6 +156,14 @@ class TimmBackbone(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(name, str):
+            raise TypeError(
+                f"name must be a str, a timm model name such as 'resnet50', got "
+                f"{type(name).__name__} {name!r}"
+            )
+        pretrained = _args.boolean(pretrained, "pretrained")
+        norm = _args.boolean(norm, "norm")
+        dynamic_img_size = _args.optional(_args.boolean, dynamic_img_size, "dynamic_img_size")
         for key in ("features_only", "out_indices", "feature_cls", "feature_cfg"):
             if key in timm_kwargs:
                 raise ValueError(
@@ -176,7 +188,11 @@ class TimmBackbone(nn.Module):
         except TypeError as err:
             # This fixed-size family has no dynamic-size support: it runs at its img_size only.
             if dynamic_img_size is not None or "dynamic_img_size" not in str(err):
-                raise
+                raise TypeError(
+                    f"backbone {name!r}: {err}; keyword arguments a model does not take itself "
+                    f"go to timm.create_model({name!r}, ...), so each must be an option of the "
+                    f"model or of that timm model"
+                ) from err
             kwargs.pop("dynamic_img_size")
             model = timm.create_model(name, **kwargs)
         except OSError as err:  # the download or the weights file failed
@@ -202,6 +218,7 @@ class TimmBackbone(nn.Module):
                 f"last feature map ({err})"
             ) from err
         info = self.body.feature_info
+        self.in_chans: int = timm_kwargs.get("in_chans", 3)
         self.out_channels: int = info.channels()[-1]
         self.reduction: int = info.reduction()[-1]
         # timm's data config of the backbone (mean, std, input size of its pretrained weights).
@@ -220,6 +237,8 @@ class TimmBackbone(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, "x", self.in_chans)
+        check_module_input(x, "x", self)
         features = self.body(x)
         out = features[-1] if isinstance(features, (list, tuple)) else features
         if not isinstance(out, torch.Tensor) or out.dim() != 4:

@@ -122,7 +122,7 @@ def loss_figure(history: Sequence[dict[str, float]]) -> Figure:
         ax.set_title(title)
         ax.set_ylabel("loss")
         _epoch_axis(ax)
-        ax.legend(fontsize=7)
+        _legend_below(ax, fontsize=7)
     fig.suptitle("Losses per epoch (summary.csv)")
     return fig
 
@@ -138,8 +138,15 @@ def accuracy_figure(history: Sequence[dict[str, float]]) -> Figure:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy per epoch (summary.csv)")
     _epoch_axis(ax)
-    ax.legend(fontsize=8)
+    _legend_below(ax, fontsize=8, ncol=3)
     return fig
+
+
+def _legend_below(ax: Axes, fontsize: float, ncol: int = 1) -> None:
+    """The legend under the axes, outside the plotting area, so it never covers a curve
+    (constrained layout makes room for it)."""
+    ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol,
+              frameon=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- confusion
@@ -292,6 +299,15 @@ def _colorbar(fig: Figure, mappable, ax, label: str) -> None:
 
     bar = fig.colorbar(mappable, ax=ax, location="bottom", shrink=0.8, aspect=25, label=label)
     bar.ax.xaxis.set_major_locator(MaxNLocator(5))
+    _plain_ticks(bar.ax.xaxis)
+
+
+def _plain_ticks(axis) -> None:
+    """Each tick label written out in full ("1.0002", "3e-05"), so matplotlib never adds an
+    offset or multiplier text at the end of the axis (over a colour bar's label)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.5g}"))
 
 
 def pair_figure(
@@ -370,13 +386,15 @@ def channel_matrix_figure(
     ax_a.set_title(f"(a) W over {what} {c} channels,\nsorted by energy ‖X_c‖² (descending)")
     ax_a.set_xlabel("channel j (energy rank)")
     ax_a.set_ylabel("channel i (energy rank)")
-    fig.colorbar(im, ax=ax_a, label="log₁₀ W_ij (clipped 6 decades below the max)", shrink=0.8)
+    bar = fig.colorbar(im, ax=ax_a, label="log₁₀ W_ij (clipped 6 decades below the max)",
+                       shrink=0.8)  # fmt: skip
+    _plain_ticks(bar.ax.yaxis)
     im = ax_b.imshow(sorted_w[:n_b, :n_b], cmap="viridis", interpolation="nearest")
     ticks = range(0, n_b, max(1, n_b // 16))
     ax_b.set_xticks(ticks, [str(order[t]) for t in ticks], rotation=90, fontsize=7)
     ax_b.set_yticks(ticks, [str(order[t]) for t in ticks], fontsize=7)
     ax_b.set_title(f"(b) the {n_b} most energetic channels\n(ticks: channel index)")
-    fig.colorbar(im, ax=ax_b, label="log₁₀ W_ij", shrink=0.8)
+    _plain_ticks(fig.colorbar(im, ax=ax_b, label="log₁₀ W_ij", shrink=0.8).ax.yaxis)
     _supply_panel(ax_c, np.exp(log_weights)[:, order], energy[order])
     if title:
         fig.suptitle(title, fontsize=13)

@@ -4,26 +4,28 @@ run folders of failed starts, pretrained weights offline, PCA-Net's pair check."
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+import timm
 import torch
 
 from fgattn import TimmBackbone
 from fgattn.cli import evaluate as cli_evaluate
 from fgattn.cli import train as cli_train
 from fgattn.models import PCANet
-from fgattn.train import TrainConfig, load_checkpoint, resolve_config
+from fgattn.train import TrainConfig, load_checkpoint, resolve_config, save_atomic
 from fgattn.train import engine as E
 from fgattn.train.config import HELP, RECIPES, SYNTHETIC_PRESETS, recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_TIMEOUT_S = 1800  # bounds a hang of a subprocess, not its speed (minutes on a loaded machine)
 TINY = [
     "--backbone", "test_resnet", "--image-size", "32", "--resize", "36",
     "--synthetic-classes", "4", "--synthetic-train-per-class", "4",
@@ -83,6 +85,16 @@ def test_help_shows_the_values_the_run_will_use(capsys):
     assert "Train CIN" in cin and "[0.001]" in cin.split("--lr FLOAT")[1].split("--")[0]
 
 
+def test_a_script_of_one_arch_does_not_offer_arch(capsys):
+    with pytest.raises(SystemExit):
+        resolve_config("cin", ["--help"], prog="train_cin.py")
+    text = capsys.readouterr().out
+    assert (
+        "usage: train_cin.py [--recipe NAME]" in text and "--arch" not in text.split("examples:")[0]
+    )
+    assert resolve_config("cin", ["--arch", "cin"]).arch == "cin"  # still accepted
+
+
 def test_abbreviated_flags_are_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         resolve_config("pcanet", ["--epoch", "1"])
@@ -130,6 +142,107 @@ def test_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys):
     _user_error(capsys, cli_evaluate.main, [str(tmp_path / "nope.pth")])
 
 
+BAD_FLAGS = [
+    (["--lr", "inf"], r"--lr must be a finite float in \(0, inf\), got inf"),
+    (["--lr", "nan"], "--lr must be a finite float"),
+    (["--lr", "0"], r"--lr must be a finite float in \(0, inf\), got 0"),
+    (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be an int >= 1, got -1"),
+    (["--weight-decay", "-1"], r"--weight-decay must be a finite float in \[0, inf\)"),
+    (["--lr-gamma", "-1"], r"--lr-gamma must be a finite float in \(0, 1\], got -1"),
+    (["--ema-decay", "2"], r"--ema-decay must be a finite float in \[0, 1\], got 2"),
+    (["--grad-clip", "-1"], r"--grad-clip must be a finite float in \(0, inf\), got -1"),
+    (["--momentum", "1.5"], r"--momentum must be a finite float in \[0, 1\]"),
+    (["--hflip", "2"], r"--hflip must be a finite float in \[0, 1\]"),
+    (["--seed", "-1"], "--seed must be an int >= 0, got -1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be an int >= 1, got 0"),
+    (["--synthetic-test-per-class", "0"], "--synthetic-test-per-class must be an int >= 1"),
+    (["--resize", "20", "--image-size", "32"], r"--resize must be >= --image-size \(32\)"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--model-kwargs", "center_loss_weight=nan"], "center_loss_weight must be a float, got str"),
+    (["--model-kwargs", "embed_dim=0", "--arch", "cin"], "embed_dim must be an int >= 1, got 0"),
+    (["--arch", "cin", "--pk-classes", "3", "--pk-images", "3"],
+     r"--pk-classes 3 x --pk-images 3 = 9 images per batch must be even"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
+def test_out_of_range_flags_are_one_line_errors(capsys, tmp_path, flags, message):
+    line = _user_error(capsys, cli_train.main, [*TINY, "--output", str(tmp_path), *flags])
+    assert re.search(message, line), line
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_out_of_range_yaml_values_name_the_option(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: .inf\n")
+    with pytest.raises(ValueError, match=r"--lr must be a finite float in \(0, inf\), got inf"):
+        resolve_config(None, ["--config", str(path)])
+    path.write_text("max_steps_per_epoch: -1\n")
+    with pytest.raises(ValueError, match="--max-steps-per-epoch must be an int >= 1"):
+        resolve_config(None, ["--config", str(path)])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished one-step PCA-Net run (bilinear_dim 8): its folder."""
+    out = tmp_path_factory.mktemp("runs")
+    E.main("pcanet", [*TINY, "--max-steps-per-epoch", "1", "--model-kwargs", "bilinear_dim=8",
+                      "--output", str(out), "--name", "r"])  # fmt: skip
+    return out / "r"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(capsys, tmp_path, tiny_run):
+    line = _user_error(capsys, cli_train.main,
+                       [*TINY, "--device", "cuda", "--output", str(tmp_path)])  # fmt: skip
+    assert "--device cuda: this machine has no CUDA GPU" in line and "--device cpu" in line
+    assert not list(tmp_path.iterdir())
+    line = _user_error(capsys, cli_evaluate.main, [str(tiny_run / "best.pth"), "--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA GPU" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--backbone", "resnet18"], "trained with backbone 'test_resnet', this command asks for "
+         "'resnet18'; drop --backbone"),
+        (["--model-kwargs", "bilinear_dim=16"], "trained with model_kwargs {'bilinear_dim': 8}, "
+         "this command asks for {'bilinear_dim': 16}; drop --model-kwargs"),
+        (["--synthetic-classes", "5"], "trained on 4 classes, the dataset has 5 classes"),
+    ],
+)  # fmt: skip
+def test_resume_with_another_model_is_one_line(capsys, tiny_run, flags, fragment):
+    argv = ["--resume", str(tiny_run / "last.pth"), "--epochs", "2", *flags]
+    line = _user_error(capsys, cli_train.main, argv)
+    assert fragment in line, line
+    assert load_checkpoint(tiny_run / "last.pth")["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"backbone": "resnet10t"}, "tensors of other shapes (first backbone.body.model.conv1"),
+        ({"arch": "cin", "model_kwargs": {}}, "missing tensors (first sci.phi.weight)"),
+        ({"model_kwargs": {"bilinear_dim": 16}}, "first head.reduce.conv.weight: checkpoint "
+         "(8, 96, 1, 1), model (16, 96, 1, 1)"),
+    ],
+)  # fmt: skip
+def test_evaluating_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path, tiny_run,
+                                                               change, fragment):  # fmt: skip
+    ckpt = load_checkpoint(tiny_run / "best.pth")
+    ckpt["config"].update(change)  # weights of one model under another model's config
+    save_atomic(ckpt, tmp_path / "odd.pth")
+    line = _user_error(capsys, cli_evaluate.main, [str(tmp_path / "odd.pth")])
+    assert f"checkpoint {tmp_path / 'odd.pth'} does not fit the model built from its config" in line
+    assert fragment in line, line
+
+
+def test_a_bad_backend_variable_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("FGATTN_BACKEND", "cuda")
+    line = _user_error(capsys, cli_train.main, ["--help"])
+    assert "$FGATTN_BACKEND must be one of" in line and "got 'cuda'" in line
+
+
 def test_failed_first_epoch_removes_the_folder_and_keeps_the_traceback(tmp_path, monkeypatch):
     def broken_step(*args, **kwargs):
         raise ValueError("a bug in the training step")
@@ -164,7 +277,9 @@ def test_resume_from_best_and_arch_of_the_checkpoint(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- pretrained
-def test_unreachable_pretrained_weights_fail_fast_with_the_fix(monkeypatch, tmp_path):
+def _unreachable_hub(monkeypatch) -> None:
+    """No weights cached, no connection; a download attempt (timm's retries, about a minute)
+    fails the test instead of timing it."""
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
@@ -173,8 +288,16 @@ def test_unreachable_pretrained_weights_fail_fast_with_the_fix(monkeypatch, tmp_
     def unreachable(*args, **kwargs):
         raise OSError("Name or service not known")
 
+    def download(*args, **kwargs):
+        raise AssertionError("a download was attempted: timm would retry it for a minute")
+
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    start = time.perf_counter()
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
+    monkeypatch.setattr(timm.models._builder, "download_url_to_file", download, raising=False)
+
+
+def test_unreachable_pretrained_weights_fail_fast_with_the_fix(monkeypatch, tmp_path):
+    _unreachable_hub(monkeypatch)
     with pytest.raises(ConnectionError, match=r"huggingface.co cannot be reached") as err:
         TimmBackbone("resnet10t", pretrained=True)
     assert "pretrained_cfg_overlay=dict(file='/path/to/resnet10t.safetensors')" in str(err.value)
@@ -182,7 +305,6 @@ def test_unreachable_pretrained_weights_fail_fast_with_the_fix(monkeypatch, tmp_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set"):
         TimmBackbone("convnext_tiny", pretrained=True)
-    assert time.perf_counter() - start < 10  # timm's own retries take about a minute
     with pytest.raises(FileNotFoundError, match="pretrained_cfg_overlay file not found"):
         TimmBackbone("resnet10t", pretrained=True,
                      pretrained_cfg_overlay=dict(file=str(tmp_path / "no.pth")))  # fmt: skip
@@ -202,6 +324,30 @@ def test_pretrained_file_flag_loads_local_weights(tmp_path, capsys):
     model = load_checkpoint(tmp_path / "p" / "last.pth")["model"]
     conv = "backbone.body.model.conv1.0.weight"  # unchanged by a 1e-12 step
     torch.testing.assert_close(model[conv], weights["conv1.0.weight"])
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block under the README heading ``heading``."""
+    section = (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readmes_first_snippet_fails_fast_offline(monkeypatch):
+    """The first code a newcomer runs: offline, an error with the fix, no minute of retries."""
+    _unreachable_hub(monkeypatch)
+    code = _readme_block("Example: SCI in a timm ResNet-50")
+    with pytest.raises(ConnectionError, match="pretrained_cfg_overlay"):
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readmes_first_snippet_runs(monkeypatch):
+    code = _readme_block("Example: SCI in a timm ResNet-50").replace(
+        "pretrained=True", "pretrained=False"
+    )
+    code = code.replace("448, 448", "64, 64")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["z"].shape == (2, 2048, 2, 2) and namespace["logits"].shape == (2, 200)
 
 
 # ----------------------------------------------------------------------------- PCA-Net pairs
@@ -228,7 +374,7 @@ def test_pcanet_warns_once_on_pairs_of_different_labels():
 def test_python_dash_m_fgattn_train(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fgattn.train", "--epoch", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "python -m fgattn.train: error: unrecognized arguments: --epoch 1" in proc.stderr

@@ -228,6 +228,15 @@ def test_cars_without_scipy_says_so(trees, monkeypatch):
         D.StanfordCars(trees["cars"], "train")
 
 
+def test_cars_data_is_checked_before_scipy(tmp_path, monkeypatch):
+    """--recipe cin-cars on a wrong --data-root says where the data is missing, not "pip
+    install scipy" first."""
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(FileNotFoundError, match="Stanford Cars folder not found"):
+        D.StanfordCars(tmp_path, "train")
+
+
 MISSING = [
     ("cub", "CUB_200_2011/train_test_split.txt", "train_test_split.txt", "caltech.edu"),
     ("cub", "CUB_200_2011/images.txt", "images.txt", "caltech.edu"),
@@ -299,3 +308,55 @@ def test_corrupt_image_names_the_file(tmp_path, kind):
         f.write(b"not an image at all")
     with pytest.raises(D.ImageReadError, match="cannot decode"):
         ds[1]
+
+
+# ----------------------------------------------------------------------------- splits and classes
+def _imagefolder(root, split, classes, per_class=2, size=24):
+    for c in classes:
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (40 * i, 90, 200)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_a_test_split_without_a_training_class_keeps_every_label(tmp_path, capsys):
+    """ImageFolder numbers the classes of each split folder on its own: without matching by name,
+    a test split lacking "b" would label every "c" image as "b"."""
+    from fgattn.train import TrainConfig, build_datasets
+
+    root = _imagefolder(tmp_path, "train", ["a", "b", "c"])
+    _imagefolder(root, "test", ["a", "c"])
+    cfg = TrainConfig(dataset="imagefolder", data_root=str(root), image_size=16, resize=16)
+    train, test = build_datasets(cfg)
+    assert test.classes == train.classes == ["a", "b", "c"]
+    assert sorted(set(test.targets)) == [0, 2]  # "c" is still class 2
+    assert [test.classes[t] for _, t in test.samples] == [p.split("/")[-2] for p, _ in test.samples]
+    assert "no images of 1 of the 3 training classes (b)" in capsys.readouterr().out
+
+
+def test_a_test_split_with_other_class_names_is_an_error(tmp_path):
+    from fgattn.train import TrainConfig, build_datasets
+
+    root = _imagefolder(tmp_path, "train", ["a", "b"])
+    _imagefolder(root, "test", ["a", "x"])
+    cfg = TrainConfig(dataset="imagefolder", data_root=str(root), image_size=16, resize=16)
+    with pytest.raises(ValueError, match=r"test split has 2 classes, 1 of them not among .*'x'"):
+        build_datasets(cfg)
+
+
+def test_duplicate_cub_ids_are_errors(tmp_path):
+    root = make_tree("cub", tmp_path, num_classes=2, train=2, test=1, size=40)
+    images = root / "CUB_200_2011" / "images.txt"
+    lines = images.read_text().splitlines()
+    images.write_text("\n".join([*lines, f"2 {lines[0].split()[1]}"]) + "\n")
+    with pytest.raises(ValueError, match=r"images\.txt: image id 2 is listed twice"):
+        D.CUB200(root)
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+    root = make_tree("cub", tmp_path, num_classes=2, train=2, test=1, size=40)
+    split = root / "CUB_200_2011" / "train_test_split.txt"
+    split.write_text("".join(f"{line.split()[0]} 1\n" for line in split.read_text().splitlines()))
+    assert len(D.create_dataset("cub", root, "train")) == 6
+    with pytest.raises(ValueError, match=r"the 'test' split of dataset 'cub' .* holds no images"):
+        D.create_dataset("cub", root, "test")

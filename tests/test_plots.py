@@ -202,3 +202,37 @@ def test_visualize_a_missing_checkpoint_is_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("fgattn-visualize: error:") and "no-such" in err
+
+
+def test_legends_never_cover_the_curves():
+    history = [{**row, "ema_test_top1": row["test_top1"] - 1} for row in HISTORY]
+    for fig in (plots.loss_figure(history), plots.accuracy_figure(history)):
+        renderer = _renderer(fig)
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            assert legend is not None
+            inside = ax.get_window_extent(renderer)
+            box = legend.get_window_extent(renderer)
+            assert box.y1 <= inside.y0, (ax.get_title(), box, inside)  # below the plotting area
+            assert box.y0 >= 0  # and on the figure
+
+
+def test_colour_bars_have_no_offset_text_over_their_label():
+    """Maps whose values differ in the 5th digit (a CCI ratio near 1) made matplotlib write its
+    offset ("+1") at the end of the colour bar, over the label."""
+    rng = np.random.default_rng(0)
+    near_one = [1.0 + 1e-4 * rng.random((5, 5)) for _ in range(2)]
+    columns = [plots.MapColumn("ratio", near_one, label="‖W_AB X_A‖ / ‖W_A X_A‖")]
+    images = [rng.random((32, 32, 3)) for _ in range(2)]
+    fig = plots.pair_figure(images, ["A", "B"], columns, title="pair")
+    _renderer(fig)
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert bars
+    for bar in bars:
+        assert bar.xaxis.get_offset_text().get_text() == ""
+        assert all(t.get_text() for t in bar.get_xticklabels())
+    log_w = np.log(np.full((4, 4), 0.25) + 1e-6 * rng.random((4, 4)))
+    matrix = plots.channel_matrix_figure(log_w, rng.random(4), top=4)
+    _renderer(matrix)
+    for bar in [ax for ax in matrix.axes if ax.get_label() == "<colorbar>"]:
+        assert bar.yaxis.get_offset_text().get_text() == ""

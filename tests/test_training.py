@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -28,6 +30,7 @@ from fgattn.train import logging as L
 from fgattn.train.rundir import RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_TIMEOUT_S = 1800  # bounds a hang of a subprocess, not its speed (minutes on a loaded machine)
 EXAMPLES = ROOT / "examples"
 TINY = [
     "--backbone", "test_resnet", "--image-size", "64", "--resize", "72",
@@ -68,11 +71,17 @@ def test_script_runs_one_epoch_on_synthetic(tmp_path, arch):
     """The example script itself, as a user runs it (with tiny settings)."""
     cmd = [sys.executable, str(EXAMPLES / f"train_{arch}.py"), *TINY, "--plots",
            "--output", str(tmp_path), "--name", "run"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("epoch 1 |")]
     assert line.startswith("epoch 1 | test_top1 ") and len(line) < 120, line
+    last_line = proc.stdout.strip().splitlines()[-1]  # what the run did, where it is
+    assert re.fullmatch(
+        rf"finished 1 epoch: best test top-1 \d+\.\d\d % \(epoch 1, best\.pth\); run folder "
+        rf"{re.escape(str(run))}: summary\.csv, last\.pth, best\.pth, .*confusion\.csv.*",
+        last_line,
+    ), last_line
     rows = (run / "summary.csv").read_text().splitlines()
     assert len(rows) == 2
     header = rows[0].split(",")
@@ -143,7 +152,7 @@ def test_config_precedence_yaml_and_flags(tmp_path):
     path.write_text("learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         resolve_config("cin", ["--config", str(path)])
-    with pytest.raises(ValueError, match="data_root"):
+    with pytest.raises(ValueError, match="--data-root must name the folder"):
         resolve_config("cin", ["--dataset", "cub"])
     with pytest.raises(SystemExit):
         resolve_config("cin", ["--dataset", "imagenet"])
@@ -198,7 +207,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
         proc = subprocess.Popen(
             [*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
         )
-        deadline = time.time() + 240
+        deadline = time.time() + HANG_TIMEOUT_S
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert last.exists(), proc.communicate()[1][-3000:]
@@ -206,7 +215,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
 
     proc = start_and_wait_for_checkpoint()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, err[-3000:]
     assert b"stop requested" in out
     ckpt = torch.load(last, weights_only=True)
@@ -215,7 +224,7 @@ def test_sigterm_saves_and_exits_cleanly_sigkill_resumes(tmp_path):
     last.unlink()
     proc = start_and_wait_for_checkpoint("--overwrite")  # a new run in the same folder
     proc.kill()  # SIGKILL: no chance to save; the atomic last.pth must still be loadable
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HANG_TIMEOUT_S)
     assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(last, weights_only=True)
     resumed_from = ckpt["epoch"]
@@ -262,6 +271,143 @@ def test_run_folders_are_never_mixed_or_silently_replaced(tmp_path):
         main("cin", ["--resume", str(last), "--epochs", "1"])
 
 
+def test_a_resumed_run_never_writes_over_another_run(tmp_path):
+    """--resume X --name Z into run Z's folder, or a copy of X's checkpoint inside run Y's folder:
+    refused, naming the run that owns the folder; nothing of it changes."""
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path)]
+    main("cin", [*args, "--name", "a"])
+    main("cin", [*args, "--name", "b"])
+    b = tmp_path / "b"
+    before = {name: (b / name).read_bytes() for name in ("last.pth", "summary.csv")}
+    a_last = str(tmp_path / "a" / "last.pth")
+    with pytest.raises(RunFolderError, match=r"belongs to run 'b' .* checkpoint of run 'a'"):
+        main(None, ["--resume", a_last, "--name", "b", "--epochs", "2"])
+    (b / "copied.pth").write_bytes((tmp_path / "a" / "last.pth").read_bytes())
+    with pytest.raises(RunFolderError, match=r"belongs to run 'b' .* checkpoint of run 'a'"):
+        main(None, ["--resume", str(b / "copied.pth"), "--epochs", "2"])
+    assert {name: (b / name).read_bytes() for name in before} == before
+    # into a new name, the resumed run is a branch of a in its own folder
+    result = main(None, ["--resume", a_last, "--name", "a2", "--epochs", "2"])
+    assert result["status"] == "finished" and Path(result["run_dir"]).name == "a2"
+    assert load_checkpoint(tmp_path / "a" / "last.pth")["epoch"] == 1
+    branch = load_checkpoint(tmp_path / "a2" / "last.pth")
+    assert branch["run_id"] != load_checkpoint(tmp_path / "a" / "last.pth")["run_id"]
+    with pytest.raises(RunFolderError, match=r"belongs to run 'a' .* checkpoint of run 'a2'"):
+        main(None, ["--resume", str(tmp_path / "a2" / "last.pth"), "--name", "a", "--epochs", "3"])
+
+
+def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path), "--name", "r"]
+    main("cin", args)
+    run = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+    def broken_step(*a, **k):
+        raise FloatingPointError("fails at step 0")
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "train_step", broken_step)
+        with pytest.raises(FloatingPointError):
+            main("cin", [*args, "--overwrite", "--lr", "0.02"])
+    out = capsys.readouterr().out
+    assert "are kept in" in out and "the previous run's files are back" in out
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before  # config.yaml included: nothing of the old run was lost
+    main("cin", [*args, "--overwrite", "--lr", "0.02"])
+    out = capsys.readouterr().out
+    assert "removed the previous run's files (config.yaml, summary.csv, last.pth" in out
+    assert load_checkpoint(run / "last.pth")["config"]["lr"] == 0.02
+    assert not (run / ".previous-run").exists()
+
+
+def test_resume_of_a_finished_run_and_epoch_numbers(tmp_path, capsys):
+    args = [*TINY, "--max-steps-per-epoch", "2", "--output", str(tmp_path), "--name", "f"]
+    main("cin", args)
+    last = tmp_path / "f" / "last.pth"
+    with pytest.raises(ValueError, match=r"has finished its 1 epochs .*--epochs above 1"):
+        main(None, ["--resume", str(last)])
+    capsys.readouterr()
+    result = main(None, ["--resume", "auto", "--name", "f", "--output", str(tmp_path)])
+    assert result["status"] == "finished" and "nothing to do" in capsys.readouterr().out
+    main(None, ["--resume", str(last), "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "resumed after epoch 1 of 2" in out and "epoch 2 |" in out
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """A step that leaves a weight NaN (a finite loss, so train_step cannot tell) stops the run
+    before any checkpoint holds it."""
+    args = [*TINY, "--max-steps-per-epoch", "1", "--output", str(tmp_path), "--name", "n"]
+    main("pcanet", args)
+    before = (tmp_path / "n" / "last.pth").read_bytes()
+    step = E.train_step
+
+    def poisoning_step(cfg, state, *a, **k):
+        out = step(cfg, state, *a, **k)
+        with torch.no_grad():
+            state.model.fc.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(E, "train_step", poisoning_step)
+    with pytest.raises(FloatingPointError, match=r"not finite after epoch 2 .*first fc.weight"):
+        main(None, ["--resume", str(tmp_path / "n" / "last.pth"), "--epochs", "2"])
+    assert (tmp_path / "n" / "last.pth").read_bytes() == before
+    with pytest.raises(FloatingPointError, match="not finite"):
+        main("pcanet", [*args, "--name", "fresh"])
+    assert not (tmp_path / "fresh").exists()  # nothing was saved: the failed start is removed
+
+
+def test_checkpoints_know_their_classes(tmp_path, capsys):
+    """fgattn-eval and --resume on a dataset with the same number of other classes are errors;
+    one lacking a class is evaluated by name."""
+    from fgattn.cli import evaluate as cli_evaluate
+
+    root = make_tree("imagefolder", tmp_path / "data", num_classes=4, train=4, test=2, size=64)
+    data = ["--dataset", "imagefolder", "--data-root", str(root), "--max-steps-per-epoch", "1"]
+    main("pcanet", [*TINY, *data, "--output", str(tmp_path), "--name", "r"])
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for c in range(4):
+            (other / split).mkdir(parents=True, exist_ok=True)
+            (root / split / f"class_{c}").rename(other / split / f"kind_{c}")
+    best = str(tmp_path / "r" / "best.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_evaluate.main([best, "--data-root", str(other)], prog="fgattn-eval")
+    err = capsys.readouterr().err
+    assert "4 of them not among the 4 classes of checkpoint" in err and "'kind_0'" in err
+    with pytest.raises(ValueError, match=r"trained on 4 classes, the dataset has 4 classes that"):
+        main(None, ["--resume", str(tmp_path / "r" / "last.pth"), "--data-root", str(other),
+                    "--epochs", "2"])  # fmt: skip
+    for split in ("train", "test"):  # back, without class_3's test images
+        for c in range(4):
+            (other / split / f"kind_{c}").rename(root / split / f"class_{c}")
+    shutil.rmtree(root / "test" / "class_3")
+    metrics = cli_evaluate.run([best])
+    assert metrics["count"] == 6
+    assert "no images of 1 of the checkpoint's 4 classes" in capsys.readouterr().err
+
+
+def test_first_hour_details(tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal gets progress lines (not tqdm's carriage returns piling
+    into one line); checkpoints get the run's file mode; CIN with one image per class warns."""
+    monkeypatch.setattr(E.LineProgress, "every_s", 0.0)  # a line per step
+    old_umask = os.umask(0o022)
+    try:
+        args = [*TINY, "--progress", "--max-steps-per-epoch", "2", "--output", str(tmp_path)]
+        main("cin", [*args, "--pk-images", "1", "--pk-classes", "2", "--name", "k1"])
+    finally:
+        os.umask(old_umask)
+    out, err = capsys.readouterr()
+    assert "warning: --pk-images 1 gives no positive pairs" in out
+    steps = [line for line in out.splitlines() if line.startswith("epoch 1/1: step ")]
+    line = r"epoch 1/1: step [12]/2 \(\d+ %\) \| loss=\S+ acc=\S+ \| \S+ steps/s"
+    assert len(steps) == 2 and all(re.fullmatch(line, step) for step in steps), steps
+    assert "\r" not in out + err
+    for name in ("last.pth", "best.pth", "summary.csv", "config.yaml"):
+        assert (tmp_path / "k1" / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(L, "_warned_matplotlib", False)
@@ -278,7 +424,7 @@ def test_two_process_ddp_matches_single_process_evaluation(tmp_path):
            str(EXAMPLES / "train_cin.py"), *TINY,
            "--synthetic-test-per-class", "3", "--synthetic-classes", "5", "--pk-classes", "2",
            "--output", str(tmp_path), "--name", "ddp"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world size 2" in proc.stdout
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pth")

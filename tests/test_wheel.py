@@ -20,6 +20,7 @@ from fgattn.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("fgattn", "setup.cfg", "pyproject.toml", "README.md", "LICENSE")
+HANG_TIMEOUT_S = 1800  # bounds a hang of a subprocess, not its speed (minutes on a loaded machine)
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -35,7 +36,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     dist = tmp_path / "dist"
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
            "-w", str(dist), str(src)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = dist.glob("fgattn-*.whl")
     return wheel
@@ -74,7 +75,7 @@ def test_wheel_installs_and_trains_through_the_console_script(tmp_path):
     python = bindir / "python"
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                "--no-index", "-q", str(wheel)]  # fmt: skip
-    proc = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(install, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -92,7 +93,9 @@ def test_wheel_installs_and_trains_through_the_console_script(tmp_path):
            "--batch-size", "2", "--workers", "0", "--epochs", "1", "--max-steps-per-epoch", "2",
            "--no-plots", "--no-progress", "--no-pretrained",
            "--output", str(run), "--name", "w"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_TIMEOUT_S
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1 |" in proc.stdout and "random init (--no-pretrained)" in proc.stdout
     ckpt = load_checkpoint(run / "w" / "last.pth")  # verifies the stored SHA-256
@@ -101,7 +104,7 @@ def test_wheel_installs_and_trains_through_the_console_script(tmp_path):
     # A packaged recipe resolves in the installed package; a user mistake is one line, exit 2.
     proc = subprocess.run(
         [str(bindir / "fgattn-train"), "--recipe", "pcanet-cub", "--data-root", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 2
     assert (

@@ -2,20 +2,22 @@
 ``fgattn-eval`` (`evaluate`), ``fgattn-visualize`` (`visualize`); ``python -m fgattn.train`` is
 ``fgattn-train``. The scripts in ``examples/`` call the same functions.
 
-A mistake in the command (config, data, checkpoint, run folder) is one line on stderr,
-``<prog>: error: <message>``, and exit status 2, as argparse does for a bad flag; ``--debug``
-shows the traceback instead. Errors after training has started are not the user's: they propagate
-with their traceback.
+A mistake in the command (config, data, checkpoint, run folder, device, the ``$FGATTN_BACKEND``
+variable once fgattn has imported) is one line on stderr, ``<prog>: error: <message>``, and exit
+status 2, as argparse does for a bad flag; ``--debug`` shows the traceback instead. Errors after
+training has started are not the user's: they propagate with their traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import TracebackType
 
 import yaml
 
+from .. import backends
 from ..train.rundir import RunFolderError
 
 __all__ = ["USER_ERRORS", "UserErrors"]
@@ -41,6 +43,11 @@ class UserErrors:
         self.has_started = True
 
     def __enter__(self) -> UserErrors:
+        try:
+            check_environment()
+        except USER_ERRORS as error:
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     def __exit__(
@@ -51,3 +58,11 @@ class UserErrors:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{self.prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def check_environment() -> None:
+    """The environment variables fgattn reads: ``$FGATTN_BACKEND`` must name a backend (a
+    ValueError naming it, turned into one line by `UserErrors`)."""
+    backends.check_backend(
+        os.environ.get(backends.ENV_BACKEND) or "auto", f"${backends.ENV_BACKEND}"
+    )

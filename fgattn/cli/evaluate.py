@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 
+from ..data import align_classes
 from ..train import (
     TrainConfig,
     build_dataset,
@@ -26,9 +27,27 @@ from ..train import (
     build_model,
     evaluate,
     load_checkpoint,
+    load_weights,
+    resolve_device,
 )
 from ..train.config import AMP_MODES, CHOICES
 from . import UserErrors
+
+
+def _minimum(low: int):
+    """An argparse type: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"wanted an int >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -44,10 +63,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=CHOICES["dataset"],
                    help="dataset to evaluate on [the checkpoint's]")  # fmt: skip
     p.add_argument("--data-root", help="folder of the dataset [the checkpoint's]")
-    p.add_argument("--image-size", type=int, help="centre-crop side in pixels [the checkpoint's]")
-    p.add_argument("--resize", type=int, help="shorter side before the crop [the checkpoint's]")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size [the checkpoint's]")
-    p.add_argument("--workers", type=int, help="dataloader workers [the checkpoint's]")
+    p.add_argument("--image-size", type=_minimum(16),
+                   help="centre-crop side in pixels [the checkpoint's]")  # fmt: skip
+    p.add_argument("--resize", type=_minimum(16),
+                   help="shorter side before the crop [the checkpoint's]")  # fmt: skip
+    p.add_argument("--batch-size", type=_minimum(1),
+                   help="evaluation batch size [the checkpoint's]")  # fmt: skip
+    p.add_argument("--workers", type=_minimum(0), help="dataloader workers [the checkpoint's]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision [none]")
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -69,6 +91,19 @@ def _config(args: argparse.Namespace, ckpt: dict) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
+def checkpoint_test_split(cfg: TrainConfig, classes: list[str], checkpoint: str):
+    """The test split of ``cfg``'s dataset, labelled by the checkpoint's ``classes`` (matched by
+    name: a dataset with other classes is an error, one lacking some is said)."""
+    test_set = build_dataset(cfg, "test")
+    where = f" in {cfg.data_root}" if cfg.data_root else ""
+    missing = align_classes(test_set, classes, f"the {cfg.dataset} test split{where}",
+                            f"checkpoint {checkpoint}")  # fmt: skip
+    if missing:
+        print(f"warning: the test split has no images of {len(missing)} of the checkpoint's "
+              f"{len(classes)} classes; accuracy is over the others", file=sys.stderr)  # fmt: skip
+    return test_set
+
+
 def _weights(args: argparse.Namespace, ckpt: dict) -> dict:
     if not args.ema:
         return ckpt["model"]
@@ -85,20 +120,12 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict[str, flo
     args = build_parser(prog).parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config(args, ckpt)
-    device_name = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )  # fmt: skip
-    dev = init_distributed_device_so(device=device_name)
+    dev = init_distributed_device_so(device=resolve_device(cfg.device))
     device = torch.device(dev["device"])
     try:
-        test_set = build_dataset(cfg, "test")
-        if len(test_set.classes) != len(ckpt["classes"]):
-            raise ValueError(
-                f"test set has {len(test_set.classes)} classes, the checkpoint was trained on "
-                f"{len(ckpt['classes'])}"
-            )
+        test_set = checkpoint_test_split(cfg, ckpt["classes"], args.checkpoint)
         model = build_model(cfg, len(ckpt["classes"]))
-        model.load_state_dict(_weights(args, ckpt))
+        load_weights(model, _weights(args, ckpt), f"checkpoint {args.checkpoint}")
         model.to(device)
         loader = build_eval_loader(test_set, cfg, dev["global_rank"], dev["world_size"], device)
         metrics = evaluate(model, loader, device, cfg)

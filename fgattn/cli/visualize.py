@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_run(checkpoint: str, data_root: str | None = None):
     """(model in eval mode, class names, test set) of a training checkpoint, on the CPU."""
-    from ..train import TrainConfig, build_dataset, build_model, load_checkpoint
+    from ..train import TrainConfig, build_model, load_checkpoint, load_weights
+    from .evaluate import checkpoint_test_split
 
     ckpt = load_checkpoint(checkpoint)
     values = dict(ckpt["config"])
@@ -87,8 +88,12 @@ def load_run(checkpoint: str, data_root: str | None = None):
         values["data_root"] = data_root
     cfg = TrainConfig(**{**values, "pretrained": False})
     model = build_model(cfg, len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), list(ckpt["classes"]), build_dataset(cfg, "test")
+    load_weights(model, ckpt["model"], f"checkpoint {checkpoint}")
+    return (
+        model.eval(),
+        list(ckpt["classes"]),
+        checkpoint_test_split(cfg, ckpt["classes"], checkpoint),
+    )
 
 
 def draw_pairs(targets: torch.Tensor, num_pairs: int, seed: int) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from .datasets import (
     ImageFolder,
     ImageReadError,
     StanfordCars,
+    align_classes,
     create_dataset,
     load_image,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ShardedEvalSampler",
     "StanfordCars",
     "SyntheticFineGrained",
+    "align_classes",
     "class_attributes",
     "create_dataset",
     "create_transform",

@@ -6,8 +6,12 @@ early and clearly:
 
 - a missing file or folder raises FileNotFoundError naming it, where it was looked for and where
   the data comes from;
-- a malformed annotation line raises ValueError naming the file and line;
+- a malformed annotation line, or an image id listed twice, raises ValueError naming the file;
+- a split without images raises ValueError;
 - an image that cannot be decoded raises `ImageReadError` naming the image file.
+
+Labels index ``classes``. Splits are matched by class *name* (`align_classes`): an ImageFolder
+test split that lacks a training class keeps every other class's label.
 """
 
 from __future__ import annotations
@@ -101,6 +105,20 @@ def _int(value: str, path: Path, what: str) -> int:
         raise ValueError(f"malformed {what} {value!r} in {path}: expected an integer") from None
 
 
+def _id_table(path: Path, what: str, source: str) -> dict[int, str]:
+    """``<id> <value>`` rows of an annotation file as {id: value}; an id twice is an error."""
+    table: dict[int, str] = {}
+    for key, value in _read_table(path, 2, source):
+        key_id = _int(key, path, what)
+        if key_id in table:
+            raise ValueError(
+                f"malformed {path}: {what} {key_id} is listed twice ({table[key_id]!r} and "
+                f"{value.strip()!r}); each {what} must appear once. {source}"
+            )
+        table[key_id] = value.strip()
+    return table
+
+
 class _ImageListDataset(torch.utils.data.Dataset):
     """(path, label) list + a loader + a transform, the common core of the datasets below."""
 
@@ -160,22 +178,16 @@ class CUB200(_ImageListDataset):
             files[name] = _require(base / name, "CUB-200-2011 file", str(base), CUB_SOURCE)
         images_dir = _require(base / "images", "CUB-200-2011 image folder", str(base), CUB_SOURCE)
 
-        paths = {_int(i, files["images.txt"], "image id"): p.strip() for i, p in
-                 _read_table(files["images.txt"], 2, CUB_SOURCE)}  # fmt: skip
-        labels = {
-            _int(i, files["image_class_labels.txt"], "image id"): _int(
-                c, files["image_class_labels.txt"], "class id"
-            )
-            for i, c in _read_table(files["image_class_labels.txt"], 2, CUB_SOURCE)
+        tables = {
+            name: _id_table(path, "class id" if name == "classes.txt" else "image id", CUB_SOURCE)
+            for name, path in files.items()
         }
-        is_train = {
-            _int(i, files["train_test_split.txt"], "image id"): _int(
-                t, files["train_test_split.txt"], "split flag"
-            )
-            for i, t in _read_table(files["train_test_split.txt"], 2, CUB_SOURCE)
-        }
-        class_rows = _read_table(files["classes.txt"], 2, CUB_SOURCE)
-        self.classes = [name.strip() for _, name in class_rows]
+        paths = tables["images.txt"]
+        labels = {i: _int(c, files["image_class_labels.txt"], "class id")
+                  for i, c in tables["image_class_labels.txt"].items()}  # fmt: skip
+        is_train = {i: _int(t, files["train_test_split.txt"], "split flag")
+                    for i, t in tables["train_test_split.txt"].items()}  # fmt: skip
+        self.classes = list(tables["classes.txt"].values())
         for ids, name in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
             missing = sorted(set(paths) - set(ids))
             if missing:
@@ -267,12 +279,6 @@ class StanfordCars(_ImageListDataset):
         super().__init__(transform)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test' for Stanford Cars, got {split!r}")
-        try:
-            import scipy.io  # noqa: F401  (torchvision imports it; check first for a clear message)
-        except ImportError as e:
-            raise ImportError(
-                "Stanford Cars needs scipy to read its .mat annotations: pip install scipy"
-            ) from e
         from torchvision import datasets
 
         root = Path(root).expanduser()
@@ -288,6 +294,13 @@ class StanfordCars(_ImageListDataset):
             annos, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
         _require(annos, "Stanford Cars file", str(annos.parent), CARS_SOURCE)
         _require(images, "Stanford Cars image folder", str(base), CARS_SOURCE)
+        try:  # the files are there: now their reader (torchvision imports it; say it first)
+            import scipy.io  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "Stanford Cars needs scipy to read its .mat annotations: pip install scipy "
+                '(or pip install "fgattn[cars]")'
+            ) from e
         try:
             tv = datasets.StanfordCars(root, split=split)
         except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
@@ -335,6 +348,48 @@ class ImageFolder(_ImageListDataset):
 DATASETS = ("synthetic", "cub", "aircraft", "cars", "imagefolder")
 
 
+def align_classes(
+    dataset, classes: list[str], what: str = "the test split", of: str = "the training split"
+) -> list[str]:
+    """Relabel ``dataset`` so that its label i names ``classes[i]``, matching classes by name.
+
+    The classes of ``dataset`` must all be in ``classes`` (a ValueError lists those that are not);
+    classes it has no images of are allowed and returned, so the caller can say so. Datasets that
+    already have exactly ``classes`` are unchanged.
+
+    Args:
+        dataset: a dataset of this module (``classes`` and ``samples``; others only if their
+            classes already equal ``classes``).
+        classes: the class names the labels must index (the training split's, a checkpoint's).
+        what: how to name ``dataset`` in messages.
+        of: how to name the owner of ``classes`` in messages.
+    """
+    own = list(dataset.classes)
+    classes = list(classes)
+    if own == classes:
+        return []
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in own if name not in index]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(
+            f"{what} has {len(own)} classes, {len(unknown)} of them not among the "
+            f"{len(classes)} classes of {of} ({shown}); the class names must match"
+        )
+    if len(index) != len(classes) or not hasattr(dataset, "samples"):
+        why = ("its class names repeat" if len(index) != len(classes)
+               else f"a {type(dataset).__name__} cannot be relabelled")  # fmt: skip
+        raise ValueError(
+            f"{what} lists its classes in another order than {of}, and {why}; build both from "
+            f"the same class list"
+        )
+    remap = [index[name] for name in own]
+    dataset.samples = [(path, remap[target]) for path, target in dataset.samples]
+    dataset.classes = classes
+    present = set(own)
+    return [name for name in classes if name not in present]
+
+
 def create_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -364,14 +419,21 @@ def create_dataset(
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (data root), got None")
     if name == "cub":
-        return CUB200(root, split, transform, **kwargs)
-    if name == "aircraft":
+        dataset = CUB200(root, split, transform, **kwargs)
+    elif name == "aircraft":
         aircraft_split = kwargs.pop("aircraft_split", None)
         split = aircraft_split or ("trainval" if split == "train" else split)
-        return FGVCAircraft(root, split, transform=transform, **kwargs)
-    if name == "cars":
-        return StanfordCars(root, split, transform, **kwargs)
-    return ImageFolder(root, split, transform, **kwargs)
+        dataset = FGVCAircraft(root, split, transform=transform, **kwargs)
+    elif name == "cars":
+        dataset = StanfordCars(root, split, transform, **kwargs)
+    else:
+        dataset = ImageFolder(root, split, transform, **kwargs)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"the {split!r} split of dataset {name!r} in {root} holds no images; check the "
+            f"dataset's split files"
+        )
+    return dataset
 
 
 __all__ = [
@@ -381,6 +443,7 @@ __all__ = [
     "ImageFolder",
     "ImageReadError",
     "StanfordCars",
+    "align_classes",
     "create_dataset",
     "load_image",
 ]

@@ -8,26 +8,32 @@ from einops import reduce
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch
+from .._shapes import check_image_batch, check_same_device
 
 MODES = ("max", "top_channel", "sampled")
 NORMALIZATIONS = ("minmax", "max")
 
 
-def _check_threshold(threshold: float | tuple[float, float]) -> None:
+def check_threshold(
+    threshold: float | tuple[float, float] | list[float], name: str = "threshold"
+) -> float | tuple[float, float]:
+    """θ of eq. 4: a float in [0, 1] or a pair (lo, hi) with 0 <= lo <= hi <= 1; returned as a
+    float or a tuple."""
+    threshold = tuple(threshold) if isinstance(threshold, (list, tuple)) else threshold
     values = threshold if isinstance(threshold, tuple) else (threshold,)
     for t in values:
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise TypeError(
-                f"threshold must be a float or a pair of floats, got {type(t).__name__} {t!r}"
+                f"{name} must be a float or a pair of floats, got {type(t).__name__} {t!r}"
             )
     if len(values) not in (1, 2) or not all(0.0 <= float(t) <= 1.0 for t in values):
         raise ValueError(
-            f"threshold must be a float in [0, 1] or a pair (lo, hi) with 0 <= lo <= hi <= 1, "
+            f"{name} must be a float in [0, 1] or a pair (lo, hi) with 0 <= lo <= hi <= 1, "
             f"got {threshold!r}"
         )
     if len(values) == 2 and values[0] > values[1]:
-        raise ValueError(f"threshold (lo, hi) must have lo <= hi, got {threshold!r}")
+        raise ValueError(f"{name} (lo, hi) must have lo <= hi, got {threshold!r}")
+    return threshold
 
 
 class AttentionErase(nn.Module):
@@ -63,9 +69,7 @@ class AttentionErase(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        threshold = tuple(threshold) if isinstance(threshold, (list, tuple)) else threshold
-        _check_threshold(threshold)
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold)
         self.mode = _args.choice(mode, "mode", MODES)
         self.normalize = _args.choice(normalize, "normalize", NORMALIZATIONS)
         self.seed = None if seed is None else _args.integer(seed, "seed", minimum=0)
@@ -130,6 +134,7 @@ class AttentionErase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_image_batch(images, "images")
         check_image_batch(fw, "fw")
+        check_same_device(images, "images", fw, "fw")
         if fw.shape[0] != images.shape[0]:
             raise ValueError(
                 f"fw must have one feature map per image: images has shape "

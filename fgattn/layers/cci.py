@@ -7,7 +7,7 @@ from einops import reduce
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch, split_pairs
+from .._shapes import check_image_batch, check_module_input, check_same_device, split_pairs
 from ..functional import channel_attention, contrastive_channel_attention
 from .helpers import conv_input, logit_scale
 
@@ -24,10 +24,11 @@ class CCI(nn.Module):
     only runs at 224 px).
 
     Args:
-        channels: C.
-        scale: logit scale of the SCI matrices (paper: −1).
+        channels: C (at most 65536).
+        scale: logit scale of the SCI matrices (paper: −1), |scale| <= 1e4.
         length_normalized: divide the scale by H·W (Hawkeye's variant), see `SCI`.
         phi: the 3×3 convolution φ; pass ``sci.phi`` to share it with SCI. A new one if None.
+            It must keep the shape of its input (checked at forward: Z' = φ(·) + X).
 
     Shapes:
         forward(x_a, x_b, y_a=None, y_b=None): x_a, x_b (N, C, H, W) feature maps of the pairs;
@@ -44,8 +45,8 @@ class CCI(nn.Module):
         phi: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.channels = _args.integer(channels, "channels", minimum=1)
-        self.scale = _args.real(scale, "scale")
+        self.channels = _args.integer(channels, "channels", minimum=1, maximum=_args.MAX_CHANNELS)
+        self.scale = _args.real(scale, "scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE)
         self.length_normalized = _args.boolean(length_normalized, "length_normalized")
         if phi is not None and not isinstance(phi, nn.Module):
             raise TypeError(
@@ -76,6 +77,8 @@ class CCI(nn.Module):
                 y_a, y_b = split_pairs(y_a, "y")
         check_image_batch(x_a, "x_a", self.channels)
         check_image_batch(x_b, "x_b")
+        check_module_input(x_a, "x_a", self)
+        check_same_device(x_a, "x_a", x_b, "x_b")
         if x_a.shape != x_b.shape:
             raise ValueError(
                 f"x_b must have x_a's shape {tuple(x_a.shape)}, got shape {tuple(x_b.shape)}"
@@ -87,6 +90,8 @@ class CCI(nn.Module):
                     f"{name} (the SCI interaction Y) must have x_a's shape {tuple(x_a.shape)}, "
                     f"got {got}"
                 )
+            if y is not None:
+                check_same_device(x_a, "x_a", y, name)
         scale = logit_scale(self.scale, self.length_normalized, x_a)
         if y_a is None or y_b is None:
             y_a = channel_attention(x_a, scale=scale)
@@ -95,6 +100,11 @@ class CCI(nn.Module):
         y_ab = contrastive_channel_attention(x_a, x_b, eta, scale=scale)
         y_ba = contrastive_channel_attention(x_b, x_a, gamma, scale=scale)
         z_ab, z_ba = self.phi(conv_input(y_ab)), self.phi(conv_input(y_ba))
+        if z_ab.shape != x_a.shape:  # a φ that changes the shape would be broadcast into X
+            raise ValueError(
+                f"phi must keep the shape of its input (Z' = φ(Y) + X): it maps {tuple(x_a.shape)} "
+                f"to {tuple(z_ab.shape)}; use a same-padded convolution (padding=kernel_size // 2)"
+            )
         return x_a + z_ab, x_b + z_ba, eta, gamma  # x first: x's memory format
 
     def extra_repr(self) -> str:

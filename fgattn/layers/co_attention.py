@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch, split_pairs
+from .._shapes import check_image_batch, check_same_device, split_pairs
 from ..functional import channel_attention
 
 
@@ -19,7 +19,7 @@ class CoAttention(nn.Module):
     call whose values are [F1, F2] concatenated along the spatial axis.
 
     Args:
-        scale: logit scale (paper: −1).
+        scale: logit scale (paper: −1), |scale| <= 1e4.
         shared_weights: True (paper) uses one W for both images. False follows the official code:
             F_W1 = softmax(scale · F1 F2ᵀ) F1, F_W2 = softmax(scale · F2 F1ᵀ) F2.
         residual: add the input back (F_W + F), as the official code does. Off in the paper.
@@ -37,7 +37,7 @@ class CoAttention(nn.Module):
         residual: bool = False,
     ) -> None:
         super().__init__()
-        self.scale = _args.real(scale, "scale")
+        self.scale = _args.real(scale, "scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE)
         self.shared_weights = _args.boolean(shared_weights, "shared_weights")
         self.residual = _args.boolean(residual, "residual")
 
@@ -49,6 +49,7 @@ class CoAttention(nn.Module):
             return torch.cat(self.forward(*split_pairs(f1, "f")), dim=0)
         check_image_batch(f1, "f1")
         check_image_batch(f2, "f2")
+        check_same_device(f1, "f1", f2, "f2")
         if f1.shape != f2.shape:
             raise ValueError(
                 f"f2 must have f1's shape {tuple(f1.shape)} (a pair of same-size feature maps), "

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch
+from .._shapes import check_image_batch, check_module_input
 from ..functional import channel_attention
 
 
@@ -26,7 +26,8 @@ class ChannelAttentionModule(nn.Module):
 
     Args:
         scale: logit scale of S; −1 reproduces the official code (softmax(rowmax(S) − S)).
-        gamma_init: the starting γ (DANet: 0).
+            |scale| <= 1e4.
+        gamma_init: the starting γ (DANet: 0), |γ| <= 1e4.
 
     Shapes:
         x: (B, C, H, W) -> (B, C, H, W), x's dtype and memory format.
@@ -34,12 +35,16 @@ class ChannelAttentionModule(nn.Module):
 
     def __init__(self, scale: float = -1.0, gamma_init: float = 0.0) -> None:
         super().__init__()
-        self.scale = _args.real(scale, "scale")
+        self.scale = _args.real(scale, "scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE)
+        gamma_init = _args.real(
+            gamma_init, "gamma_init", low=-_args.MAX_SCALE, high=_args.MAX_SCALE
+        )
         # Shape (1,) as in DANet, so its checkpoints' ``gamma`` loads as it is.
-        self.gamma = nn.Parameter(torch.full((1,), _args.real(gamma_init, "gamma_init")))
+        self.gamma = nn.Parameter(torch.full((1,), gamma_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "x")
+        check_module_input(x, "x", self, dtype=False)  # γ is cast to x's dtype
         y = channel_attention(x, scale=self.scale)
         return self.gamma.to(y.dtype) * y + x
 
@@ -57,9 +62,9 @@ class PositionAttentionModule(nn.Module):
     which never builds the N × N matrix on its fused kernels.
 
     Args:
-        channels: C, the channels of A.
+        channels: C, the channels of A (at most 65536).
         reduction: the query and key convolutions have C // reduction channels (DANet: 8).
-        gamma_init: the starting α (DANet: 0).
+        gamma_init: the starting α (DANet: 0), |α| <= 1e4.
 
     Shapes:
         x: (B, C, H, W) -> (B, C, H, W).
@@ -67,8 +72,11 @@ class PositionAttentionModule(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8, gamma_init: float = 0.0) -> None:
         super().__init__()
-        self.channels = _args.integer(channels, "channels", minimum=1)
+        self.channels = _args.integer(channels, "channels", minimum=1, maximum=_args.MAX_CHANNELS)
         reduction = _args.integer(reduction, "reduction", minimum=1)
+        gamma_init = _args.real(
+            gamma_init, "gamma_init", low=-_args.MAX_SCALE, high=_args.MAX_SCALE
+        )
         if channels < reduction:
             raise ValueError(
                 f"channels must be at least reduction ({reduction}) so that the query and key "
@@ -78,10 +86,11 @@ class PositionAttentionModule(nn.Module):
         self.query_conv = nn.Conv2d(channels, channels // reduction, 1)
         self.key_conv = nn.Conv2d(channels, channels // reduction, 1)
         self.value_conv = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.full((1,), _args.real(gamma_init, "gamma_init")))
+        self.gamma = nn.Parameter(torch.full((1,), gamma_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "x", self.channels)
+        check_module_input(x, "x", self)
         q, k, v = (
             rearrange(conv(x), "b c h w -> b 1 (h w) c")
             for conv in (self.query_conv, self.key_conv, self.value_conv)
@@ -131,7 +140,9 @@ class DualAttentionHead(nn.Module):
         self, in_channels: int, num_classes: int, reduction: int = 4, dropout: float = 0.1
     ) -> None:
         super().__init__()
-        in_channels = _args.integer(in_channels, "in_channels", minimum=1)
+        in_channels = _args.integer(
+            in_channels, "in_channels", minimum=1, maximum=_args.MAX_CHANNELS
+        )
         num_classes = _args.integer(num_classes, "num_classes", minimum=1)
         reduction = _args.integer(reduction, "reduction", minimum=1)
         dropout = _args.real(dropout, "dropout", low=0.0, high=1.0)
@@ -156,6 +167,7 @@ class DualAttentionHead(nn.Module):
         self, x: torch.Tensor, return_branches: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_image_batch(x, "x", self.in_channels)
+        check_module_input(x, "x", self)
         position = self.conv51(self.sa(self.conv5a(x)))
         channel = self.conv52(self.sc(self.conv5c(x)))
         fused = self.conv8(position + channel)

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch
+from .._shapes import check_image_batch, check_same_device
 
 
 def signed_sqrt(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ class BilinearPooling(nn.Module):
     square root and L2-normalised. Computed in fp32 under autocast (sums of L products).
 
     Args:
-        eps: added inside the square root.
+        eps: added inside the square root, in [0, 1].
 
     Shapes:
         forward(x, y=None): x (B, C1, H, W), y (B, C2, H, W) -> (B, C1·C2).
@@ -31,12 +31,13 @@ class BilinearPooling(nn.Module):
 
     def __init__(self, eps: float = 1e-5) -> None:
         super().__init__()
-        self.eps = _args.real(eps, "eps", low=0.0)
+        self.eps = _args.real(eps, "eps", low=0.0, high=1.0)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_image_batch(x, "x")
         y = x if y is None else y
         check_image_batch(y, "y")
+        check_same_device(x, "x", y, "y")
         if x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
             raise ValueError(
                 f"y must match x in batch and spatial size: x has shape {tuple(x.shape)}, "
@@ -59,8 +60,8 @@ class BilinearAttentionPooling(nn.Module):
     100 and feeds its 512 × 32 = 16384-d output to the classifier).
 
     Args:
-        eps: added inside the square root.
-        scale: multiplies the normalised vector (1 by default).
+        eps: added inside the square root, in [0, 1].
+        scale: multiplies the normalised vector (1 by default), in (0, 1e4].
 
     Shapes:
         forward(features, attention): features (B, C, H, W), attention (B, M, h, w); attention maps
@@ -69,12 +70,13 @@ class BilinearAttentionPooling(nn.Module):
 
     def __init__(self, eps: float = 1e-5, scale: float = 1.0) -> None:
         super().__init__()
-        self.eps = _args.real(eps, "eps", low=0.0)
-        self.scale = _args.real(scale, "scale", low=0.0, low_open=True)
+        self.eps = _args.real(eps, "eps", low=0.0, high=1.0)
+        self.scale = _args.real(scale, "scale", low=0.0, high=_args.MAX_SCALE, low_open=True)
 
     def forward(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         check_image_batch(features, "features")
         check_image_batch(attention, "attention")
+        check_same_device(features, "features", attention, "attention")
         if attention.shape[0] != features.shape[0]:
             raise ValueError(
                 f"attention must have one set of maps per image: features has shape "

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import _args
-from .._shapes import check_image_batch
+from .._shapes import check_image_batch, check_module_input
 from ..functional import channel_attention
 from .helpers import conv_input, logit_scale
 
@@ -18,8 +18,8 @@ class SCI(nn.Module):
     φ a 3×3 convolution.
 
     Args:
-        channels: C, the channels of the input feature map.
-        scale: multiplies the logits X Xᵀ. The paper uses −1 (default).
+        channels: C, the channels of the input feature map (at most 65536).
+        scale: multiplies the logits X Xᵀ, |scale| <= 1e4. The paper uses −1 (default).
         length_normalized: divide the scale by L = H·W, as the public Hawkeye reimplementation
             does (S = X Xᵀ / (H·W)); off by default, following the paper.
         kernel_size: size of φ's convolution (3 in the paper).
@@ -36,8 +36,8 @@ class SCI(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        self.channels = _args.integer(channels, "channels", minimum=1)
-        self.scale = _args.real(scale, "scale")
+        self.channels = _args.integer(channels, "channels", minimum=1, maximum=_args.MAX_CHANNELS)
+        self.scale = _args.real(scale, "scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE)
         self.length_normalized = _args.boolean(length_normalized, "length_normalized")
         kernel_size = _args.integer(kernel_size, "kernel_size", minimum=1)
         if kernel_size % 2 == 0:  # φ(Y) + X needs φ to keep the spatial size
@@ -51,6 +51,7 @@ class SCI(nn.Module):
     def interaction(self, x: torch.Tensor) -> torch.Tensor:
         """Y = W X (CIN eq. 1), same shape as x."""
         check_image_batch(x, "x", self.channels)
+        check_module_input(x, "x", self)
         return channel_attention(x, scale=self.effective_scale(x))
 
     def forward(

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _args
-from .._shapes import check_tensor
+from .._shapes import check_same_device, check_tensor
 
 UPDATES = ("moving_average", "learned")
 
@@ -58,6 +58,8 @@ class CenterLoss(nn.Module):
     def _check(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_tensor(features, "features")
         check_tensor(labels, "labels")
+        check_same_device(self.centers, "CenterLoss.centers", features, "features")
+        check_same_device(features, "features", labels, "labels")
         if features.dim() != 2 or features.shape[1] != self.feat_dim:
             raise ValueError(
                 f"features must have shape (B, {self.feat_dim}), got shape {tuple(features.shape)}"

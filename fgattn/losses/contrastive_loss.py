@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import _args
-from .._shapes import check_tensor
+from .._shapes import check_same_device, check_tensor
 
 
 class ContrastiveLoss(nn.Module):
@@ -15,7 +15,7 @@ class ContrastiveLoss(nn.Module):
     CIN eq. 8 (β = 0.5 in the paper's experiments); eq. 7 averages ℓ over the N pairs.
 
     Args:
-        margin: β.
+        margin: β, in (0, 1e4].
 
     Shapes:
         forward(emb_a, emb_b, same): embeddings (N, D) each; same (N,) bool or 0/1, 1 where the
@@ -24,11 +24,18 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, margin: float = 0.5) -> None:
         super().__init__()
-        self.margin = _args.real(margin, "margin", low=0.0, low_open=True)
+        self.margin = _args.real(margin, "margin", low=0.0, high=_args.MAX_SCALE, low_open=True)
 
     def forward(self, emb_a: torch.Tensor, emb_b: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         for x, name in ((emb_a, "emb_a"), (emb_b, "emb_b"), (same, "same")):
             check_tensor(x, name)
+        check_same_device(emb_a, "emb_a", emb_b, "emb_b")
+        check_same_device(emb_a, "emb_a", same, "same")
+        if not (emb_a.is_floating_point() and emb_b.is_floating_point()):
+            raise ValueError(
+                f"emb_a and emb_b must be floating-point embeddings, got dtypes {emb_a.dtype} and "
+                f"{emb_b.dtype}"
+            )
         if emb_a.dim() != 2 or emb_a.shape != emb_b.shape:
             raise ValueError(
                 f"emb_a and emb_b must both have shape (N, D): got {tuple(emb_a.shape)} and "

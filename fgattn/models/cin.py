@@ -25,6 +25,9 @@ from ._common import (
 
 __all__ = ["CIN"]
 
+# timm pool types that keep the C features the classifier expects ("catavgmax" doubles them).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "fast", "fastavg", "fastmax", "fastavgmax")
+
 
 class CIN(TimmModelMixin, nn.Module):
     """CIN: backbone -> SCI -> pooling -> classifier, plus CCI and a contrastive loss on pairs.
@@ -49,14 +52,15 @@ class CIN(TimmModelMixin, nn.Module):
         pretrained: timm ImageNet weights for a named backbone (default False: random init;
             the paper fine-tunes ImageNet weights, so pass True to reproduce it).
         embed_dim: r, the size of h's projection (paper: 512).
-        alpha: α, weight of the contrastive loss (paper: 2).
-        margin: β, contrastive margin (paper: 0.5).
-        label_smoothing: of the cross-entropy (paper: none; Hawkeye: 0.1).
-        scale: SCI/CCI logit scale (paper: −1).
+        alpha: α, weight of the contrastive loss (paper: 2), in [0, 1e4].
+        margin: β, contrastive margin (paper: 0.5), in (0, 1e4].
+        label_smoothing: of the cross-entropy (paper: none; Hawkeye: 0.1), in [0, 1].
+        scale: SCI/CCI logit scale (paper: −1), |scale| <= 1e4.
         length_normalized: divide the scale by h·w (Hawkeye's variant).
         cci_cls_loss: also classify GAP(Z') with the shared classifier and add its cross-entropy to
             L_soft (a variant; the paper classifies Z only).
-        global_pool: pooling before the classifier (timm pool type; paper: "avg").
+        global_pool: pooling before the classifier (paper: "avg"), a timm pool type that keeps
+            the channel count (`GLOBAL_POOLS`).
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
         **backbone_kwargs: forwarded to timm for a named backbone (img_size, drop_path_rate,
             pretrained_cfg_overlay, ...).
@@ -85,14 +89,20 @@ class CIN(TimmModelMixin, nn.Module):
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
+        # Every argument is checked before the backbone is built, each under its own name.
+        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
+        embed_dim = _args.integer(embed_dim, "embed_dim", minimum=1, maximum=_args.MAX_CHANNELS)
+        self.alpha = _args.real(alpha, "alpha", low=0.0, high=_args.MAX_SCALE)
+        margin = _args.real(margin, "margin", low=0.0, high=_args.MAX_SCALE, low_open=True)
+        self.label_smoothing = _args.real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        scale = _args.real(scale, "scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE)
+        length_normalized = _args.boolean(length_normalized, "length_normalized")
+        self.cci_cls_loss = _args.boolean(cci_cls_loss, "cci_cls_loss")
+        global_pool = _args.choice(global_pool, "global_pool", GLOBAL_POOLS)
+        self.drop_rate = _args.real(drop_rate, "drop_rate", low=0.0, high=1.0)
         self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
         channels = self.backbone.out_channels
-        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
         self.num_features = self.head_hidden_size = channels
-        self.alpha = alpha
-        self.label_smoothing = label_smoothing
-        self.cci_cls_loss = cci_cls_loss
-        self.drop_rate = drop_rate
 
         self.sci = SCI(channels, scale=scale, length_normalized=length_normalized)
         # φ is shared: CCI applies SCI's convolution to its contrastive interaction (eq. 6).
@@ -117,6 +127,7 @@ class CIN(TimmModelMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
         if global_pool is not None:
+            global_pool = _args.choice(global_pool, "global_pool", GLOBAL_POOLS)
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -133,6 +144,11 @@ class CIN(TimmModelMixin, nn.Module):
 
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of CIN eq. 7–9 on a paired batch; see the class docstring."""
+        if self.num_classes == 0:
+            raise ValueError(
+                "CIN(num_classes=0) has no classifier (a feature extractor), so it cannot train "
+                "on a target: build it with num_classes >= 1 or call reset_classifier(K)"
+            )
         n = check_paired_batch(x, target)
         feats = self.backbone(x)
         z, y = self.sci(feats, return_interaction=True)

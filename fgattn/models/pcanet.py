@@ -14,6 +14,7 @@ from torch import nn
 from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
+from ..layers.attention_erase import MODES, NORMALIZATIONS, check_threshold
 from ..losses import CenterLoss
 from ._common import (
     TimmModelMixin,
@@ -59,9 +60,10 @@ class BilinearHead(nn.Module):
         num_attention_maps: int = 32,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
+        self.pooling = _args.choice(pooling, "pooling", POOLINGS)
+        in_channels = _args.integer(in_channels, "in_channels", minimum=1)
+        dim = _args.optional(_args.integer, dim, "dim", minimum=1, maximum=_args.MAX_CHANNELS)
+        num_attention_maps = _args.integer(num_attention_maps, "num_attention_maps", minimum=1)
         self.reduce = nn.Identity() if dim is None else ConvNormAct(in_channels, dim, 1)
         dim = in_channels if dim is None else dim
         if pooling == "bilinear":
@@ -102,7 +104,7 @@ class PCANet(TimmModelMixin, nn.Module):
         bilinear_dim: channels of the 1×1 reduction before pooling (None: no reduction, paper-exact
             but 4.2M-d for ResNet-50). Default 256 -> 65,536-d.
         num_attention_maps: M of "attention" pooling (official: 32).
-        co_attention_scale: logit scale of eq. 1 (paper: −1).
+        co_attention_scale: logit scale of eq. 1 (paper: −1), |scale| <= 1e4.
         shared_weights: one W for both images (paper eq. 2); False: the official code's
             softmax(−F1F2ᵀ)F1 and softmax(−F2F1ᵀ)F2.
         co_attention_residual: F_W + F (official code); off in the paper.
@@ -113,12 +115,13 @@ class PCANet(TimmModelMixin, nn.Module):
         erase_normalize: "minmax" (default) or "max" (official: θ × max).
         coattend_erased: also co-attend the erased pairs' features and classify them (the official
             code's sixth cross-entropy); off in the paper.
-        center_loss_weight: λ (paper: unspecified; official: 1).
-        center_alpha: centre moving-average rate (official: 0.05).
+        center_loss_weight: λ (paper: unspecified; official: 1), in [0, 1e4].
+        center_alpha: centre moving-average rate (official: 0.05), in [0, 1].
         branch_reduction: "sum" of the branch cross-entropies (eq. 6) or "mean" (official code).
         feature_scale: multiplies the unit-norm pooled vector before the classifier (official: 100
-            with attention pooling); the centre loss always sees the unit-norm vector.
-        label_smoothing: of the cross-entropies (paper: none).
+            with attention pooling), in (0, 1e4]; the centre loss always sees the unit-norm
+            vector.
+        label_smoothing: of the cross-entropies (paper: none), in [0, 1].
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
         mismatched_pairs: what a training batch whose pair i (image i and image i + N) has two
             different labels does: "warn" (once per model, default), "error" (ValueError) or
@@ -158,21 +161,40 @@ class PCANet(TimmModelMixin, nn.Module):
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
+        # Every argument is checked before the backbone is built, each under its own name.
         self.mismatched_pairs = _args.choice(mismatched_pairs, "mismatched_pairs", PAIR_POLICIES)
         self._warned_pairs = False
-        if branch_reduction not in BRANCH_REDUCTIONS:
-            raise ValueError(
-                f"branch_reduction must be one of {BRANCH_REDUCTIONS}, got {branch_reduction!r}"
-            )
+        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
+        _args.choice(pooling, "pooling", POOLINGS)
+        bilinear_dim = _args.optional(
+            _args.integer, bilinear_dim, "bilinear_dim", minimum=1, maximum=_args.MAX_CHANNELS
+        )
+        num_attention_maps = _args.integer(
+            num_attention_maps, "num_attention_maps", minimum=1, maximum=_args.MAX_CHANNELS
+        )
+        co_attention_scale = _args.real(
+            co_attention_scale, "co_attention_scale", low=-_args.MAX_SCALE, high=_args.MAX_SCALE
+        )
+        shared_weights = _args.boolean(shared_weights, "shared_weights")
+        co_attention_residual = _args.boolean(co_attention_residual, "co_attention_residual")
+        erase_threshold = check_threshold(erase_threshold, "erase_threshold")
+        _args.choice(erase_mode, "erase_mode", MODES)
+        _args.choice(erase_normalize, "erase_normalize", NORMALIZATIONS)
+        self.coattend_erased = _args.boolean(coattend_erased, "coattend_erased")
+        self.center_loss_weight = _args.real(
+            center_loss_weight, "center_loss_weight", low=0.0, high=_args.MAX_SCALE
+        )
+        center_alpha = _args.real(center_alpha, "center_alpha", low=0.0, high=1.0)
+        self.branch_reduction = _args.choice(
+            branch_reduction, "branch_reduction", BRANCH_REDUCTIONS
+        )
+        self.feature_scale = _args.real(
+            feature_scale, "feature_scale", low=0.0, high=_args.MAX_SCALE, low_open=True
+        )
+        self.label_smoothing = _args.real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        self.drop_rate = _args.real(drop_rate, "drop_rate", low=0.0, high=1.0)
         self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
         channels = self.backbone.out_channels
-        self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
-        self.coattend_erased = coattend_erased
-        self.center_loss_weight = center_loss_weight
-        self.branch_reduction = branch_reduction
-        self.feature_scale = feature_scale
-        self.label_smoothing = label_smoothing
-        self.drop_rate = drop_rate
 
         self.co_attention = CoAttention(
             scale=co_attention_scale,
@@ -242,6 +264,11 @@ class PCANet(TimmModelMixin, nn.Module):
 
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring."""
+        if self.num_classes == 0:
+            raise ValueError(
+                "PCANet(num_classes=0) has no classifier (a feature extractor), so it cannot "
+                "train on a target: build it with num_classes >= 1 or call reset_classifier(K)"
+            )
         self._check_pair_labels(target, check_paired_batch(x, target))
         f_o = self.backbone(x)
         f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2

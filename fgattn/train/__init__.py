@@ -7,7 +7,7 @@ also ``python -m fgattn.train``) and examples/train_*.py.
 distributed behaviour, and `config` for every option.
 """
 
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import load_checkpoint, load_weights, save_atomic
 from .config import RECIPES, SYNTHETIC_PRESETS, TrainConfig, resolve_config
 from .engine import (
     build_dataset,
@@ -16,6 +16,7 @@ from .engine import (
     build_model,
     evaluate,
     main,
+    resolve_device,
     train,
 )
 
@@ -29,8 +30,10 @@ __all__ = [
     "build_model",
     "evaluate",
     "load_checkpoint",
+    "load_weights",
     "main",
     "resolve_config",
+    "resolve_device",
     "save_atomic",
     "train",
 ]

@@ -50,7 +50,8 @@ def content_digest(obj: Any) -> str:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write `obj` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """Write `obj` to a temporary file in the same folder, fsync, then ``os.replace``; the file
+    gets the mode any other file of the run gets (the umask's), not the temporary file's 0600.
 
     os.replace is atomic on POSIX and Windows, so a kill at any moment leaves either the previous
     complete file or the new complete file at ``path``, never a truncated one. A dict is stored
@@ -69,6 +70,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what open() would give
+                os.fchmod(f.fileno(), _file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -81,6 +84,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()`` under this process's umask (0644 for 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
@@ -134,6 +144,39 @@ def _verify(ckpt: dict[str, Any], path: Path) -> None:
             f"checkpoint {path} is corrupted: its content does not match the SHA-256 stored in "
             f"it (bytes changed on disk or in transfer); use another checkpoint"
         )
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
+    """``model.load_state_dict(weights)`` (strict), where weights that do not fit the model are a
+    one-paragraph ValueError saying which tensors differ instead of torch's list of mismatches.
+
+    Args:
+        model: the model the checkpoint's config builds.
+        weights: its state dict.
+        source: the checkpoint, as the message names it ("checkpoint runs/x/best.pth").
+    """
+    own = model.state_dict()
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if not (shapes or missing or unexpected):
+        model.load_state_dict(weights)
+        return
+    parts = [
+        f"{len(found)} {what} (first {found[0]})"
+        for found, what in ((shapes, "tensors of other shapes"), (missing, "missing tensors"),
+                            (unexpected, "unexpected tensors"))
+        if found
+    ]  # fmt: skip
+    raise ValueError(
+        f"{source} does not fit the model built from its config: {'; '.join(parts)}; "
+        f"it was written for another arch, backbone, class count or model_kwargs (or by another "
+        f"version of fgattn)"
+    )
 
 
 def rng_state() -> dict[str, Any]:

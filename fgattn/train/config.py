@@ -24,6 +24,7 @@ from typing import Any
 
 from timm.utils import ParseKwargs
 
+from .. import _args
 from ..data import DATASETS
 
 ARCHS = ("pcanet", "cin")
@@ -34,6 +35,63 @@ CHOICES = {
     "amp": AMP_MODES,
     "annotation_level": ("variant", "family", "manufacturer"),
 }
+
+
+# Ranges of the numeric options, checked by `TrainConfig.validate` (and so for flags, YAML and
+# checkpoints alike). Real numbers: (low, high, low excluded); all must be finite.
+REAL_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "lr": (0.0, None, True),
+    "momentum": (0.0, 1.0, False),
+    "weight_decay": (0.0, None, False),
+    "lr_gamma": (0.0, 1.0, True),
+    "grad_clip": (0.0, None, True),
+    "ema_decay": (0.0, 1.0, False),
+    "hflip": (0.0, 1.0, False),
+}
+INT_MINIMA: dict[str, int] = {
+    "epochs": 1,
+    "lr_step": 1,
+    "batch_size": 1,
+    "pk_classes": 1,
+    "pk_images": 1,
+    "eval_batch_size": 1,
+    "max_steps_per_epoch": 1,
+    "image_size": 16,
+    "resize": 16,
+    "synthetic_classes": 1,
+    "synthetic_train_per_class": 1,
+    "synthetic_test_per_class": 1,
+    "workers": 0,
+    "eval_every": 1,
+    "seed": 0,
+}
+OPTIONAL = ("grad_clip", "max_steps_per_epoch")  # None: no clipping, full epochs
+MAX_SEED = 2**32 - 1 - 1024  # numpy seeds every rank with seed + rank, below 2**32
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of option ``name`` ("lr_gamma" -> "--lr-gamma")."""
+    return "--" + name.replace("_", "-")
+
+
+def _check_device(device: object) -> None:
+    """auto, cpu, cuda or cuda:N (whether that device exists is checked when the run starts)."""
+    kind, _, index = str(device).partition(":")
+    if (
+        not isinstance(device, str)
+        or kind not in ("auto", "cpu", "cuda")
+        or (index and (kind != "cuda" or not index.isdigit()))
+    ):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_pk(p: int, k: int) -> None:
+    """CIN's P × K batch must split into pairs (image i with image i + P·K/2)."""
+    if (p * k) % 2:
+        raise ValueError(
+            f"--pk-classes {p} x --pk-images {k} = {p * k} images per batch must be even: CIN "
+            f"pairs image i with image i + P·K/2; make --pk-classes or --pk-images even"
+        )
 
 
 @dataclass
@@ -95,31 +153,36 @@ class TrainConfig:
     plots: bool = True
 
     def validate(self) -> TrainConfig:
-        checks = [
-            ("arch", self.arch in ARCHS, f"one of {ARCHS}"),
-            ("dataset", self.dataset in DATASETS, f"one of {DATASETS}"),
-            ("amp", self.amp in AMP_MODES, f"one of {AMP_MODES}"),
-            ("device", self.device.split(":")[0] in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-            ("epochs", self.epochs >= 1, "an integer >= 1"),
-            ("lr", self.lr > 0, "a positive float"),
-            ("lr_step", self.lr_step >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("image_size", self.image_size >= 16, "an integer >= 16"),
-            ("resize", self.resize >= self.image_size, f">= image_size ({self.image_size})"),
-            ("eval_every", self.eval_every >= 1, "an integer >= 1"),
-            ("workers", self.workers >= 0, "an integer >= 0"),
-        ]
-        for name, ok, wanted in checks:
-            if not ok:
-                raise ValueError(f"config {name} must be {wanted}, got {getattr(self, name)!r}")
+        """Check every option's type and range; errors name the option's flag (``--lr``), what it
+        got and what it wanted."""
+        for name, choices in (("arch", ARCHS), *CHOICES.items()):
+            _args.choice(getattr(self, name), flag_of(name), choices)
+        for name, (low, high, low_open) in REAL_RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL:
+                _args.real(value, flag_of(name), low=low, high=high, low_open=low_open)
+        for name, minimum in INT_MINIMA.items():
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL:
+                _args.integer(value, flag_of(name), minimum=minimum)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"--seed must be an int in [0, {MAX_SEED}], got {self.seed}")
+        if self.resize < self.image_size:
+            raise ValueError(
+                f"--resize must be >= --image-size ({self.image_size}): the crop is cut from the "
+                f"resized image, got --resize {self.resize}"
+            )
+        _check_device(self.device)
+        if self.arch == "cin":
+            _check_pk(self.pk_classes, self.pk_images)
         if self.dataset != "synthetic" and not self.data_root:
             raise ValueError(
-                f"config data_root must name the folder of dataset {self.dataset!r}, got None "
+                f"--data-root must name the folder of dataset {self.dataset!r}, got None "
                 "(pass --data-root PATH, or omit --dataset to train on the built-in synthetic set)"
             )
         if self.pretrained_file and not self.pretrained:
             raise ValueError(
-                f"config pretrained_file is {self.pretrained_file!r} but pretrained is False: "
+                f"--pretrained-file is {self.pretrained_file!r} but pretrained is False: "
                 "add --pretrained to load it, or drop --pretrained-file"
             )
         return self
@@ -174,7 +237,7 @@ HELP: dict[str, str] = {
     "name": "run folder name under --output (None: <arch>-<dataset>-<backbone>-<timestamp>)",
     "resume": "continue from this last.pth (auto: <output>/<name>/last.pth if it exists)",
     "overwrite": "replace the run already in <output>/<name>/ (otherwise that is an error)",
-    "progress": "show progress bars",
+    "progress": "show progress bars (where the output is not a terminal: a line a minute)",
     "plots": "write loss.png and accuracy.png after each epoch (needs matplotlib)",
 }
 
@@ -364,17 +427,22 @@ def _source(values: dict[str, Any], base: Any, sources: list[str]) -> str:
 
 
 def build_parser(
-    arch: str, defaults: dict[str, Any] | None = None, prog: str | None = None, source: str = ""
+    arch: str,
+    defaults: dict[str, Any] | None = None,
+    prog: str | None = None,
+    source: str = "",
+    fixed_arch: bool = False,
 ) -> argparse.ArgumentParser:
     """The training command's parser; each flag's help ends with the value the run will use
-    (``defaults``: by default the synthetic quick start of ``arch``)."""
+    (``defaults``: by default the synthetic quick start of ``arch``). ``fixed_arch``: a script
+    that trains ``arch`` only (examples/train_cin.py), whose help does not offer ``--arch``."""
     if defaults is None:
         defaults = _defaults(arch, "synthetic", {}, None)
         source = _source(defaults, None, [])
+    arch_usage = "" if fixed_arch else "[--arch {pcanet,cin}] "
     parser = argparse.ArgumentParser(
         prog=prog,
-        usage="%(prog)s [--arch {pcanet,cin}] [--recipe NAME] [--config NAME|PATH] "
-        "[--FLAG VALUE ...]",
+        usage=f"%(prog)s {arch_usage}[--recipe NAME] [--config NAME|PATH] [--FLAG VALUE ...]",
         description=textwrap.fill(
             f"Train {ARCH_TITLES[arch]} with fgattn. [Values in brackets] are what this run will "
             f"use unless the flag is given: {source}.",
@@ -385,7 +453,8 @@ def build_parser(
         argument_default=argparse.SUPPRESS,  # only flags actually given override anything
         allow_abbrev=False,  # --epoch is an error, not --epochs
     )
-    parser.add_argument("--arch", choices=ARCHS, help=f"{HELP['arch']} [{arch}]")
+    arch_help = argparse.SUPPRESS if fixed_arch else f"{HELP['arch']} [{arch}]"
+    parser.add_argument("--arch", choices=ARCHS, help=arch_help)  # a script's own arch: accepted
     parser.add_argument("--recipe", metavar="NAME", help="a packaged paper recipe (see below)")
     parser.add_argument(
         "--config", metavar="NAME|PATH", help="YAML file of options (keys as in config.yaml) or "
@@ -438,11 +507,12 @@ def resolve_config(
         if value is not None:
             yaml_values.update(load_yaml(find_config(value, flag)))
             sources.append(f"{flag} {value}")
+    fixed_arch = arch is not None
     arch = _pick_arch(arch, pre.arch, yaml_values.get("arch"), (base or {}).get("arch"))
     dataset = pre.dataset or yaml_values.get("dataset") or (base or {}).get("dataset", "synthetic")
     defaults = _defaults(arch, dataset, yaml_values, base)
     source = _source(defaults, base, sources)
-    args = vars(build_parser(arch, defaults, prog, source).parse_args(argv))
+    args = vars(build_parser(arch, defaults, prog, source, fixed_arch).parse_args(argv))
     for key in ("arch", "recipe", "config", "debug"):
         args.pop(key, None)
     return TrainConfig(**{**defaults, **args}).validate()

@@ -8,7 +8,8 @@ sums exact counts over ranks.
 Run directory ``<output>/<name>/``: config.yaml (resolved config), summary.csv (one row per
 epoch), loss.png / accuracy.png, last.pth (end of every epoch, or on SIGTERM mid-epoch), best.pth
 (model weights of the best test top-1), confusion.csv / confusion_worst.png (the test confusion
-of best.pth's weights; the PNG shows the classes of lowest accuracy).
+of best.pth's weights; the PNG shows the classes of lowest accuracy). The folder belongs to one run
+(`rundir`: checkpoints carry the run's id); weights that are not finite are never saved.
 
 Resume is exact: a checkpoint holds the model, optimizer, scheduler, grad scaler, EMA, the epoch and
 step within it, every rank's RNG states and the metric sums of the unfinished epoch. Data
@@ -26,6 +27,7 @@ import contextlib
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import data as fgdata
 from ..models import create_model
 from . import rundir
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig, resolve_config, save_yaml
 from .logging import log_epoch, write_confusion
 
@@ -79,8 +81,16 @@ def build_dataset(cfg: TrainConfig, split: str, transform: Any = "auto"):
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(train, test) datasets with the FGVC transforms of ``cfg``."""
-    return build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    """(train, test) datasets with the FGVC transforms of ``cfg``, the test labels matched to the
+    training classes by name (`fgattn.data.align_classes`)."""
+    train_set, test_set = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    missing = fgdata.align_classes(test_set, train_set.classes, "the test split")
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        _print(f"warning: the test split has no images of {len(missing)} of the "
+               f"{len(train_set.classes)} training classes ({shown}); test accuracy is over "
+               f"the others")  # fmt: skip
+    return train_set, test_set
 
 
 def build_sampler(cfg: TrainConfig, targets: list[int], rank: int, world: int):
@@ -172,18 +182,34 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _resolve_device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """The device of ``--device``: "auto" is CUDA when there is a GPU, else the CPU; asking for a
+    CUDA device that this machine does not have is a ValueError that says so."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this machine has no CUDA GPU that torch can use "
+                f"(torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+        index = name.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return name
 
 
 @contextlib.contextmanager
-def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[Path]:
+def _run_folder(
+    cfg: TrainConfig, device: torch.device, world: int, resume: rundir.RunIdentity | None
+) -> Iterator[tuple[Path, rundir.RunLock | None]]:
     """Name the run (rank 0 picks it, with its timestamp, for every rank); rank 0 claims the
     folder for the run's duration (`rundir.claim`: no other run's files, no second writer) and
-    writes config.yaml. A folder this run created is removed if the run fails before writing
-    any output."""
+    writes config.yaml. Yields (folder, lock; None on other ranks). If the run fails before its
+    first checkpoint, a folder it created is removed and a run it was replacing comes back."""
     name = cfg.name or f"{cfg.arch}-{cfg.dataset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_initialized():
         box = [name]
@@ -192,18 +218,33 @@ def _run_folder(cfg: TrainConfig, device: torch.device, world: int) -> Iterator[
     cfg.name = name
     run_dir = Path(cfg.output) / name
     if not _is_primary():
-        yield run_dir
+        yield run_dir, None
         return
     fresh = not run_dir.exists()
-    with rundir.claim(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite):
+    with rundir.claim(run_dir, resume=resume, overwrite=cfg.overwrite) as lock:
         save_yaml(cfg, run_dir / "config.yaml")
         _print(f"run directory: {run_dir}  (world size {world}, device {device})")
+        if lock.replaced:
+            _print(f"--overwrite: {run_dir} holds a previous run; its files "
+                   f"({', '.join(lock.replaced)}) are kept in {lock.previous} until this run "
+                   f"writes its first checkpoint, then removed")  # fmt: skip
         try:
-            yield run_dir
+            yield run_dir, lock
         except BaseException:
-            if fresh:  # a start that failed before its first checkpoint leaves no folder behind
+            if lock.replaced:
+                restored = lock.restore()
+                _print(f"--overwrite: this run failed before its first checkpoint; the previous "
+                       f"run's files are back in {run_dir} ({', '.join(restored)})")  # fmt: skip
+            elif fresh:  # a start that failed before its first checkpoint leaves no folder behind
                 rundir.remove_failed_start(run_dir)
             raise
+
+
+def _first_checkpoint_written(lock: rundir.RunLock | None) -> None:
+    """An --overwrite'n run's files go once this run has a checkpoint of its own."""
+    if lock is not None and lock.replaced:
+        removed = lock.commit()
+        _print(f"--overwrite: removed the previous run's files ({', '.join(removed)})")
 
 
 def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
@@ -215,16 +256,65 @@ def _to_device(images, targets, cfg: TrainConfig, device: torch.device):
 
 
 def _progress(iterable, desc: str, cfg: TrainConfig, total: int | None = None, initial: int = 0):
+    """A tqdm bar on a terminal; where stderr is not one (nohup, CI logs, a pipe), where a bar's
+    carriage returns pile up into one line, a plain `LineProgress` line now and then instead."""
     if not (cfg.progress and _is_primary()):
         return iterable
+    if not sys.stderr.isatty():
+        return LineProgress(iterable, desc, total, initial)
     try:
         from tqdm.auto import tqdm  # installed with timm (via huggingface_hub)
     except ImportError:
-        return iterable
+        return LineProgress(iterable, desc, total, initial)
     return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
 
 
+class LineProgress:
+    """Progress for logs: after the first step, then every ``every_s`` seconds, one line on stdout,
+    e.g. "epoch 2/6: step 120/375 (32 %) | loss=2.345 acc=45.1 | 1.9 steps/s". Wraps an iterable
+    like tqdm (``set_postfix``, ``close``)."""
+
+    every_s: float = 60.0
+
+    def __init__(self, iterable, desc: str, total: int | None = None, initial: int = 0) -> None:
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.desc, self.total, self.n = iterable, desc, total, initial
+        self.postfix: dict[str, Any] = {}
+        self._start = self._last = None
+
+    def __iter__(self):
+        self._start = time.perf_counter()
+        first = self.n
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.perf_counter()
+            if self._last is None or now - self._last >= self.every_s:
+                self._last = now
+                rate = (self.n - first) / max(now - self._start, 1e-9)
+                print(self.line(rate), flush=True)
+
+    def line(self, rate: float) -> str:
+        where = f"step {self.n}" + (
+            f"/{self.total} ({100 * self.n // max(self.total, 1)} %)" if self.total else ""
+        )
+        postfix = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        return " | ".join(p for p in (f"{self.desc}: {where}", postfix, f"{rate:.3g} steps/s") if p)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------- training state
+def new_run_id() -> str:
+    """A run's identity, carried by its checkpoints (see `rundir`)."""
+    return uuid.uuid4().hex[:16]
+
+
 @dataclass
 class TrainState:
     """What training updates and a checkpoint restores: the bare model (no DDP, not compiled), its
@@ -245,6 +335,7 @@ class TrainState:
     partial_sums: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best_top1: float = -1.0
+    run_id: str = field(default_factory=new_run_id)
 
 
 def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device) -> TrainState:
@@ -268,7 +359,7 @@ def create_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device)
 
 def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: int) -> None:
     """Restore ``state`` and this rank's RNG states from a last.pth checkpoint."""
-    state.model.load_state_dict(ckpt["model"])
+    load_weights(state.model, ckpt["model"], "the --resume checkpoint")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
@@ -279,13 +370,13 @@ def load_train_state(state: TrainState, ckpt: dict[str, Any], rank: int, world: 
     state.history = list(ckpt.get("history", []))
     state.best_top1 = float(ckpt.get("best_top1", -1.0))
     state.partial_sums = dict(ckpt.get("partial_sums", {}))
+    state.run_id = ckpt.get("run_id") or state.run_id  # checkpoints before run ids: a new one
     states = ckpt.get("rng", [])
     if len(states) == world:
         set_rng_state(states[rank])
     else:
         _print(f"warning: checkpoint holds RNG states of {len(states)} processes, this run "
                f"has {world}; reseeding (the continuation will not be bit-exact)")  # fmt: skip
-    _print(f"resumed at epoch {state.epoch}, step {state.step}")
 
 
 def checkpoint_state(
@@ -298,6 +389,7 @@ def checkpoint_state(
     """
     ckpt = {
         "format": CKPT_FORMAT,
+        "run_id": state.run_id,
         "config": cfg.to_dict(),
         "classes": list(classes),
         "epoch": state.epoch,
@@ -319,6 +411,25 @@ def checkpoint_state(
     }
 
 
+def check_finite_weights(state: TrainState) -> None:
+    """Raise FloatingPointError if any floating-point weight or buffer of the model (or its EMA)
+    is NaN or infinite: such weights are never written to a checkpoint."""
+    named = dict(state.model.state_dict())
+    if state.ema is not None:
+        named.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    floats = {k: v for k, v in named.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return
+    bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+    when = (f"in epoch {state.epoch + 1}, after step {state.step}" if state.step
+            else f"after epoch {state.epoch}")  # fmt: skip
+    raise FloatingPointError(
+        f"the weights are not finite {when} ({len(bad)} tensors, first {bad[0]}); they are not "
+        f"saved (the run folder's checkpoints keep the last finite state): lower --lr or set "
+        f"--grad-clip"
+    )
+
+
 def _gather_rng() -> list[dict[str, Any]]:
     state = rng_state()
     if not dist.is_initialized():
@@ -330,6 +441,7 @@ def _gather_rng() -> list[dict[str, Any]]:
 
 def save_last(cfg: TrainConfig, classes: list[str], state: TrainState, run_dir: Path) -> Path:
     """Write last.pth (rank 0). Collective: every rank takes part (their RNG states go in)."""
+    check_finite_weights(state)
     rngs = _gather_rng()
     path = run_dir / "last.pth"
     if _is_primary():
@@ -346,6 +458,7 @@ def save_best(
 ) -> None:
     """Write best.pth (rank 0): the weights of ``state`` and their test top-1; with their test
     ``confusion`` matrix, also confusion.csv and confusion_worst.png (`write_confusion`)."""
+    check_finite_weights(state)
     if not _is_primary():
         return
     save_atomic(checkpoint_state(cfg, classes, state), run_dir / "best.pth")
@@ -524,7 +637,8 @@ def evaluate(
         if k:
             dist.all_reduce(confusion)
     loss, top1, top5, n = sums.tolist()
-    n = max(n, 1.0)
+    if n == 0:
+        raise ValueError("the test set holds no images: there is nothing to evaluate")
     out: dict[str, Any] = {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n,
                            "count": int(n)}  # fmt: skip
     if k:
@@ -578,6 +692,8 @@ class _Setup:
 def _set_up(cfg: TrainConfig, resume_ckpt, device: torch.device, rank: int, world: int) -> _Setup:
     """Data, model and optimiser of ``cfg`` (and the checkpoint's state when resuming)."""
     train_set, test_set = build_datasets(cfg)
+    if resume_ckpt is not None:
+        check_classes(resume_ckpt["classes"], train_set.classes, f"--resume {cfg.resume}")
     sampler = build_sampler(cfg, fgdata.targets_of(train_set), rank, world)
     model = _place_model(build_model(cfg, len(train_set.classes)), cfg, device)
     state = create_train_state(cfg, model, device)
@@ -593,6 +709,21 @@ def _set_up(cfg: TrainConfig, resume_ckpt, device: torch.device, rank: int, worl
         state=state,
         train_model=train_model,
         eval_model=eval_model,
+    )
+
+
+def check_classes(trained: list[str], data: list[str], what: str) -> None:
+    """A checkpoint's classes and a training split's must be the same names in the same order."""
+    if list(trained) == list(data):
+        return
+    in_data, in_ckpt = set(data), set(trained)
+    only_ckpt = [c for c in trained if c not in in_data]
+    only_data = [c for c in data if c not in in_ckpt]
+    detail = (f"only in the checkpoint: {only_ckpt[:3]}, only in the data: {only_data[:3]}"
+              if only_ckpt or only_data else "the same names in another order")  # fmt: skip
+    raise ValueError(
+        f"{what}: the checkpoint was trained on {len(trained)} classes, the dataset has "
+        f"{len(data)} classes that differ ({detail}); use the dataset it was trained on"
     )
 
 
@@ -617,29 +748,84 @@ def train(
     cfg: TrainConfig,
     resume_ckpt: dict[str, Any] | None = None,
     on_start: Any = None,
+    resume_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) training as configured; returns the final metrics.
 
     The data, model and optimiser are built before the run folder is claimed, so a bad data root
     or model option leaves no folder behind. ``on_start(run_dir)``, if given, is called once the
-    run has started (folder claimed, before the first step).
+    run has started (folder claimed, before the first step). ``resume_path`` is the file
+    ``resume_ckpt`` was read from (default ``cfg.resume``, else the run folder's last.pth): the
+    run folder must belong to that checkpoint's run (`rundir.claim`).
 
     Returns a dict with "status" ("finished" or "interrupted"), "run_dir", "epoch" and the last
     test metrics ("test_top1", ...).
     """
-    dev = init_distributed_device_so(device=_resolve_device(cfg.device))
+    dev = init_distributed_device_so(device=resolve_device(cfg.device))
     device, rank, world = torch.device(dev["device"]), dev["global_rank"], dev["world_size"]
     random_seed(cfg.seed, rank)
     setup = _set_up(cfg, resume_ckpt, device, rank, world)
-    with _run_folder(cfg, device, world) as run_dir:
+    resume = _resume_identity(cfg, resume_ckpt, resume_path)
+    with _run_folder(cfg, device, world, resume) as (run_dir, lock):
+        if lock is not None and resume is not None and not lock.same_run:
+            setup.state.run_id = new_run_id()  # a branch into a new folder: a run of its own
         _print(banner(cfg, setup))
+        for note in _start_notes(cfg, setup, resumed=resume is not None):
+            _print(note)
         if on_start is not None:
             on_start(run_dir)
-        result = _train_epochs(cfg, setup, device, run_dir)
+        result = _train_epochs(cfg, setup, device, run_dir, lock)
+        if result["status"] == "finished":
+            _print(final_summary(setup.state, run_dir))
         return {**result, "run_dir": str(run_dir)}
 
 
-def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dict[str, Any]:
+def _resume_identity(
+    cfg: TrainConfig, ckpt: dict[str, Any] | None, path: str | Path | None
+) -> rundir.RunIdentity | None:
+    """The run a resumed checkpoint belongs to (None when not resuming); its file is ``path``,
+    else ``cfg.resume``, else the run folder's last.pth."""
+    if ckpt is None:
+        return None
+    if path is None and cfg.resume not in (None, "auto"):
+        path = cfg.resume
+    return rundir.RunIdentity.of(ckpt, path or Path(cfg.output) / (cfg.name or "") / "last.pth")
+
+
+def _start_notes(cfg: TrainConfig, setup: _Setup, resumed: bool) -> list[str]:
+    """Lines after the banner: where a resumed run continues (epochs counted from 1, as in the
+    epoch lines) and a warning when CIN's batches hold no positive pair."""
+    state, notes = setup.state, []
+    if resumed and state.step:
+        notes.append(f"resumed in epoch {state.epoch + 1} of {cfg.epochs}, after step "
+                     f"{state.step} of {setup.steps}")  # fmt: skip
+    elif resumed:
+        notes.append(f"resumed after epoch {state.epoch} of {cfg.epochs}")
+    if cfg.arch == "cin" and not setup.sampler.pairs_per_batch[0]:
+        notes.append(f"warning: --pk-images {cfg.pk_images} gives no positive pairs (one image "
+                     f"per class in a batch): CIN's contrastive loss then only pushes pairs "
+                     f"apart and never pulls a class together, the flaw of the public "
+                     f"reimplementation; use --pk-images 2 or more (the paper: 5)")  # fmt: skip
+    return notes
+
+
+def final_summary(state: TrainState, run_dir: Path) -> str:
+    """The last line of a finished run: best test top-1, its epoch and what the folder holds."""
+    tested = [row for row in state.history if "test_top1" in row]
+    files = ", ".join(name for name in rundir.OUTPUTS if (run_dir / name).exists())
+    epochs = f"{state.epoch} epoch{'s' if state.epoch != 1 else ''}"
+    if not tested:
+        return f"finished {epochs}; run folder {run_dir}: {files}"
+    best = max(tested, key=lambda row: row["test_top1"])  # the first of equal ones
+    return (
+        f"finished {epochs}: best test top-1 {best['test_top1']:.2f} % (epoch "
+        f"{int(best['epoch'])}, best.pth); run folder {run_dir}: {files}"
+    )
+
+
+def _train_epochs(
+    cfg: TrainConfig, setup: _Setup, device, run_dir: Path, lock: rundir.RunLock | None
+) -> dict[str, Any]:
     """The epochs of `train`, from where ``setup.state`` stands."""
     state, classes, sampler = setup.state, setup.classes, setup.sampler
     result: dict[str, Any] = {"status": "finished"}
@@ -652,23 +838,15 @@ def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dic
                 cfg, state, setup.train_model, setup.loader, setup.steps, device, stop
             ):
                 last = save_last(cfg, classes, state, run_dir)
-                _print_stop(cfg, f"saved {last} at epoch {epoch}, step {state.step}; continue "
-                                 f"with --resume {last}")  # fmt: skip
+                _first_checkpoint_written(lock)
+                _print_stop(cfg, f"saved {last} in epoch {epoch + 1}, after step {state.step}; "
+                                 f"continue with --resume {last}")  # fmt: skip
                 return {**result, "status": "interrupted"}
-            row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
-            row.update(_reduce_sums(state.partial_sums, device))
-            state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics, confusion = _test_metrics(
-                    cfg, state, setup.eval_model, setup.test_loader, device, len(classes)
-                )
-                row.update(metrics)
-                if row["test_top1"] > state.best_top1:
-                    state.best_top1 = row["test_top1"]
-                    save_best(cfg, classes, state, run_dir, confusion)
+            row = _end_of_epoch(cfg, setup, device, run_dir, epoch)
             row["epoch_time_s"] = time.time() - t0
             state.history.append(row)
             last = save_last(cfg, classes, state, run_dir)
+            _first_checkpoint_written(lock)
             if _is_primary():
                 log_epoch(state.history, run_dir, cfg.plots)
             result.update(row)
@@ -676,6 +854,24 @@ def _train_epochs(cfg: TrainConfig, setup: _Setup, device, run_dir: Path) -> dic
                 _print_stop(cfg, f"saved {last} after epoch {epoch + 1}")
                 return {**result, "status": "interrupted"}
     return {**result, "epoch": cfg.epochs, "best_top1": state.best_top1}
+
+
+def _end_of_epoch(cfg: TrainConfig, setup: _Setup, device, run_dir: Path, epoch: int) -> dict:
+    """Epoch ``epoch`` (0-based) has trained: its summary row; evaluates when due and writes
+    best.pth on a new best test top-1."""
+    state, classes = setup.state, setup.classes
+    row = {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"]}
+    row.update(_reduce_sums(state.partial_sums, device))
+    state.epoch, state.step, state.partial_sums = epoch + 1, 0, {}
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        metrics, confusion = _test_metrics(
+            cfg, state, setup.eval_model, setup.test_loader, device, len(classes)
+        )
+        row.update(metrics)
+        if row["test_top1"] > state.best_top1:
+            state.best_top1 = row["test_top1"]
+            save_best(cfg, classes, state, run_dir, confusion)
+    return row
 
 
 def _print_stop(cfg: TrainConfig, what: str) -> None:
@@ -695,21 +891,28 @@ def main(
     pcanet). Errors are raised (`fgattn.cli.train` turns user errors into one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(arch, argv, prog=prog)
-    ckpt = None
+    ckpt = path = None
     if cfg.resume:
-        cfg, ckpt = _resume(cfg, arch, argv, prog)
+        cfg, ckpt, path = _resume(cfg, arch, argv, prog)
+        if ckpt is not None and _finished(cfg, ckpt, path):
+            return {"status": "finished", "run_dir": str(path.parent), "epoch": ckpt["epoch"],
+                    "best_top1": ckpt.get("best_top1")}  # fmt: skip
     try:
-        return train(cfg, ckpt, on_start)
+        return train(cfg, ckpt, on_start, resume_path=path)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+# What decides a model's weights: a resumed run must build the checkpoint's model.
+MODEL_FIELDS = ("arch", "backbone", "model_kwargs")
+
+
 def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | None):
-    """(config, checkpoint) of ``--resume``: the checkpoint's saved config under the command's
-    flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say otherwise.
-    ``--resume auto`` with no last.pth yet starts afresh. The architecture is the checkpoint's
-    unless the command names another (an error)."""
+    """(config, checkpoint, its path) of ``--resume``: the checkpoint's saved config under the
+    command's flags, in the checkpoint's run directory unless ``--output`` / ``--name`` say
+    otherwise. ``--resume auto`` with no last.pth yet starts afresh (checkpoint None). Flags that
+    would build another model than the checkpoint's (`MODEL_FIELDS`) are an error."""
     path = Path(cfg.resume)
     if cfg.resume == "auto":
         if not cfg.name:
@@ -718,7 +921,7 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
     if not path.is_file():
         if cfg.resume != "auto":
             raise FileNotFoundError(f"--resume checkpoint file not found: {path}")
-        return cfg, None
+        return cfg, None, None
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise ValueError(
@@ -730,13 +933,16 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
             f"--resume {path}: not a training checkpoint of this version (wanted format "
             f"{CKPT_FORMAT!r}, got {ckpt.get('format')!r})"
         )
-    trained = ckpt["config"].get("arch")
     cfg = resolve_config(arch, argv, base=ckpt["config"], prog=prog)
-    if cfg.arch != trained:
-        raise ValueError(
-            f"--resume {path}: checkpoint was trained with arch {trained!r}, this command trains "
-            f"{cfg.arch!r}; drop --arch (the checkpoint's is used)"
-        )
+    for key in MODEL_FIELDS:
+        trained, asked = ckpt["config"].get(key), getattr(cfg, key)
+        if trained != asked and not (key == "model_kwargs" and not trained and not asked):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"--resume {path}: the checkpoint was trained with {key} {trained!r}, this "
+                f"command asks for {asked!r}; drop {flag} (the checkpoint's is used), or start "
+                f"a new run without --resume"
+            )
     if cfg.epochs < ckpt["epoch"]:
         raise ValueError(
             f"--epochs {cfg.epochs} is below the {ckpt['epoch']} epochs {path} has trained: "
@@ -747,4 +953,20 @@ def _resume(cfg: TrainConfig, arch: str | None, argv: list[str], prog: str | Non
         cfg.output = str(path.parent.parent)
     if "--name" not in given:
         cfg.name = path.parent.name
-    return cfg, ckpt
+    return cfg, ckpt, path
+
+
+def _finished(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> bool:
+    """Whether the resumed run has already trained ``cfg.epochs`` epochs: ``--resume auto`` then
+    says so and does nothing (a requeued job), an explicit ``--resume PATH`` is an error."""
+    if ckpt["epoch"] < cfg.epochs or ckpt.get("step"):
+        return False
+    best = ckpt.get("best_top1")
+    what = f"this run has finished its {ckpt['epoch']} epochs" + (
+        f" (best test top-1 {best:.2f} %)" if isinstance(best, float) and best >= 0 else ""
+    )
+    fix = f"pass --epochs above {ckpt['epoch']} to train further"
+    if cfg.resume != "auto":
+        raise ValueError(f"--resume {path}: {what}; nothing to do: {fix}")
+    _print(f"--resume auto: {path}: {what}; nothing to do ({fix})")
+    return True
