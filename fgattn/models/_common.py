@@ -3,9 +3,12 @@ timm registration."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import resolve_pretrained_cfg
 from torch import nn
@@ -17,17 +20,73 @@ FGVC_IMG_SIZE = 448
 FGVC_CROP_PCT = 448 / 512
 
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NoTargetWarning(UserWarning):
+    """A CIN or PCA-Net in training mode was called without a target: it trains as a plain
+    classifier, and the paper's losses do not train."""
+
+
+@torch.compiler.assume_constant_result
+def _warn_no_target(message: str) -> bool:
+    """Warn; runs eagerly while dynamo traces, so a compiled model warns too (once per trace)."""
+    warnings.warn(message, NoTargetWarning, stacklevel=5)
+    return True
+
+
 class TimmModelMixin:
     """timm's model interface where CIN and PCANet agree: a `backbone`, a classifier `fc`, and a
-    forward that trains on paired batches and otherwise runs the single-image path."""
+    forward that trains on paired batches and otherwise runs the single-image path.
+
+    A subclass names what only its paired training trains (``paired_parts``) and the sampler that
+    draws its batches (``paired_sampler``), for the warning a target-less training forward gives.
+    """
+
+    paired_parts = "the paired losses"
+    paired_sampler = "PairBatchSampler"
+    _warned_no_target = False
 
     def forward(
-        self, x: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        criterion: Criterion | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Training with a target: dict of logits and losses (`forward_train`); else logits."""
+        """Training with a target: dict of logits and losses (`forward_train`); else logits.
+
+        ``criterion(logits, target)`` replaces the model's own cross-entropy (and its
+        ``label_smoothing``) in training, e.g. timm's train.py loss through
+        `PairedClassificationTask`. In training mode without a target the model warns once
+        (`NoTargetWarning`) and returns the logits of the single-image path: only that path trains.
+        """
         if self.training and target is not None:
-            return self.forward_train(x, target)
+            return self.forward_train(x, target, criterion=criterion)
+        if self.training and not self._warned_no_target:
+            self._warned_no_target = _warn_no_target(self._no_target_message())
         return self.forward_head(self.forward_features(x))
+
+    def _no_target_message(self) -> str:
+        name = type(self).__name__
+        return (
+            f"{name} is in training mode but was called without a target, so it trains as a plain "
+            f"classifier: {self.paired_parts} do not train. To train the paper's way call "
+            f"model(x, target) on a paired batch (image i pairs with image i + N; "
+            f"fgattn.data.{self.paired_sampler} draws such batches, fgattn-train does it all), or "
+            f"in timm's train loop use fgattn.models.PairedClassificationTask (python -m "
+            f"fgattn.timm_train path/to/train.py ...). Warned once per model; "
+            f"warnings.filterwarnings('ignore', category=fgattn.models.NoTargetWarning) "
+            f"silences it"
+        )
+
+    def _cross_entropy(self, criterion: Criterion | None) -> Criterion:
+        """The classification loss of `forward_train`: ``criterion`` or CE with label smoothing."""
+        if criterion is not None:
+            return criterion
+        return lambda logits, target: F.cross_entropy(
+            logits, target, label_smoothing=self.label_smoothing
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import reduce
 from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
@@ -16,6 +15,7 @@ from ..backbone import resolve_backbone
 from ..layers import CCI, SCI
 from ..losses import ContrastiveLoss
 from ._common import (
+    Criterion,
     TimmModelMixin,
     check_paired_batch,
     create_registered,
@@ -67,6 +67,9 @@ class CIN(TimmModelMixin, nn.Module):
         "logits" (2N, K), "loss_cls", "loss_cont", "embeddings" (2N, r) = [h(Z'_A); h(Z'_B)],
         "eta" (2N,) = [η; γ], "pair_labels" (N,) bool.
     """
+
+    paired_parts = "CCI, its ψ, the projection h and the contrastive loss (CIN eq. 5–8)"
+    paired_sampler = "PKBatchSampler"
 
     def __init__(
         self,
@@ -131,13 +134,17 @@ class CIN(TimmModelMixin, nn.Module):
 
     # training
 
-    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of CIN eq. 7–9 on a paired batch; see the class docstring."""
+    def forward_train(
+        self, x: torch.Tensor, target: torch.Tensor, criterion: Criterion | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of CIN eq. 7–9 on a paired batch; see the class docstring. ``criterion``
+        replaces the cross-entropy of L_soft (and of ``cci_cls_loss``)."""
         n = check_paired_batch(x, target)
+        cross_entropy = self._cross_entropy(criterion)
         feats = self.backbone(x)
         z, y = self.sci(feats, return_interaction=True)
         logits = self.forward_head(z)
-        loss_cls = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss_cls = cross_entropy(logits, target)
 
         x_a, x_b = feats.chunk(2)
         y_a, y_b = y.chunk(2)
@@ -149,9 +156,7 @@ class CIN(TimmModelMixin, nn.Module):
         out = dict(logits=logits, loss_cls=loss_cls)
         if self.cci_cls_loss:
             out["logits_cci"] = self.forward_head(z_cci)
-            out["loss_cls_cci"] = F.cross_entropy(
-                out["logits_cci"], target, label_smoothing=self.label_smoothing
-            )
+            out["loss_cls_cci"] = cross_entropy(out["logits_cci"], target)
             loss_cls = loss_cls + out["loss_cls_cci"]
         out.update(
             loss=loss_cls + self.alpha * loss_cont,

@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
@@ -16,6 +15,7 @@ from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from ..losses import CenterLoss
 from ._common import (
+    Criterion,
     TimmModelMixin,
     check_paired_batch,
     create_registered,
@@ -133,6 +133,11 @@ class PCANet(TimmModelMixin, nn.Module):
         "erase_mask" (2N, 1, H, W).
     """
 
+    paired_parts = (
+        "co-attention, attention erase, their branch losses and the center loss (PCA-Net eq. 1–6)"
+    )
+    paired_sampler = "PairBatchSampler"
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
@@ -240,9 +245,13 @@ class PCANet(TimmModelMixin, nn.Module):
                 stacklevel=3,
             )
 
-    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring."""
+    def forward_train(
+        self, x: torch.Tensor, target: torch.Tensor, criterion: Criterion | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring.
+        ``criterion`` replaces the cross-entropy of every branch."""
         self._check_pair_labels(target, check_paired_batch(x, target))
+        cross_entropy = self._cross_entropy(criterion)
         f_o = self.backbone(x)
         f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2
         erased, mask = self.erase(x, f_w)
@@ -257,7 +266,7 @@ class PCANet(TimmModelMixin, nn.Module):
         for (name, _), p in zip(branches.items(), pooled, strict=True):
             logits = self._logits(p)
             out["logits" if name == "o" else f"logits_{name}"] = logits
-            ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            ce = cross_entropy(logits, target)
             out[f"loss_cls_{name}"] = ce
             losses.append(ce)
         loss_cls = torch.stack(losses).sum()
