@@ -237,3 +237,72 @@ def test_timm_train_launcher_swaps_in_the_paired_task(tmp_path):
         "python -m fgattn.timm_train: error: the first argument must be timm's train.py, got "
         "'train.txt' (not a .py file)"
     ]
+
+
+# features_only, forward_intermediates, unpooled features
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_features_only_gives_the_backbone_stages(arch):
+    features = _model(arch, features_only=True).eval()
+    reference = timm.create_model("test_resnet", features_only=True).eval()
+    model = features.model  # the CIN / PCANet inside timm's FeatureGetterNet
+    reference.load_state_dict(model.backbone.model.state_dict(), strict=False)
+    assert features.feature_info.channels() == reference.feature_info.channels()
+    assert features.feature_info.reduction() == reference.feature_info.reduction()
+    x = _images(2)
+    maps, expected = features(x), reference(x)
+    assert len(maps) == 5
+    for got, want in zip(maps[:-1], expected[:-1], strict=True):
+        torch.testing.assert_close(got, want)
+    # The last stage is what the model's head sees: after SCI for CIN.
+    torch.testing.assert_close(maps[-1], model.forward_features(x))
+    if arch == "cin":
+        torch.testing.assert_close(maps[-1], model.sci(expected[-1]))
+        assert features.feature_info.module_name()[-1] == "sci"
+    else:
+        torch.testing.assert_close(maps[-1], expected[-1])
+    some = _model(arch, features_only=True, out_indices=(1, -1)).eval()
+    assert [m.shape[1] for m in some(x)] == [reference.feature_info.channels()[i] for i in (1, 4)]
+    with pytest.raises(ValueError, match="feature_cls must be 'getter'"):
+        _model(arch, features_only=True, feature_cls="hook")
+    via_factory = create_model(arch, backbone="test_resnet", features_only=True, out_indices=2)
+    assert len(via_factory.eval()(x)) == 2
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_forward_intermediates(arch):
+    model = _model(arch).eval()
+    x = _images(2)
+    final, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(maps) == len(model.feature_info) == 5
+    torch.testing.assert_close(maps[-1], final)
+    early = model.forward_intermediates(x, indices=[1], intermediates_only=True, stop_early=True)
+    torch.testing.assert_close(early[0], maps[1])
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_no_classifier_and_no_pooling_gives_the_unpooled_map(arch):
+    with pytest.warns(FutureWarning, match="unpooled map"):
+        model = _model(arch, num_classes=0, global_pool="").eval()
+    x = _images(2)
+    out = model(x)
+    torch.testing.assert_close(out, model.forward_features(x))
+    assert out.dim() == 4 and out.shape[1] == model.backbone.out_channels
+    with pytest.raises(ValueError, match=r"global_pool='' \(no pooling\) needs num_classes=0"):
+        _model(arch, global_pool="")
+    pooled = _model(arch).eval()
+    with pytest.warns(FutureWarning):
+        pooled.reset_classifier(0, "")
+    assert pooled(x).dim() == 4
+    pooled.reset_classifier(K, "avg" if arch == "cin" else "bilinear")
+    assert pooled(x).shape == (2, K)
+    if arch == "pcanet":  # fgattn 0.1.0 took '' to mean bilinear: that keeps working, deprecated
+        with pytest.warns(DeprecationWarning, match="keeps bilinear pooling"):
+            pooled.reset_classifier(K, "")
+        assert pooled(x).shape == (2, K)
+        with pytest.raises(ValueError, match="global_pool must be one of"):
+            _model(arch, global_pool="avg")

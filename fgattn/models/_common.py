@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import resolve_pretrained_cfg
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 
 from .._shapes import check_image_batch
+from ..backbone import TimmBackbone
 
 # The FGVC protocol of both papers: Resize(512) + crop 448.
 FGVC_IMG_SIZE = 448
@@ -88,6 +91,89 @@ class TimmModelMixin:
             logits, target, label_smoothing=self.label_smoothing
         )
 
+    # timm's feature interface (features_only=True, forward_intermediates)
+
+    def _init_feature_info(self, last_module: str | None = None) -> None:
+        """``feature_info``: the backbone's stages (timm's list of dicts, module names from the
+        model), the last one renamed to ``last_module`` where the model adds to it (CIN's SCI)."""
+        if isinstance(self.backbone, TimmBackbone):
+            info = [
+                dict(d, module=f"backbone.body.model.{d['module']}")
+                for d in self.backbone.body.feature_info.info
+            ]
+        else:
+            channels, reduction = self.backbone.out_channels, getattr(self.backbone, "reduction", 1)
+            info = [dict(num_chs=channels, reduction=reduction, module="backbone")]
+        if last_module is not None:
+            info[-1]["module"] = last_module
+        self.feature_info = info
+
+    def _last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model adds to the backbone's last map in `forward_features` (none here)."""
+        return x
+
+    def _backbone_maps(
+        self, x: torch.Tensor, indices: list[int], stop_early: bool
+    ) -> list[torch.Tensor]:
+        if not isinstance(self.backbone, TimmBackbone):
+            return [self.backbone(x)]  # one stage: the map itself
+        return self.backbone.model.forward_intermediates(
+            x,
+            indices=indices,
+            norm=self.backbone.body.norm,
+            stop_early=stop_early,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the maps of the stages in ``feature_info``.
+
+        The stages are the backbone's; the last one is what `forward_features` returns (for CIN
+        after SCI), so ``forward_intermediates(x)[0]`` equals ``forward_features(x)``.
+
+        Args:
+            indices: stages to return (None: all; an int n: the last n; negative from the end).
+            norm: accepted for timm's interface; the backbone's own ``norm`` (TimmBackbone) applies.
+            stop_early: stop the backbone after the last stage asked for (intermediates only).
+            output_fmt: "NCHW" only.
+            intermediates_only: return the list of maps only.
+
+        Shapes:
+            x (B, 3, H, W) -> (final (B, C, h, w), [(B, C_i, H / r_i, W / r_i) for each index]).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        last = len(self.feature_info) - 1
+        take, _ = feature_take_indices(last + 1, indices)
+        wanted = take if intermediates_only else sorted({*take, last})
+        maps = dict(zip(wanted, self._backbone_maps(x, wanted, stop_early), strict=True))
+        if last in maps:
+            maps[last] = self._last_stage(maps[last])
+        intermediates = [maps[i] for i in take]
+        return intermediates if intermediates_only else (maps[last], intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's ``prune_intermediate_layers``: drop the backbone stages after the last of
+        ``indices`` and (``prune_head``) the classifier; returns the stage indices, absolute."""
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        if isinstance(self.backbone, TimmBackbone):
+            norm = self.backbone.body.norm
+            self.backbone.model.prune_intermediate_layers(take, prune_norm=not norm)
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if hasattr(self.backbone, "set_grad_checkpointing"):
@@ -96,6 +182,18 @@ class TimmModelMixin:
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+
+def warn_unpooled(model: str) -> None:
+    """Once per process: ``global_pool=''`` with no classifier now gives the unpooled map."""
+    warnings.warn(
+        f"{model} with num_classes=0 and global_pool='' returns the unpooled map (B, C, h, w) from "
+        f"forward and forward_head, as timm models do; fgattn 0.1.0 returned "
+        f"{'it flattened, (B, C·h·w)' if model == 'CIN' else 'the bilinear vector'} "
+        f"(use .flatten(1) on the map, or global_pool='avg' / 'bilinear' for a vector)",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def check_paired_batch(x: torch.Tensor, target: torch.Tensor) -> int:
@@ -166,6 +264,7 @@ def create_registered(
     (``img_size``) and normalisation (of an overriding backbone) of the model as built.
     """
     kwargs.setdefault("backbone", default_backbone)
+    feature_args = pop_feature_args(kwargs)
     if isinstance(kwargs["backbone"], str):
         if pretrained_cfg_overlay:
             kwargs["pretrained_cfg_overlay"] = pretrained_cfg_overlay
@@ -175,4 +274,41 @@ def create_registered(
     as_built = {k: model.pretrained_cfg[k] for k in ("input_size", "mean", "std")}
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay=as_built)
     model.pretrained_cfg = model.default_cfg = cfg.to_dict()
-    return model
+    return model if feature_args is None else features_only(model, feature_args)
+
+
+def features_only(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's ``features_only=True`` for a CIN or PCANet: pop the feature arguments from
+    ``kwargs`` beforehand with `pop_feature_args`, then wrap the built model in timm's
+    ``FeatureGetterNet`` (its stages through `forward_intermediates`), as timm's own
+    ``build_model_with_cfg`` does with ``feature_cls="getter"``.
+
+    Args:
+        kwargs: ``out_indices`` (default: the last min(5, stages) stages), ``output_fmt``,
+            ``feature_cls`` ("getter" only).
+    """
+    feature_cls = kwargs.get("feature_cls", "getter")
+    if feature_cls != "getter":
+        raise ValueError(
+            f"feature_cls must be 'getter' for {type(model).__name__} (it gives its stages "
+            f"through forward_intermediates), got {feature_cls!r}"
+        )
+    stages = len(model.feature_info)
+    wrapped = FeatureGetterNet(
+        model,
+        out_indices=kwargs.get("out_indices", min(5, stages)),
+        output_fmt=kwargs.get("output_fmt", "NCHW"),
+    )
+    wrapped.pretrained_cfg = wrapped.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return wrapped
+
+
+FEATURE_ARGS = ("out_indices", "feature_cls", "output_fmt")
+
+
+def pop_feature_args(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The features_only arguments in ``kwargs`` (removed from it), or None without
+    ``features_only=True``."""
+    if not kwargs.pop("features_only", False):
+        return None
+    return {k: kwargs.pop(k) for k in FEATURE_ARGS if k in kwargs}

@@ -21,6 +21,7 @@ from ._common import (
     create_registered,
     fgvc_pretrained_cfg,
     registered_cfg,
+    warn_unpooled,
 )
 
 __all__ = ["CIN"]
@@ -56,7 +57,8 @@ class CIN(TimmModelMixin, nn.Module):
         length_normalized: divide the scale by h·w (Hawkeye's variant).
         cci_cls_loss: also classify GAP(Z') with the shared classifier and add its cross-entropy to
             L_soft (a variant; the paper classifies Z only).
-        global_pool: pooling before the classifier (timm pool type; paper: "avg").
+        global_pool: pooling before the classifier (timm pool type; paper: "avg"); "" with
+            ``num_classes=0`` returns the unpooled map Z, as timm models do.
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
         **backbone_kwargs: forwarded to timm for a named backbone (img_size, drop_path_rate,
             pretrained_cfg_overlay, ...).
@@ -108,27 +110,33 @@ class CIN(TimmModelMixin, nn.Module):
         self.embed = nn.Linear(channels, embed_dim)  # h (eq. 8)
         self.contrastive = ContrastiveLoss(margin=margin)
 
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _pool(global_pool, self.num_classes)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
             self.backbone, backbone_kwargs.get("img_size")
         )
+        self._init_feature_info("sci")
 
     # timm model interface
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool = _pool(pool_type, num_classes)
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Z = SCI(backbone(x)): (B, 3, H, W) -> (B, C, h, w)."""
         return self.sci(self.backbone(x))
 
+    def _last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sci(x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> pooled (B, C) if pre_logits else logits (B, K)."""
+        """(B, C, h, w) -> pooled (B, C) if pre_logits else logits (B, K); with
+        ``global_pool=""`` (and no classifier) the map itself."""
         x = self.head_drop(self.global_pool(x))
         return x if pre_logits else self.fc(x)
 
@@ -166,6 +174,18 @@ class CIN(TimmModelMixin, nn.Module):
             pair_labels=pair_labels,
         )
         return out
+
+
+def _pool(global_pool: str, num_classes: int) -> SelectAdaptivePool2d:
+    """timm's pooling before the classifier; "" (no pooling) only without a classifier."""
+    if not global_pool and num_classes > 0:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the "
+            f"classifier takes a pooled vector; pass global_pool='avg' or num_classes=0"
+        )
+    if not global_pool:
+        warn_unpooled("CIN")
+    return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
 
 
 # timm registration, as timm's own model files do: ``import fgattn`` makes

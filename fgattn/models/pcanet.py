@@ -21,6 +21,7 @@ from ._common import (
     create_registered,
     fgvc_pretrained_cfg,
     registered_cfg,
+    warn_unpooled,
 )
 
 __all__ = ["BilinearHead", "PCANet"]
@@ -28,6 +29,7 @@ __all__ = ["BilinearHead", "PCANet"]
 POOLINGS = ("bilinear", "attention")
 BRANCH_REDUCTIONS = ("sum", "mean")
 PAIR_POLICIES = ("warn", "error", "ignore")
+GLOBAL_POOLS = ("bilinear", "")
 
 
 class BilinearHead(nn.Module):
@@ -123,6 +125,8 @@ class PCANet(TimmModelMixin, nn.Module):
         mismatched_pairs: what a training batch whose pair i (image i and image i + N) has two
             different labels does: "warn" (once per model, default), "error" (ValueError) or
             "ignore". The co-attention of eq. 1–2 assumes same-class partners.
+        global_pool: "bilinear" (the pooling above) or "" with ``num_classes=0``: forward and
+            forward_head return the unpooled backbone map, as timm models do.
         **backbone_kwargs: forwarded to timm for a named backbone.
 
     Shapes:
@@ -160,6 +164,7 @@ class PCANet(TimmModelMixin, nn.Module):
         label_smoothing: float = 0.0,
         drop_rate: float = 0.0,
         mismatched_pairs: str = "warn",
+        global_pool: str = "bilinear",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -192,17 +197,30 @@ class PCANet(TimmModelMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=center_alpha)
+        self.global_pool = _pool(global_pool, self.num_classes)
         self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
             self.backbone, backbone_kwargs.get("img_size")
         )
+        self._init_feature_info()
 
     # timm model interface
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New classifier (and class centres) for num_classes; pooling is fixed (bilinear)."""
-        if global_pool not in (None, "", "bilinear"):
-            raise ValueError(f"PCANet pools bilinearly, global_pool={global_pool!r} is unsupported")
-        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        """New classifier (and class centres) for num_classes; ``global_pool`` "bilinear", or ""
+        with ``num_classes=0`` for the unpooled map (None keeps the current one)."""
+        num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        if global_pool == "" and num_classes > 0:
+            warnings.warn(
+                "PCANet.reset_classifier(num_classes > 0, global_pool='') keeps bilinear pooling, "
+                "as fgattn 0.1.0 did; '' will mean no pooling as in timm, which needs "
+                "num_classes=0: pass 'bilinear' (or None)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            global_pool = "bilinear"
+        global_pool = self.global_pool if global_pool is None else global_pool
+        self.global_pool = _pool(global_pool, num_classes)
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         old = self.center_loss
         self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=old.alpha)
@@ -216,7 +234,10 @@ class PCANet(TimmModelMixin, nn.Module):
         return self.fc(self.head_drop(pooled * self.feature_scale))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> pooled (B, num_features) if pre_logits else logits (B, K)."""
+        """(B, C, h, w) -> pooled (B, num_features) if pre_logits else logits (B, K); with
+        ``global_pool=""`` (and no classifier) the map itself."""
+        if not self.global_pool:
+            return x
         pooled = self.head(x)
         return pooled * self.feature_scale if pre_logits else self._logits(pooled)
 
@@ -280,6 +301,19 @@ class PCANet(TimmModelMixin, nn.Module):
             erase_mask=mask,
         )
         return out
+
+
+def _pool(global_pool: str, num_classes: int) -> str:
+    """PCANet's ``global_pool``: "bilinear", or "" (no pooling) without a classifier."""
+    global_pool = _args.choice(global_pool, "global_pool", GLOBAL_POOLS)
+    if not global_pool and num_classes > 0:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the "
+            f"classifier takes the bilinear vector; pass global_pool='bilinear' or num_classes=0"
+        )
+    if not global_pool:
+        warn_unpooled("PCANet")
+    return global_pool
 
 
 # timm registration, as timm's own model files do: ``import fgattn`` makes
