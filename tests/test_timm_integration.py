@@ -306,3 +306,100 @@ def test_no_classifier_and_no_pooling_gives_the_unpooled_map(arch):
         assert pooled(x).shape == (2, K)
         with pytest.raises(ValueError, match="global_pool must be one of"):
             _model(arch, global_pool="avg")
+
+
+# Whole-model weights round trip the timm way
+
+
+def _trained(arch: str) -> torch.nn.Module:
+    """A model whose weights, BatchNorm statistics and class centres moved off their init."""
+    model = _model(arch).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(_images(), torch.tensor([0, 1, 0, 1]))["loss"].backward()
+    optimizer.step()
+    return model.eval()
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_save_for_hf_and_local_dir_restore_the_whole_model(arch, tmp_path, caplog):
+    model = _trained(arch)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    assert (tmp_path / "model.safetensors").is_file()
+    with caplog.at_level("INFO", logger="fgattn.models"):
+        restored = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert "loaded the whole model" in caplog.text
+    _assert_same_state(restored, model)
+    x = _images(2)
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    # The same file through pretrained_cfg_overlay, and into a model for other classes.
+    file = str(tmp_path / "model.safetensors")
+    again = _model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file)).eval()
+    _assert_same_state(again, model)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fgattn.models"):
+        other = _model(arch, num_classes=7, pretrained=True, pretrained_cfg_overlay=dict(file=file))
+    assert "new classifier for 7 classes" in caplog.text
+    _assert_same_state(other.backbone, model.backbone)
+    assert other.fc.out_features == 7
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_checkpoint_path_restores_the_whole_model(arch, tmp_path):
+    import safetensors.torch
+
+    model = _trained(arch)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_model(model, str(path))
+    restored = _model(arch, checkpoint_path=str(path)).eval()
+    _assert_same_state(restored, model)
+
+
+@pytest.mark.parametrize("arch", ["cin", "pcanet"])
+def test_a_backbone_file_loads_into_the_backbone(arch, tmp_path, caplog):
+    import safetensors.torch
+
+    torch.manual_seed(3)
+    source = timm.create_model("test_resnet")
+    path = tmp_path / "backbone.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(path))
+    with caplog.at_level("INFO", logger="fgattn.models"):
+        model = _model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert "loaded the backbone's weights" in caplog.text
+    for key, tensor in model.backbone.model.state_dict().items():
+        torch.testing.assert_close(tensor, source.state_dict()[key], msg=key)
+    # timm's checkpoint_path= loads with model.load_state_dict(strict=True): a backbone's state
+    # dict goes to the backbone, with a warning that says so.
+    fresh = _model(arch)
+    head = fresh.fc.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"holds a backbone .* loaded it into the backbone"):
+        loaded = _model(arch, checkpoint_path=str(path))
+    for key, tensor in loaded.backbone.model.state_dict().items():
+        torch.testing.assert_close(tensor, source.state_dict()[key], msg=key)
+    torch.testing.assert_close(loaded.fc.weight, head)  # the rest keeps its weights
+    partial = {k: v for k, v in source.state_dict().items() if not k.startswith("layer4")}
+    with pytest.raises(RuntimeError, match=r"Missing key.*backbone\.body\.model\.layer4"):
+        fresh.load_state_dict(partial)  # the backbone's own keys stay strict
+
+
+def test_cin_state_dict_holds_the_shared_phi_once():
+    model = _trained("cin")
+    state = model.state_dict()
+    assert "sci.phi.weight" in state and not any(k.startswith("cci.phi.") for k in state)
+    assert model.cci.phi is model.sci.phi
+    # fgattn 0.1.0's state dicts (both names) and files keeping only CCI's name still load.
+    both = dict(state, **{"cci.phi." + k[8:]: v for k, v in state.items() if "sci.phi." in k})
+    alias_only = {k.replace("sci.phi.", "cci.phi."): v for k, v in state.items()}
+    for variant in (both, alias_only):
+        fresh = _model("cin")
+        fresh.load_state_dict(variant)
+        _assert_same_state(fresh.eval(), model)
+    both["cci.phi.bias"] = both["cci.phi.bias"] + 1
+    with pytest.raises(ValueError, match="different values"):
+        _model("cin").load_state_dict(both)

@@ -202,6 +202,7 @@ class PCANet(TimmModelMixin, nn.Module):
             self.backbone, backbone_kwargs.get("img_size")
         )
         self._init_feature_info()
+        self._accept_backbone_state_dicts()
 
     # timm model interface
 
