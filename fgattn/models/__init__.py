@@ -8,11 +8,13 @@ them the paper's way in timm's train loop."""
 from ._common import NoTargetWarning
 from .cin import CIN
 from .factory import create_model
+from .pcanet import OFFICIAL as PCANET_OFFICIAL
 from .pcanet import BilinearHead, PCANet
 from .task import PairedClassificationTask, PairingWarning, pair_by_label
 
 __all__ = [
     "CIN",
+    "PCANET_OFFICIAL",
     "BilinearHead",
     "NoTargetWarning",
     "PCANet",

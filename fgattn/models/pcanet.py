@@ -24,12 +24,35 @@ from ._common import (
     warn_unpooled,
 )
 
-__all__ = ["BilinearHead", "PCANet"]
+__all__ = ["OFFICIAL", "BilinearHead", "PCANet"]
 
 POOLINGS = ("bilinear", "attention")
 BRANCH_REDUCTIONS = ("sum", "mean")
 PAIR_POLICIES = ("warn", "error", "ignore")
 GLOBAL_POOLS = ("bilinear", "")
+ERASE_SOURCES = ("co_attended", "raw")
+
+# The official code's choice wherever the paper is silent or it differs from the paper:
+# PCANet(**OFFICIAL) or fgattn.create_model("pcanet", ..., **OFFICIAL). What stays different
+# (backbone cut, co-attention on the attention maps) is in the README's Deviations table.
+OFFICIAL: dict[str, Any] = dict(
+    pooling="attention",
+    num_attention_maps=32,
+    bilinear_dim=512,
+    pooling_order="cm",
+    shared_weights=False,
+    co_attention_residual=True,
+    erase_mode="sampled",
+    erase_threshold=(0.2, 0.5),
+    erase_normalize="upsampled_max",
+    erase_source="raw",
+    coattend_erased=True,
+    branch_reduction="mean",
+    feature_scale=100.0,
+    center_formula="official",
+    center_alpha=0.05,
+    center_loss_weight=1.0,
+)
 
 
 class BilinearHead(nn.Module):
@@ -47,6 +70,8 @@ class BilinearHead(nn.Module):
             code's bilinear attention pooling against ``num_attention_maps`` maps, produced here by
             a 1×1 conv + BN + ReLU on the backbone map, WS-DAN style).
         num_attention_maps: M for "attention" pooling (official: 32).
+        order: flatten order of "attention" pooling, "mc" or "cm" (official), see
+            `BilinearAttentionPooling`.
 
     Shapes:
         (B, C, h, w) -> (B, out_features), out_features = dim² ("bilinear") or M · dim
@@ -59,6 +84,7 @@ class BilinearHead(nn.Module):
         dim: int | None = 256,
         pooling: str = "bilinear",
         num_attention_maps: int = 32,
+        order: str = "mc",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -72,7 +98,7 @@ class BilinearHead(nn.Module):
             self.out_features = dim * dim
         else:
             self.attention = ConvNormAct(in_channels, num_attention_maps, 1)
-            self.pool = BilinearAttentionPooling()
+            self.pool = BilinearAttentionPooling(order=order)
             self.out_features = num_attention_maps * dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +138,8 @@ class PCANet(TimmModelMixin, nn.Module):
             The paper gives no value; default 0.5 of the min-max normalised map.
         erase_mode: attention map of eq. 3 — "max" (eq. 3), "top_channel" (§3.2 text) or
             "sampled" (official code), see `AttentionErase`.
-        erase_normalize: "minmax" (default) or "max" (official: θ × max).
+        erase_normalize: "minmax" (default), "max" (θ × max of the h×w map) or "upsampled_max"
+            (the official code: θ × max of the map upsampled to the image), see `AttentionErase`.
         coattend_erased: also co-attend the erased pairs' features and classify them (the official
             code's sixth cross-entropy); off in the paper.
         center_loss_weight: λ (paper: unspecified; official: 1).
@@ -127,6 +154,13 @@ class PCANet(TimmModelMixin, nn.Module):
             "ignore". The co-attention of eq. 1–2 assumes same-class partners.
         global_pool: "bilinear" (the pooling above) or "" with ``num_classes=0``: forward and
             forward_head return the unpooled backbone map, as timm models do.
+        erase_source: the maps eq. 3 erases from: "co_attended" (F_W, the paper) or "raw" (the
+            official code: the maps before co-attention, i.e. the attention maps of "attention"
+            pooling, or F_O with "bilinear" pooling).
+        pooling_order: flatten order of "attention" pooling: "mc" or "cm" (the official code's,
+            whose classifier weights then load as they are).
+        center_formula: "wen" (Wen et al., the paper's reference) or "official" (the official
+            code's centre loss and update), see `CenterLoss`.
         **backbone_kwargs: forwarded to timm for a named backbone.
 
     Shapes:
@@ -165,6 +199,9 @@ class PCANet(TimmModelMixin, nn.Module):
         drop_rate: float = 0.0,
         mismatched_pairs: str = "warn",
         global_pool: str = "bilinear",
+        erase_source: str = "co_attended",
+        pooling_order: str = "mc",
+        center_formula: str = "wen",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -178,6 +215,7 @@ class PCANet(TimmModelMixin, nn.Module):
         channels = self.backbone.out_channels
         self.num_classes = _args.integer(num_classes, "num_classes", minimum=0)  # 0: no head
         self.coattend_erased = coattend_erased
+        self.erase_source = _args.choice(erase_source, "erase_source", ERASE_SOURCES)
         self.center_loss_weight = center_loss_weight
         self.branch_reduction = branch_reduction
         self.feature_scale = feature_scale
@@ -192,11 +230,15 @@ class PCANet(TimmModelMixin, nn.Module):
         self.erase = AttentionErase(
             threshold=erase_threshold, mode=erase_mode, normalize=erase_normalize
         )
-        self.head = BilinearHead(channels, bilinear_dim, pooling, num_attention_maps)
+        self.head = BilinearHead(
+            channels, bilinear_dim, pooling, num_attention_maps, order=pooling_order
+        )
         self.num_features = self.head_hidden_size = self.head.out_features
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=center_alpha)
+        self.center_loss = CenterLoss(
+            max(num_classes, 1), self.num_features, alpha=center_alpha, formula=center_formula
+        )
         self.global_pool = _pool(global_pool, self.num_classes)
         self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
             self.backbone, backbone_kwargs.get("img_size")
@@ -224,7 +266,9 @@ class PCANet(TimmModelMixin, nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         old = self.center_loss
-        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=old.alpha)
+        self.center_loss = CenterLoss(
+            max(num_classes, 1), self.num_features, alpha=old.alpha, formula=old.formula
+        )
         self.center_loss.to(old.centers.device)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +311,11 @@ class PCANet(TimmModelMixin, nn.Module):
                 stacklevel=3,
             )
 
+    def _raw(self, f_o: torch.Tensor) -> torch.Tensor:
+        """The maps before co-attention that the official code erases from: the attention maps
+        of "attention" pooling, else F_O itself."""
+        return f_o if self.head.attention is None else self.head.attention(f_o)
+
     def forward_train(
         self, x: torch.Tensor, target: torch.Tensor, criterion: Criterion | None = None
     ) -> dict[str, torch.Tensor]:
@@ -276,7 +325,7 @@ class PCANet(TimmModelMixin, nn.Module):
         cross_entropy = self._cross_entropy(criterion)
         f_o = self.backbone(x)
         f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2
-        erased, mask = self.erase(x, f_w)
+        erased, mask = self.erase(x, f_w if self.erase_source == "co_attended" else self._raw(f_o))
         f_e = self.backbone(erased)
         branches = {"o": f_o, "w": f_w, "e": f_e}
         if self.coattend_erased:
