@@ -403,3 +403,17 @@ def test_cin_state_dict_holds_the_shared_phi_once():
     both["cci.phi.bias"] = both["cci.phi.bias"] + 1
     with pytest.raises(ValueError, match="different values"):
         _model("cin").load_state_dict(both)
+
+
+def test_timm_ema_averages_the_shared_phi_once():
+    """timm's ModelEmaV3 lerps every state_dict entry: with φ under two names it was averaged
+    twice a step; held once it is averaged as every other weight."""
+    from timm.utils import ModelEmaV3
+
+    model = _model("cin")
+    ema = ModelEmaV3(model, decay=0.5)
+    before = ema.module.sci.phi.weight.detach().clone()
+    with torch.no_grad():
+        model.sci.phi.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.sci.phi.weight, before + 0.5)
