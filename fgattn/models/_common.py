@@ -11,14 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import load_state_dict, load_state_dict_from_hf, resolve_pretrained_cfg
-from timm.models._builder import _resolve_pretrained_source, pretrained_cfg_for_features
+from timm.models import resolve_pretrained_cfg
+from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet, feature_take_indices
-from timm.models._hub import load_state_dict_from_path
 from torch import nn
 
 from .._shapes import check_image_batch
 from ..backbone import TimmBackbone
+from ._weights import holds_whole_model, load_whole_model, source_state_dict
 
 _logger = logging.getLogger("fgattn.models")
 
@@ -94,22 +94,6 @@ class TimmModelMixin:
         return lambda logits, target: F.cross_entropy(
             logits, target, label_smoothing=self.label_smoothing
         )
-
-    # state dicts of the backbone alone
-
-    def _accept_backbone_state_dicts(self) -> None:
-        """Let ``load_state_dict`` take the backbone's own state dict (a timm model's keys, none
-        under ``backbone.``; e.g. timm's ``checkpoint_path=``): it loads into the backbone, the
-        backbone's keys are checked strictly, the rest of the model keeps its weights, and a
-        warning says so. A whole-model state dict loads as usual."""
-        self.register_load_state_dict_pre_hook(_backbone_only_pre_hook)
-        self.register_load_state_dict_post_hook(_backbone_only_post_hook)
-
-    def _backbone_namespace(self) -> tuple[nn.Module, str]:
-        """The module a backbone state dict belongs to, and its key prefix in the model."""
-        if isinstance(self.backbone, TimmBackbone):
-            return self.backbone.model, "backbone.body.model."
-        return self.backbone, "backbone."
 
     # timm's feature interface (features_only=True, forward_intermediates)
 
@@ -204,45 +188,6 @@ class TimmModelMixin:
         return self.fc
 
 
-def _backbone_only_pre_hook(model, state_dict, prefix, *_args) -> None:
-    keys = [k for k in state_dict if k.startswith(prefix)]
-    if not keys or _holds_whole_model({k[len(prefix) :]: None for k in keys}):
-        return
-    inner, inner_prefix = model._backbone_namespace()
-    own = inner.state_dict()
-    if not any(k[len(prefix) :] in own for k in keys):
-        return  # nothing of the backbone: the strict load reports the keys
-    dropped = []
-    for key in keys:
-        value, name = state_dict.pop(key), key[len(prefix) :]
-        if name in own:
-            state_dict[prefix + inner_prefix + name] = value
-        else:
-            dropped.append(name)
-    model._backbone_only = (prefix, inner_prefix, len(keys) - len(dropped), dropped)
-
-
-def _backbone_only_post_hook(model, incompatible) -> None:
-    flag = model.__dict__.pop("_backbone_only", None)
-    if flag is None:
-        return
-    prefix, inner_prefix, loaded, dropped = flag
-    incompatible.missing_keys[:] = [
-        k
-        for k in incompatible.missing_keys
-        if not k.startswith(prefix) or k.startswith(prefix + inner_prefix)
-    ]
-    if any(k.startswith(prefix) for k in incompatible.missing_keys):
-        return  # part of the backbone is missing: the strict load reports it
-    extra = f"; dropped {len(dropped)} tensors the backbone has not: {dropped[:6]}" * bool(dropped)
-    warnings.warn(
-        f"{type(model).__name__}.load_state_dict: the state dict holds a backbone ({loaded} "
-        f"tensors, no key under 'backbone.'), not a whole {type(model).__name__}: loaded it into "
-        f"the backbone, the rest of the model keeps its weights{extra}",
-        stacklevel=4,
-    )
-
-
 def warn_unpooled(model: str) -> None:
     """Once per process: ``global_pool=''`` with no classifier now gives the unpooled map."""
     warnings.warn(
@@ -333,8 +278,8 @@ def create_registered(
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     state_dict = where = None
     if pretrained:
-        state_dict, where = _source_state_dict(cfg, cache_dir)
-    whole = state_dict is not None and _holds_whole_model(state_dict)
+        state_dict, where = source_state_dict(cfg, cache_dir)
+    whole = state_dict is not None and holds_whole_model(state_dict)
     if isinstance(kwargs["backbone"], str) and not whole:
         if state_dict is not None:
             pretrained_cfg_overlay = dict(state_dict=state_dict)
@@ -344,7 +289,7 @@ def create_registered(
             kwargs["cache_dir"] = cache_dir
     model = model_cls(pretrained=pretrained and not whole, **kwargs)
     if whole:
-        _load_whole_model(model, state_dict, variant, where)
+        load_whole_model(model, state_dict, variant, where)
     elif state_dict is not None:
         _logger.info(f"{variant}: loaded the backbone's weights from {where}; the heads are new")
     as_built = {k: model.pretrained_cfg[k] for k in ("input_size", "mean", "std")}
@@ -352,59 +297,6 @@ def create_registered(
     model.pretrained_cfg = model.default_cfg = cfg.to_dict()
     model.pretrained_model_args = dict(source_args or {})
     return model if feature_args is None else features_only(model, feature_args)
-
-
-def _source_state_dict(cfg: dict[str, Any], cache_dir: Any) -> tuple[dict | None, str | None]:
-    """The state dict of the weight source a model's pretrained_cfg names (timm's resolution:
-    state_dict, file, local-dir, hf-hub, url) and where it came from; (None, None) if none."""
-    load_from, location = _resolve_pretrained_source(cfg)
-    if load_from == "state_dict":
-        return dict(location), "the state_dict given"
-    if load_from == "file":
-        return load_state_dict(location), str(location)
-    if load_from == "local-dir":
-        return load_state_dict_from_path(location), str(location)
-    if load_from == "hf-hub":
-        args = location if isinstance(location, (list, tuple)) else (location,)
-        return load_state_dict_from_hf(*args, cache_dir=cache_dir), f"hf-hub:{args[0]}"
-    if load_from == "url":
-        state = torch.hub.load_state_dict_from_url(
-            location, map_location="cpu", weights_only=True, model_dir=cache_dir
-        )
-        return state, location
-    return None, None
-
-
-def _holds_whole_model(state_dict: dict[str, torch.Tensor]) -> bool:
-    """A CIN / PCANet state dict (its backbone under ``backbone.``), not a backbone's own."""
-    return any(key.startswith("backbone.") for key in state_dict)
-
-
-HEAD_KEYS = ("fc.weight", "fc.bias", "center_loss.centers")
-
-
-def _load_whole_model(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], variant: str, where: str
-) -> None:
-    """Load a whole-model state dict strictly, except the class-sized tensors (classifier and
-    class centres) when the model was built for another number of classes: those stay new."""
-    own = model.state_dict()
-    new = [
-        k
-        for k in HEAD_KEYS
-        if (k in state_dict) != (k in own) or (k in own and state_dict[k].shape != own[k].shape)
-    ]
-    state_dict = {k: v for k, v in state_dict.items() if k not in new}
-    result = model.load_state_dict(state_dict, strict=False)
-    if [k for k in result.missing_keys if k not in new] or result.unexpected_keys:
-        raise RuntimeError(
-            f"{where} holds a {variant} state dict that does not fit this model: missing "
-            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}; build the model "
-            f"with the options it was saved with (a local-dir: / hf-hub: name restores them)"
-        )
-    head = f"; new classifier for {model.num_classes} classes" if new else ""
-    count = len(state_dict)
-    _logger.info(f"{variant}: loaded the whole model from {where} ({count} tensors){head}")
 
 
 def features_only(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:

@@ -23,6 +23,7 @@ from ._common import (
     registered_cfg,
     warn_unpooled,
 )
+from ._weights import accept_backbone_state_dicts, tie_in_state_dict
 
 __all__ = ["CIN"]
 
@@ -107,7 +108,7 @@ class CIN(TimmModelMixin, nn.Module):
             length_normalized=length_normalized,
             phi=self.sci.phi,
         )
-        _tie_in_state_dict(self, alias="cci.phi.", owner="sci.phi.")
+        tie_in_state_dict(self, alias="cci.phi.", owner="sci.phi.")
         self.embed = nn.Linear(channels, embed_dim)  # h (eq. 8)
         self.contrastive = ContrastiveLoss(margin=margin)
 
@@ -118,7 +119,7 @@ class CIN(TimmModelMixin, nn.Module):
             self.backbone, backbone_kwargs.get("img_size")
         )
         self._init_feature_info("sci")
-        self._accept_backbone_state_dicts()
+        accept_backbone_state_dicts(self)
 
     # timm model interface
 
@@ -176,42 +177,6 @@ class CIN(TimmModelMixin, nn.Module):
             pair_labels=pair_labels,
         )
         return out
-
-
-def _tie_in_state_dict(module: nn.Module, alias: str, owner: str) -> None:
-    """Keep a shared submodule once in ``module``'s state_dict, under ``owner``.
-
-    CCI's φ is SCI's φ (one tensor each for weight and bias); a state_dict holding it under both
-    names is refused by safetensors ("Some tensors share memory") and so by timm's
-    ``save_for_hf(safe_serialization=True)``. The state_dict keeps ``owner`` only. Loading
-    accepts files with both names (fgattn 0.1.0's, torch.save) or with ``alias`` only
-    (``safetensors.torch.save_model`` may keep either name); both copies must agree.
-    """
-
-    def drop_alias(_module, state_dict, prefix, _local_metadata) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + alias)]:
-            del state_dict[key]
-
-    def alias_to_owner(_module, state_dict, prefix, *_args) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + alias)]:
-            value = state_dict.pop(key)
-            target = prefix + owner + key[len(prefix + alias) :]
-            kept = state_dict.setdefault(target, value)
-            if kept.shape != value.shape or not torch.equal(kept, value):
-                raise ValueError(
-                    f"state_dict holds {key} and {target} with different values; in "
-                    f"{type(module).__name__} they are one tensor (CCI's φ is SCI's φ)"
-                )
-
-    def forget_alias(_module, incompatible) -> None:
-        incompatible.missing_keys[:] = [
-            k for k in incompatible.missing_keys if f".{alias}" not in f".{k}"
-        ]
-
-    register = getattr(module, "register_state_dict_post_hook", None)
-    (register or module._register_state_dict_hook)(drop_alias)
-    module.register_load_state_dict_pre_hook(alias_to_owner)
-    module.register_load_state_dict_post_hook(forget_alias)
 
 
 def _pool(global_pool: str, num_classes: int) -> SelectAdaptivePool2d:

@@ -23,6 +23,7 @@ from ._common import (
     registered_cfg,
     warn_unpooled,
 )
+from ._weights import accept_backbone_state_dicts
 
 __all__ = ["OFFICIAL", "BilinearHead", "PCANet"]
 
@@ -244,7 +245,7 @@ class PCANet(TimmModelMixin, nn.Module):
             self.backbone, backbone_kwargs.get("img_size")
         )
         self._init_feature_info()
-        self._accept_backbone_state_dicts()
+        accept_backbone_state_dicts(self)
 
     # timm model interface
 
