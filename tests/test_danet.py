@@ -248,3 +248,107 @@ def test_head_compiles_fullgraph():
 def test_head_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------------------------
+# mmsegmentation's DAHead checkpoints
+
+
+def mmseg_dahead_state_dict(c, k, channels, pam_channels):
+    """An mmseg segmentor's state dict with a DAHead, written out by hand in mmseg's names and
+    shapes (ConvModule = conv without bias + bn; PAM = SelfAttentionBlock's 1×1 projections;
+    gamma = Scale, a 0-d tensor), random values, plus backbone and auxiliary-head keys."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    sd = {"backbone.conv1.weight": rand(8, 3, 3, 3), "auxiliary_head.conv_seg.weight": rand(k, 8)}
+    for branch in ("pam", "cam"):
+        for conv, cin in (("in_conv", c), ("out_conv", channels)):
+            name = f"decode_head.{branch}_{conv}"
+            sd[f"{name}.conv.weight"] = rand(channels, cin, 3, 3) * 0.1
+            sd[f"{name}.bn.weight"] = rand(channels).abs() + 0.5
+            sd[f"{name}.bn.bias"] = rand(channels)
+            sd[f"{name}.bn.running_mean"] = rand(channels)
+            sd[f"{name}.bn.running_var"] = rand(channels).abs() + 0.5
+            sd[f"{name}.bn.num_batches_tracked"] = torch.tensor(7)
+        sd[f"decode_head.{branch}_conv_seg.weight"] = rand(k, channels, 1, 1)
+        sd[f"decode_head.{branch}_conv_seg.bias"] = rand(k)
+        sd[f"decode_head.{branch}.gamma.scale"] = torch.tensor(0.6 if branch == "pam" else 0.4)
+    for proj, out in (("query", pam_channels), ("key", pam_channels), ("value", channels)):
+        sd[f"decode_head.pam.{proj}_project.weight"] = rand(out, channels, 1, 1) * 0.3
+        sd[f"decode_head.pam.{proj}_project.bias"] = rand(out)
+    sd["decode_head.conv_seg.weight"] = rand(k, channels, 1, 1)
+    sd["decode_head.conv_seg.bias"] = rand(k)
+    return sd
+
+
+def mmseg_dahead_forward(sd, x):
+    """mmseg's DAHead.forward in eval mode, line for line, from its state dict (float64)."""
+    p = {k[len("decode_head.") :]: v for k, v in sd.items() if k.startswith("decode_head.")}
+
+    def conv_module(name, t):
+        t = F.conv2d(t, p[f"{name}.conv.weight"], padding=1)
+        t = F.batch_norm(
+            t, p[f"{name}.bn.running_mean"], p[f"{name}.bn.running_var"],
+            p[f"{name}.bn.weight"], p[f"{name}.bn.bias"], training=False,
+        )  # fmt: skip
+        return F.relu(t)
+
+    def project(name, t):
+        return F.conv2d(t, p[f"pam.{name}_project.weight"], p[f"pam.{name}_project.bias"])
+
+    def pam(t):  # SelfAttentionBlock.forward(t, t), then gamma(out) + t
+        b = t.size(0)
+        query = project("query", t)
+        query = query.reshape(*query.shape[:2], -1).permute(0, 2, 1).contiguous()
+        key = project("key", t)
+        value = project("value", t)
+        key = key.reshape(*key.shape[:2], -1)
+        value = value.reshape(*value.shape[:2], -1).permute(0, 2, 1).contiguous()
+        sim_map = F.softmax(torch.matmul(query, key), dim=-1)
+        context = torch.matmul(sim_map, value).permute(0, 2, 1).contiguous()
+        context = context.reshape(b, -1, *t.shape[2:])
+        return p["pam.gamma.scale"] * context + t
+
+    def cam(t):
+        return danet_cam(t, p["cam.gamma.scale"])
+
+    def cls(name, t):
+        return F.conv2d(t, p[f"{name}.weight"], p[f"{name}.bias"])
+
+    pam_feat = conv_module("pam_out_conv", pam(conv_module("pam_in_conv", x)))
+    cam_feat = conv_module("cam_out_conv", cam(conv_module("cam_in_conv", x)))
+    return (
+        cls("conv_seg", pam_feat + cam_feat),
+        cls("pam_conv_seg", pam_feat),
+        cls("cam_conv_seg", cam_feat),
+    )
+
+
+def test_head_loads_an_mmseg_dahead_checkpoint_and_matches_its_outputs():
+    c, k = 64, 3
+    sd = mmseg_dahead_state_dict(c, k, channels=c // 4, pam_channels=c // 32)
+    x = torch.randn(2, c, 5, 6, dtype=torch.float64).relu()
+    want = mmseg_dahead_forward(sd, x)
+    converted = fgattn.layers.convert_mmseg_dahead({"state_dict": sd, "meta": {}})
+    head = DualAttentionHead(c, k).double().eval()
+    assert sorted(converted) == sorted(head.state_dict())
+    head.load_state_dict(converted)
+    assert head.sa.gamma.shape == (1,) and head.sa.gamma.item() == pytest.approx(0.6)
+    for got, ref in zip(head(x, return_branches=True), want, strict=True):
+        torch.testing.assert_close(got, ref)
+    # load_state_dict takes mmseg's names directly (the head's keys without "decode_head.").
+    direct = DualAttentionHead(c, k).double().eval()
+    direct.load_state_dict({n[12:]: v for n, v in sd.items() if n.startswith("decode_head.")})
+    torch.testing.assert_close(direct(x), want[0])
+    # So do the attention modules on their own.
+    pam = PositionAttentionModule(c // 4).double()
+    pam.load_state_dict({n[16:]: v for n, v in sd.items() if n.startswith("decode_head.pam.")})
+    torch.testing.assert_close(pam.gamma, torch.tensor([0.6], dtype=torch.float64))
+    cam = ChannelAttentionModule()
+    cam.load_state_dict({"gamma.scale": torch.tensor(0.4)})
+    assert cam.gamma.shape == (1,) and cam.gamma.item() == pytest.approx(0.4)
+    with pytest.raises(ValueError, match=r"no key under prefix 'decode_head\.'"):
+        fgattn.layers.convert_mmseg_dahead({"backbone.conv1.weight": torch.zeros(1)})

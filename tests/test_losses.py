@@ -75,10 +75,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, feats, labels, out):
+def _ddp_worker(rank, world, port, feats, labels, out, formula):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    loss_fn = CenterLoss(3, 2, alpha=0.5)
+    loss_fn = CenterLoss(3, 2, alpha=0.5, formula=formula)
     half = feats.shape[0] // world
     for _ in range(2):
         loss_fn(feats[rank * half : (rank + 1) * half], labels[rank * half : (rank + 1) * half])
@@ -86,12 +86,17 @@ def _ddp_worker(rank, world, port, feats, labels, out):
     dist.destroy_process_group()
 
 
-def test_center_loss_centres_identical_across_ranks_under_ddp():
+@pytest.mark.parametrize("formula", ["wen", "official"])
+def test_center_loss_centres_identical_across_ranks_under_ddp(formula):
     feats = torch.randn(8, 2)
     labels = torch.tensor([0, 1, 0, 2, 0, 1, 1, 0])
     out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), feats, labels, out), nprocs=2, join=True)
+    args = (2, _free_port(), feats, labels, out, formula)
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    assert out[0].abs().sum() > 0
+    if formula == "official":  # each class: the mean of the ranks' last-sample steps
+        return
     single = CenterLoss(3, 2, alpha=0.5)
     for _ in range(2):
         single(feats, labels)  # the whole batch on one process

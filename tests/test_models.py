@@ -63,8 +63,10 @@ def test_train_and_eval_forward_backward(arch, key):
     logits = model(x)
     assert logits.shape == (4, K)
     torch.testing.assert_close(logits, model.forward_head(model.forward_features(x)))
-    # Without a target a training-mode model also returns plain logits.
-    assert model.train()(x).shape == (4, K)
+    # Without a target a training-mode model also returns plain logits, and says what does not
+    # train (tests/test_timm_integration.py tests the warning).
+    with pytest.warns(fgattn.models.NoTargetWarning):
+        assert model.train()(x).shape == (4, K)
 
 
 @pytest.mark.parametrize("arch", ["cin", "pcanet"])

@@ -3,7 +3,12 @@
 from .attention_erase import AttentionErase
 from .cci import CCI
 from .co_attention import CoAttention
-from .danet import ChannelAttentionModule, DualAttentionHead, PositionAttentionModule
+from .danet import (
+    ChannelAttentionModule,
+    DualAttentionHead,
+    PositionAttentionModule,
+    convert_mmseg_dahead,
+)
 from .pooling import BilinearAttentionPooling, BilinearPooling
 from .sci import SCI
 
@@ -17,4 +22,5 @@ __all__ = [
     "CoAttention",
     "DualAttentionHead",
     "PositionAttentionModule",
+    "convert_mmseg_dahead",
 ]

@@ -11,7 +11,7 @@ from .. import _args
 from .._shapes import check_image_batch, check_same_device
 
 MODES = ("max", "top_channel", "sampled")
-NORMALIZATIONS = ("minmax", "max")
+NORMALIZATIONS = ("minmax", "max", "upsampled_max")
 
 
 def check_threshold(
@@ -36,6 +36,22 @@ def check_threshold(
     return threshold
 
 
+def _upsampled_means(fw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C) means of each channel of ``fw`` bilinearly upsampled to ``size``, without
+    upsampling it: bilinear interpolation is separable and linear, so the mean is r_hᵀ F r_w / HW
+    with r the column sums of the 1-D interpolation matrices."""
+    (h, w), (big_h, big_w) = fw.shape[2:], size
+    dtype = torch.promote_types(fw.dtype, torch.float32)
+
+    def column_sums(n: int, big: int) -> torch.Tensor:
+        basis = torch.eye(n, device=fw.device, dtype=dtype).view(n, 1, n, 1)
+        up = F.interpolate(basis, size=(big, 1), mode="bilinear", align_corners=False)
+        return up.sum(dim=(1, 2, 3))  # (n,): how much each source row adds up to
+
+    r_h, r_w = column_sums(h, big_h), column_sums(w, big_w)
+    return torch.einsum("bchw,h,w->bc", fw.to(dtype), r_h, r_w) / (big_h * big_w)
+
+
 class AttentionErase(nn.Module):
     """Erase the most attended region of each image.
 
@@ -50,8 +66,11 @@ class AttentionErase(nn.Module):
             "top_channel" (the text of §3.2): the channel with the largest global average;
             "sampled" (official code): one channel per image drawn with probability
             ∝ sqrt(its mean activation).
-        normalize: "minmax" (default) rescales A to [0, 1] per image; "max" divides by its max,
-            as the official code does (θ × max).
+        normalize: "minmax" (default) rescales A to [0, 1] per image; "max" divides by its max
+            (θ × max of the h×w map); "upsampled_max" is the official code: A upsampled to the
+            image first, pixels strictly below θ × the upsampled map's max kept, and with
+            ``mode="sampled"`` the channel probabilities ∝ sqrt(mean of each upsampled channel)
+            + 1e-12.
         seed: seeds this module's own random generator (threshold draws and channel sampling).
 
     Shapes:
@@ -83,20 +102,34 @@ class AttentionErase(nn.Module):
         return self._generator
 
     def attention_map(
-        self, fw: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        fw: torch.Tensor,
+        generator: torch.Generator | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """A (B, h, w) before normalisation, per `mode`."""
+        """A (B, h, w) before normalisation, per `mode` (``size``: the image size, which the
+        official channel probabilities of "sampled" with "upsampled_max" depend on)."""
         if self.mode == "max":
             return fw.amax(dim=1)
-        activation = reduce(fw, "b c h w -> b c", "mean").float()
         if self.mode == "top_channel":
-            index = activation.argmax(dim=1)
+            index = reduce(fw, "b c h w -> b c", "mean").float().argmax(dim=1)
         else:
-            probs = activation.clamp_min(0).sqrt().cpu()
-            dead = probs.sum(dim=1, keepdim=True) == 0
-            probs = torch.where(dead, torch.ones_like(probs), probs)  # all-zero map: uniform
+            probs = self.channel_probabilities(fw, size).cpu()
             index = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(fw.device)
         return fw[torch.arange(fw.shape[0], device=fw.device), index]
+
+    def channel_probabilities(
+        self, fw: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """(B, C) probabilities of each channel in ``mode="sampled"``: ∝ sqrt(its mean activation),
+        uniform for an all-zero map; with ``normalize="upsampled_max"`` (and ``size``) the
+        official code's sqrt(mean of the channel upsampled to ``size``) + 1e-12."""
+        if self.normalize == "upsampled_max" and size is not None:
+            weights = _upsampled_means(fw, size).clamp_min(0).sqrt() + 1e-12
+            return weights / weights.sum(dim=1, keepdim=True)
+        probs = reduce(fw, "b c h w -> b c", "mean").float().clamp_min(0).sqrt()
+        dead = probs.sum(dim=1, keepdim=True) == 0
+        return torch.where(dead, torch.ones_like(probs), probs)  # all-zero map: uniform
 
     def thresholds(
         self, batch: int, device: torch.device, generator: torch.Generator | None = None
@@ -113,21 +146,27 @@ class AttentionErase(nn.Module):
 
     @torch.no_grad()
     def mask(self, fw: torch.Tensor, size: tuple[int, int], generator=None) -> torch.Tensor:
-        """M (B, 1, *size) in fp32: 0 on the erased region, 1 elsewhere (eq. 3–4)."""
+        """M (B, 1, *size), at least fp32: 0 on the erased region, 1 elsewhere (eq. 3–4)."""
         generator = generator if generator is not None else self._default_generator()
-        a = self.attention_map(fw.detach(), generator).float().unsqueeze(1)
-        peak = a.amax(dim=(2, 3), keepdim=True)
-        if self.normalize == "minmax":
-            low = a.amin(dim=(2, 3), keepdim=True)
-            a = (a - low) / (peak - low).clamp_min(1e-12)
+        a = self.attention_map(fw.detach(), generator, size).unsqueeze(1)
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        if self.normalize == "upsampled_max":  # the official code: upsample, then θ × max
+            a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+            theta = self.thresholds(a.shape[0], a.device, generator).to(a.dtype)
+            keep = a < theta * a.amax(dim=(2, 3), keepdim=True)
         else:
-            a = a / peak.clamp_min(1e-12)
-        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-        theta = self.thresholds(a.shape[0], a.device, generator)
+            peak = a.amax(dim=(2, 3), keepdim=True)
+            if self.normalize == "minmax":
+                low = a.amin(dim=(2, 3), keepdim=True)
+                a = (a - low) / (peak - low).clamp_min(1e-12)
+            else:
+                a = a / peak.clamp_min(1e-12)
+            a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+            keep = a <= self.thresholds(a.shape[0], a.device, generator)
         # A map with NaN/Inf says nothing about where to erase: that image's mask is NaN, so
         # the erased image and its loss are too, instead of a silently erased whole image.
         finite = torch.isfinite(a).flatten(1).all(dim=1).view(-1, 1, 1, 1)
-        return torch.where(finite, (a <= theta).float(), float("nan"))
+        return torch.where(finite, keep.to(a.dtype), float("nan"))
 
     def forward(
         self, images: torch.Tensor, fw: torch.Tensor, generator: torch.Generator | None = None

@@ -13,6 +13,80 @@ from .. import _args
 from .._shapes import check_image_batch, check_module_input
 from ..functional import channel_attention
 
+# mmsegmentation's names for DANet's modules (``mmseg.models.decode_heads.DAHead``: ConvModule's
+# ``conv`` / ``bn``, PAM's ``query_project`` / ``key_project`` / ``value_project``, ``gamma`` a 0-d
+# ``Scale``), as (mmseg, fgattn) key prefixes; the first that matches renames a key.
+MMSEG_PAM_NAMES = (
+    ("query_project.", "query_conv."),
+    ("key_project.", "key_conv."),
+    ("value_project.", "value_conv."),
+)
+MMSEG_HEAD_NAMES = (
+    ("pam_in_conv.conv.", "conv5a.0."),
+    ("pam_in_conv.bn.", "conv5a.1."),
+    ("cam_in_conv.conv.", "conv5c.0."),
+    ("cam_in_conv.bn.", "conv5c.1."),
+    ("pam_out_conv.conv.", "conv51.0."),
+    ("pam_out_conv.bn.", "conv51.1."),
+    ("cam_out_conv.conv.", "conv52.0."),
+    ("cam_out_conv.bn.", "conv52.1."),
+    ("pam_conv_seg.", "conv6.1."),
+    ("cam_conv_seg.", "conv7.1."),
+    ("conv_seg.", "conv8.1."),
+    *((f"pam.{theirs}", f"sa.{ours}") for theirs, ours in MMSEG_PAM_NAMES),
+    ("pam.", "sa."),
+    ("cam.", "sc."),
+)
+
+
+def _rename(state_dict: dict, prefix: str, names: tuple[tuple[str, str], ...]) -> None:
+    """Rename, in place, the keys under ``prefix`` that start with an mmseg name; a 0-d
+    ``gamma.scale`` becomes DANet's ``gamma`` of shape (1,)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        for theirs, ours in names:
+            if name.startswith(theirs):
+                name = ours + name[len(theirs) :]
+                break
+        if name == "gamma.scale" or name.endswith(".gamma.scale"):
+            name = name[: -len(".scale")]
+            state_dict[key] = state_dict[key].reshape(1)
+        if name != key[len(prefix) :]:
+            state_dict[prefix + name] = state_dict.pop(key)
+
+
+def _load_mmseg_names(names: tuple[tuple[str, str], ...]):
+    """A load_state_dict pre-hook that takes mmsegmentation's names for a module's keys."""
+
+    def hook(_module, state_dict, prefix, *_args) -> None:
+        _rename(state_dict, prefix, names)
+
+    return hook
+
+
+def convert_mmseg_dahead(state_dict: dict, prefix: str = "decode_head.") -> dict:
+    """The `DualAttentionHead` state dict in an mmsegmentation DAHead checkpoint.
+
+    Args:
+        state_dict: an mmseg checkpoint (``{"state_dict": ...}`` as mmseg saves it, or the
+            state dict itself) of a segmentor with a DAHead.
+        prefix: where the head's keys are (mmseg: "decode_head.").
+
+    Returns:
+        The head's tensors under fgattn's (the official DANet's) names, for
+        ``DualAttentionHead.load_state_dict``; the backbone's and auxiliary head's keys are left
+        out. (``load_state_dict`` also takes mmseg's names directly, without the prefix.)
+    """
+    state_dict = state_dict.get("state_dict", state_dict)
+    head = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not head:
+        raise ValueError(
+            f"state_dict has no key under prefix {prefix!r}; an mmseg DAHead checkpoint keeps "
+            f"the head under 'decode_head.' (got keys like {list(state_dict)[:3]})"
+        )
+    _rename(head, "", MMSEG_HEAD_NAMES)
+    return head
+
 
 class ChannelAttentionModule(nn.Module):
     """E = γ · softmax(rowmax(S) − S) A + A with S = A Aᵀ over the C channels of A.
@@ -39,8 +113,10 @@ class ChannelAttentionModule(nn.Module):
         gamma_init = _args.real(
             gamma_init, "gamma_init", low=-_args.MAX_SCALE, high=_args.MAX_SCALE
         )
-        # Shape (1,) as in DANet, so its checkpoints' ``gamma`` loads as it is.
+        # Shape (1,) as in DANet, so its checkpoints' ``gamma`` loads as it is; mmsegmentation's
+        # ``gamma.scale`` (0-d) loads too.
         self.gamma = nn.Parameter(torch.full((1,), gamma_init))
+        self.register_load_state_dict_pre_hook(_load_mmseg_names(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "x")
@@ -82,11 +158,13 @@ class PositionAttentionModule(nn.Module):
                 f"channels must be at least reduction ({reduction}) so that the query and key "
                 f"convolutions have C // reduction >= 1 channels, got channels={channels}"
             )
-        # DANet's names (query_conv, key_conv, value_conv, gamma), so its checkpoints load.
+        # DANet's names (query_conv, key_conv, value_conv, gamma), so its checkpoints load;
+        # mmsegmentation's PAM names (query_project, ..., gamma.scale) load too.
         self.query_conv = nn.Conv2d(channels, channels // reduction, 1)
         self.key_conv = nn.Conv2d(channels, channels // reduction, 1)
         self.value_conv = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.full((1,), gamma_init))
+        self.register_load_state_dict_pre_hook(_load_mmseg_names(MMSEG_PAM_NAMES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "x", self.channels)
@@ -122,7 +200,12 @@ class DualAttentionHead(nn.Module):
     whose logits DANet trains with auxiliary losses of equal weight.
 
     The submodules carry the official DANetHead's names (conv5a/conv5c, sa/sc, conv51/conv52,
-    conv6/conv7/conv8), so its state_dict loads as it is.
+    conv6/conv7/conv8), so its state_dict loads as it is. mmsegmentation's DAHead state dict
+    (``pam_in_conv.conv``, ``pam.query_project``, ``pam.gamma.scale``, ``conv_seg``, ...) loads
+    too: ``load_state_dict`` renames its keys, and `convert_mmseg_dahead` takes the head out of a
+    whole mmseg checkpoint. mmseg's DAHead with ``channels=in_channels // 4`` and
+    ``pam_channels=channels // 8`` (its DANet configs: 2048, 512, 64) is this head; mmseg shares
+    one Dropout2d between the three classifiers, which holds no weights.
 
     Args:
         in_channels: C, the channels of the backbone's feature map.
@@ -162,6 +245,7 @@ class DualAttentionHead(nn.Module):
         self.conv6 = _classifier(inter, num_classes, dropout)
         self.conv7 = _classifier(inter, num_classes, dropout)
         self.conv8 = _classifier(inter, num_classes, dropout)
+        self.register_load_state_dict_pre_hook(_load_mmseg_names(MMSEG_HEAD_NAMES))
 
     def forward(
         self, x: torch.Tensor, return_branches: bool = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import reduce
 from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
@@ -16,17 +15,20 @@ from ..backbone import resolve_backbone
 from ..layers import CCI, SCI
 from ..losses import ContrastiveLoss
 from ._common import (
+    Criterion,
     TimmModelMixin,
     check_paired_batch,
     create_registered,
     fgvc_pretrained_cfg,
     registered_cfg,
+    warn_unpooled,
 )
+from ._weights import accept_backbone_state_dicts, tie_in_state_dict
 
 __all__ = ["CIN"]
 
 # timm pool types that keep the C features the classifier expects ("catavgmax" doubles them).
-GLOBAL_POOLS = ("avg", "max", "avgmax", "fast", "fastavg", "fastmax", "fastavgmax")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "fast", "fastavg", "fastmax", "fastavgmax", "")
 
 
 class CIN(TimmModelMixin, nn.Module):
@@ -60,7 +62,8 @@ class CIN(TimmModelMixin, nn.Module):
         cci_cls_loss: also classify GAP(Z') with the shared classifier and add its cross-entropy to
             L_soft (a variant; the paper classifies Z only).
         global_pool: pooling before the classifier (paper: "avg"), a timm pool type that keeps
-            the channel count (`GLOBAL_POOLS`).
+            the channel count (`GLOBAL_POOLS`); "" with ``num_classes=0`` returns the unpooled
+            map Z, as timm models do.
         drop_rate: dropout before the classifier (timm's meaning of drop_rate).
         **backbone_kwargs: forwarded to timm for a named backbone (img_size, drop_path_rate,
             pretrained_cfg_overlay, ...).
@@ -71,6 +74,9 @@ class CIN(TimmModelMixin, nn.Module):
         "logits" (2N, K), "loss_cls", "loss_cont", "embeddings" (2N, r) = [h(Z'_A); h(Z'_B)],
         "eta" (2N,) = [η; γ], "pair_labels" (N,) bool.
     """
+
+    paired_parts = "CCI, its ψ, the projection h and the contrastive loss (CIN eq. 5–8)"
+    paired_sampler = "PKBatchSampler"
 
     def __init__(
         self,
@@ -112,48 +118,62 @@ class CIN(TimmModelMixin, nn.Module):
             length_normalized=length_normalized,
             phi=self.sci.phi,
         )
+        tie_in_state_dict(self, alias="cci.phi.", owner="sci.phi.")
         self.embed = nn.Linear(channels, embed_dim)  # h (eq. 8)
         self.contrastive = ContrastiveLoss(margin=margin)
 
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _pool(global_pool, self.num_classes)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
             self.backbone, backbone_kwargs.get("img_size")
         )
+        self._init_feature_info("sci")
+        accept_backbone_state_dicts(self)
 
     # timm model interface
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
-        if global_pool is not None:
-            global_pool = _args.choice(global_pool, "global_pool", GLOBAL_POOLS)
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool = _pool(
+            _args.choice(global_pool, "global_pool", GLOBAL_POOLS), num_classes
+        )
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Z = SCI(backbone(x)): (B, 3, H, W) -> (B, C, h, w)."""
         return self.sci(self.backbone(x))
 
+    def _last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sci(x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> pooled (B, C) if pre_logits else logits (B, K)."""
+        """(B, C, h, w) -> pooled (B, C) if pre_logits else logits (B, K); with
+        ``global_pool=""`` (and no classifier) the map itself."""
         x = self.head_drop(self.global_pool(x))
         return x if pre_logits else self.fc(x)
 
     # training
 
-    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of CIN eq. 7–9 on a paired batch; see the class docstring."""
+    def forward_train(
+        self, x: torch.Tensor, target: torch.Tensor, criterion: Criterion | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of CIN eq. 7–9 on a paired batch; see the class docstring. ``criterion``
+        replaces the cross-entropy of L_soft (and of ``cci_cls_loss``)."""
         if self.num_classes == 0:
             raise ValueError(
                 "CIN(num_classes=0) has no classifier (a feature extractor), so it cannot train "
                 "on a target: build it with num_classes >= 1 or call reset_classifier(K)"
             )
         n = check_paired_batch(x, target)
+        cross_entropy = self._cross_entropy(criterion)
         feats = self.backbone(x)
         z, y = self.sci(feats, return_interaction=True)
         logits = self.forward_head(z)
-        loss_cls = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss_cls = cross_entropy(logits, target)
 
         x_a, x_b = feats.chunk(2)
         y_a, y_b = y.chunk(2)
@@ -165,9 +185,7 @@ class CIN(TimmModelMixin, nn.Module):
         out = dict(logits=logits, loss_cls=loss_cls)
         if self.cci_cls_loss:
             out["logits_cci"] = self.forward_head(z_cci)
-            out["loss_cls_cci"] = F.cross_entropy(
-                out["logits_cci"], target, label_smoothing=self.label_smoothing
-            )
+            out["loss_cls_cci"] = cross_entropy(out["logits_cci"], target)
             loss_cls = loss_cls + out["loss_cls_cci"]
         out.update(
             loss=loss_cls + self.alpha * loss_cont,
@@ -177,6 +195,18 @@ class CIN(TimmModelMixin, nn.Module):
             pair_labels=pair_labels,
         )
         return out
+
+
+def _pool(global_pool: str, num_classes: int) -> SelectAdaptivePool2d:
+    """timm's pooling before the classifier; "" (no pooling) only without a classifier."""
+    if not global_pool and num_classes > 0:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the "
+            f"classifier takes a pooled vector; pass global_pool='avg' or num_classes=0"
+        )
+    if not global_pool:
+        warn_unpooled("CIN")
+    return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
 
 
 # timm registration, as timm's own model files do: ``import fgattn`` makes

@@ -16,6 +16,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from ._common import features_only, pop_feature_args
 from .cin import CIN
 from .pcanet import PCANet
 
@@ -44,7 +45,8 @@ def create_model(
             ``pretrained_cfg_overlay=dict(file=path)``; a download that cannot happen fails
             within seconds with that fix in the message.
         **kwargs: model options (see `CIN`, `PCANet`) and timm backbone arguments (img_size,
-            drop_path_rate, pretrained_cfg_overlay, ...).
+            drop_path_rate, pretrained_cfg_overlay, ...); ``features_only=True`` (with
+            ``out_indices``) returns timm's feature extractor over the model's stages.
 
     Returns:
         The model, with a timm ``pretrained_cfg`` (448 px, crop_pct 448/512, the backbone's
@@ -52,7 +54,9 @@ def create_model(
     """
     if arch in ARCHS:
         backbone = "resnet50" if backbone is None else backbone
-        return ARCHS[arch](backbone, num_classes=num_classes, pretrained=pretrained, **kwargs)
+        feature_args = pop_feature_args(kwargs)
+        model = ARCHS[arch](backbone, num_classes=num_classes, pretrained=pretrained, **kwargs)
+        return model if feature_args is None else features_only(model, feature_args)
     if arch in timm.list_models(("cin_*", "pcanet_*")):
         if backbone is not None:
             kwargs["backbone"] = backbone

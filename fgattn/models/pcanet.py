@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
@@ -15,20 +14,49 @@ from .. import _args
 from ..backbone import resolve_backbone
 from ..layers import AttentionErase, BilinearAttentionPooling, BilinearPooling, CoAttention
 from ..layers.attention_erase import MODES, NORMALIZATIONS, check_threshold
+from ..layers.pooling import ORDERS
 from ..losses import CenterLoss
+from ..losses.center_loss import FORMULAS
 from ._common import (
+    Criterion,
     TimmModelMixin,
     check_paired_batch,
     create_registered,
     fgvc_pretrained_cfg,
     registered_cfg,
+    warn_unpooled,
 )
+from ._weights import accept_backbone_state_dicts
 
-__all__ = ["BilinearHead", "PCANet"]
+__all__ = ["OFFICIAL", "BilinearHead", "PCANet"]
 
 POOLINGS = ("bilinear", "attention")
 BRANCH_REDUCTIONS = ("sum", "mean")
 PAIR_POLICIES = ("warn", "error", "ignore")
+GLOBAL_POOLS = ("bilinear", "")
+ERASE_SOURCES = ("co_attended", "raw")
+
+# The official code's choice wherever the paper is silent or it differs from the paper:
+# PCANet(**OFFICIAL) or fgattn.create_model("pcanet", ..., **OFFICIAL). What stays different
+# (backbone cut, co-attention on the attention maps) is in the README's Deviations table.
+OFFICIAL: dict[str, Any] = dict(
+    pooling="attention",
+    num_attention_maps=32,
+    bilinear_dim=512,
+    pooling_order="cm",
+    shared_weights=False,
+    co_attention_residual=True,
+    erase_mode="sampled",
+    erase_threshold=(0.2, 0.5),
+    erase_normalize="upsampled_max",
+    erase_source="raw",
+    coattend_erased=True,
+    branch_reduction="mean",
+    feature_scale=100.0,
+    center_formula="official",
+    center_alpha=0.05,
+    center_loss_weight=1.0,
+)
 
 
 class BilinearHead(nn.Module):
@@ -46,6 +74,8 @@ class BilinearHead(nn.Module):
             code's bilinear attention pooling against ``num_attention_maps`` maps, produced here by
             a 1×1 conv + BN + ReLU on the backbone map, WS-DAN style).
         num_attention_maps: M for "attention" pooling (official: 32).
+        order: flatten order of "attention" pooling, "mc" or "cm" (official), see
+            `BilinearAttentionPooling`.
 
     Shapes:
         (B, C, h, w) -> (B, out_features), out_features = dim² ("bilinear") or M · dim
@@ -58,6 +88,7 @@ class BilinearHead(nn.Module):
         dim: int | None = 256,
         pooling: str = "bilinear",
         num_attention_maps: int = 32,
+        order: str = "mc",
     ) -> None:
         super().__init__()
         self.pooling = _args.choice(pooling, "pooling", POOLINGS)
@@ -72,7 +103,7 @@ class BilinearHead(nn.Module):
             self.out_features = dim * dim
         else:
             self.attention = ConvNormAct(in_channels, num_attention_maps, 1)
-            self.pool = BilinearAttentionPooling()
+            self.pool = BilinearAttentionPooling(order=order)
             self.out_features = num_attention_maps * dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +143,8 @@ class PCANet(TimmModelMixin, nn.Module):
             The paper gives no value; default 0.5 of the min-max normalised map.
         erase_mode: attention map of eq. 3 — "max" (eq. 3), "top_channel" (§3.2 text) or
             "sampled" (official code), see `AttentionErase`.
-        erase_normalize: "minmax" (default) or "max" (official: θ × max).
+        erase_normalize: "minmax" (default), "max" (θ × max of the h×w map) or "upsampled_max"
+            (the official code: θ × max of the map upsampled to the image), see `AttentionErase`.
         coattend_erased: also co-attend the erased pairs' features and classify them (the official
             code's sixth cross-entropy); off in the paper.
         center_loss_weight: λ (paper: unspecified; official: 1), in [0, 1e4].
@@ -126,6 +158,15 @@ class PCANet(TimmModelMixin, nn.Module):
         mismatched_pairs: what a training batch whose pair i (image i and image i + N) has two
             different labels does: "warn" (once per model, default), "error" (ValueError) or
             "ignore". The co-attention of eq. 1–2 assumes same-class partners.
+        global_pool: "bilinear" (the pooling above) or "" with ``num_classes=0``: forward and
+            forward_head return the unpooled backbone map, as timm models do.
+        erase_source: the maps eq. 3 erases from: "co_attended" (F_W, the paper) or "raw" (the
+            official code: the maps before co-attention, i.e. the attention maps of "attention"
+            pooling, or F_O with "bilinear" pooling).
+        pooling_order: flatten order of "attention" pooling: "mc" or "cm" (the official code's,
+            whose classifier weights then load as they are).
+        center_formula: "wen" (Wen et al., the paper's reference) or "official" (the official
+            code's centre loss and update), see `CenterLoss`.
         **backbone_kwargs: forwarded to timm for a named backbone.
 
     Shapes:
@@ -135,6 +176,11 @@ class PCANet(TimmModelMixin, nn.Module):
         reduced branch cross-entropies), "loss_cls_o", "loss_cls_w", "loss_cls_e", "loss_center",
         "erase_mask" (2N, 1, H, W).
     """
+
+    paired_parts = (
+        "co-attention, attention erase, their branch losses and the center loss (PCA-Net eq. 1–6)"
+    )
+    paired_sampler = "PairBatchSampler"
 
     def __init__(
         self,
@@ -158,6 +204,10 @@ class PCANet(TimmModelMixin, nn.Module):
         label_smoothing: float = 0.0,
         drop_rate: float = 0.0,
         mismatched_pairs: str = "warn",
+        global_pool: str = "bilinear",
+        erase_source: str = "co_attended",
+        pooling_order: str = "mc",
+        center_formula: str = "wen",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -193,6 +243,9 @@ class PCANet(TimmModelMixin, nn.Module):
         )
         self.label_smoothing = _args.real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
         self.drop_rate = _args.real(drop_rate, "drop_rate", low=0.0, high=1.0)
+        self.erase_source = _args.choice(erase_source, "erase_source", ERASE_SOURCES)
+        _args.choice(pooling_order, "pooling_order", ORDERS)
+        _args.choice(center_formula, "center_formula", FORMULAS)
         self.backbone = resolve_backbone(backbone, pretrained=pretrained, **backbone_kwargs)
         channels = self.backbone.out_channels
 
@@ -204,25 +257,45 @@ class PCANet(TimmModelMixin, nn.Module):
         self.erase = AttentionErase(
             threshold=erase_threshold, mode=erase_mode, normalize=erase_normalize
         )
-        self.head = BilinearHead(channels, bilinear_dim, pooling, num_attention_maps)
+        self.head = BilinearHead(
+            channels, bilinear_dim, pooling, num_attention_maps, order=pooling_order
+        )
         self.num_features = self.head_hidden_size = self.head.out_features
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=center_alpha)
+        self.center_loss = CenterLoss(
+            max(num_classes, 1), self.num_features, alpha=center_alpha, formula=center_formula
+        )
+        self.global_pool = _pool(global_pool, self.num_classes)
         self.pretrained_cfg = self.default_cfg = fgvc_pretrained_cfg(
             self.backbone, backbone_kwargs.get("img_size")
         )
+        self._init_feature_info()
+        accept_backbone_state_dicts(self)
 
     # timm model interface
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New classifier (and class centres) for num_classes; pooling is fixed (bilinear)."""
-        if global_pool not in (None, "", "bilinear"):
-            raise ValueError(f"PCANet pools bilinearly, global_pool={global_pool!r} is unsupported")
-        self.num_classes = num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        """New classifier (and class centres) for num_classes; ``global_pool`` "bilinear", or ""
+        with ``num_classes=0`` for the unpooled map (None keeps the current one)."""
+        num_classes = _args.integer(num_classes, "num_classes", minimum=0)
+        if global_pool == "" and num_classes > 0:
+            warnings.warn(
+                "PCANet.reset_classifier(num_classes > 0, global_pool='') keeps bilinear pooling, "
+                "as fgattn 0.1.0 did; '' will mean no pooling as in timm, which needs "
+                "num_classes=0: pass 'bilinear' (or None)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            global_pool = "bilinear"
+        global_pool = self.global_pool if global_pool is None else global_pool
+        self.global_pool = _pool(global_pool, num_classes)
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         old = self.center_loss
-        self.center_loss = CenterLoss(max(num_classes, 1), self.num_features, alpha=old.alpha)
+        self.center_loss = CenterLoss(
+            max(num_classes, 1), self.num_features, alpha=old.alpha, formula=old.formula
+        )
         self.center_loss.to(old.centers.device)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +306,10 @@ class PCANet(TimmModelMixin, nn.Module):
         return self.fc(self.head_drop(pooled * self.feature_scale))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> pooled (B, num_features) if pre_logits else logits (B, K)."""
+        """(B, C, h, w) -> pooled (B, num_features) if pre_logits else logits (B, K); with
+        ``global_pool=""`` (and no classifier) the map itself."""
+        if not self.global_pool:
+            return x
         pooled = self.head(x)
         return pooled * self.feature_scale if pre_logits else self._logits(pooled)
 
@@ -262,17 +338,26 @@ class PCANet(TimmModelMixin, nn.Module):
                 stacklevel=3,
             )
 
-    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring."""
+    def _raw(self, f_o: torch.Tensor) -> torch.Tensor:
+        """The maps before co-attention that the official code erases from: the attention maps
+        of "attention" pooling, else F_O itself."""
+        return f_o if self.head.attention is None else self.head.attention(f_o)
+
+    def forward_train(
+        self, x: torch.Tensor, target: torch.Tensor, criterion: Criterion | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Losses of PCA-Net eq. 6 on a same-class paired batch; see the class docstring.
+        ``criterion`` replaces the cross-entropy of every branch."""
         if self.num_classes == 0:
             raise ValueError(
                 "PCANet(num_classes=0) has no classifier (a feature extractor), so it cannot "
                 "train on a target: build it with num_classes >= 1 or call reset_classifier(K)"
             )
         self._check_pair_labels(target, check_paired_batch(x, target))
+        cross_entropy = self._cross_entropy(criterion)
         f_o = self.backbone(x)
         f_w = self.co_attention(f_o)  # (2N, C, h, w): [F_W1; F_W2], eq. 1–2
-        erased, mask = self.erase(x, f_w)
+        erased, mask = self.erase(x, f_w if self.erase_source == "co_attended" else self._raw(f_o))
         f_e = self.backbone(erased)
         branches = {"o": f_o, "w": f_w, "e": f_e}
         if self.coattend_erased:
@@ -284,7 +369,7 @@ class PCANet(TimmModelMixin, nn.Module):
         for (name, _), p in zip(branches.items(), pooled, strict=True):
             logits = self._logits(p)
             out["logits" if name == "o" else f"logits_{name}"] = logits
-            ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            ce = cross_entropy(logits, target)
             out[f"loss_cls_{name}"] = ce
             losses.append(ce)
         loss_cls = torch.stack(losses).sum()
@@ -298,6 +383,19 @@ class PCANet(TimmModelMixin, nn.Module):
             erase_mask=mask,
         )
         return out
+
+
+def _pool(global_pool: str, num_classes: int) -> str:
+    """PCANet's ``global_pool``: "bilinear", or "" (no pooling) without a classifier."""
+    global_pool = _args.choice(global_pool, "global_pool", GLOBAL_POOLS)
+    if not global_pool and num_classes > 0:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the "
+            f"classifier takes the bilinear vector; pass global_pool='bilinear' or num_classes=0"
+        )
+    if not global_pool:
+        warn_unpooled("PCANet")
+    return global_pool
 
 
 # timm registration, as timm's own model files do: ``import fgattn`` makes
