@@ -134,6 +134,9 @@ class _BackendsModule(types.ModuleType):
     benchmark = property(lambda self: get_benchmark(), lambda self, flag: set_benchmark(flag))
 
 
-# The environment's setting, checked once at import.
-_config.set_backend(check_backend(_config.backend(), f"${ENV_BACKEND}"))
+# The environment's setting, taken under its current name (a name of fgattn 0.1 warns). A name that
+# is none is kept as it is, so that `import fgattn` never fails on it: the first op reports it
+# (`fgattn.ops.dispatch`), and the console scripts before they start.
+with contextlib.suppress(TypeError, ValueError):
+    _config.set_backend(check_backend(_config.backend(), f"${ENV_BACKEND}"))
 sys.modules[__name__].__class__ = _BackendsModule

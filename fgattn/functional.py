@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._shapes import check_float, check_same, like_layout, to_bcl
+from ._shapes import check_float, check_same, check_same_device, like_layout, to_bcl
 from .backends import check_backend
 from .ops import dispatch
 from .ops import reference as _reference
@@ -69,6 +69,8 @@ def channel_attention(
     q3, k3, v3 = to_bcl(q, "q"), to_bcl(k, "k"), to_bcl(v, "v")
     check_same(q3, "q", k3, "k", (0, 1, 2), "batch, channels and length")
     check_same(q3, "q", v3, "v", (0, 1), "batch and channels")
+    check_same_device(q3, "q", k3, "k")
+    check_same_device(q3, "q", v3, "v")
     out = dispatch.run("cross", [q3, k3, v3], scale, backend)
     return like_layout(out, v)
 
@@ -90,6 +92,7 @@ def channel_attention_weights(
     k = q if k is None else k
     q3, k3 = to_bcl(q, "q"), to_bcl(k, "k")
     check_same(q3, "q", k3, "k", (0, 1, 2), "batch, channels and length")
+    check_same_device(q3, "q", k3, "k")
     return _reference.channel_attention_weights(q3, k3, scale)
 
 
@@ -121,6 +124,8 @@ def contrastive_channel_attention(
     a3, b3 = to_bcl(x_a, "x_a"), to_bcl(x_b, "x_b")
     check_same(a3, "x_a", b3, "x_b", (0, 1, 2), "batch, channels and length")
     check_float(eta, "eta")
+    check_same_device(a3, "x_a", b3, "x_b")
+    check_same_device(a3, "x_a", eta, "eta")
     if eta.shape not in ((a3.shape[0],), (a3.shape[0], 1)):
         raise ValueError(
             f"eta must have shape ({a3.shape[0]},) or ({a3.shape[0]}, 1) for a batch of "

@@ -4,6 +4,7 @@ run folders of failed starts, pretrained weights offline, PCA-Net's pair check."
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import subprocess
@@ -241,6 +242,21 @@ def test_a_bad_backend_variable_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("FGATTN_BACKEND", "cuda")
     line = _user_error(capsys, cli_train.main, ["--help"])
     assert "$FGATTN_BACKEND must be one of" in line and "got 'cuda'" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("FGATTN_BACKEND", "cuda"), ("FGATTN_BENCHMARK", "x")]
+)
+def test_a_bad_variable_is_one_line_from_a_fresh_process(variable, value):
+    # the variable is read when fgattn is imported, before any CLI code runs
+    env = dict(os.environ, **{variable: value})
+    proc = subprocess.run(
+        [sys.executable, "-m", "fgattn.train", "--help"],
+        env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert ": error: " in line and f"${variable}" in line, line
 
 
 def test_failed_first_epoch_removes_the_folder_and_keeps_the_traceback(tmp_path, monkeypatch):

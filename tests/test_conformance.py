@@ -248,3 +248,20 @@ def test_only_the_reference_runs_empty_inputs(op):
         if impl != "reference":
             assert not registry.IMPLEMENTATIONS[impl].supports(call(impl, op, torch.float32, 5, 0))
     assert run(op, None, *empty).shape == empty[-1 if op == "cross" else 0].shape
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(("impl", "op", "dtype"), _cases(lengths=False))
+def test_double_backward_is_the_reference_or_a_clear_error(impl, op, dtype):
+    # Only the reference has a second derivative: the others say so, in fgattn's words, when the
+    # gradient is built to be differentiated (create_graph=True).
+    leaves = [leaf(t) for t in inputs(op, 2, 16, WIDE.get(impl, 9), dtype)]
+    out = run(op, impl, *leaves)
+    if impl == "reference":
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        sum(g.sum() for g in grads).backward()
+        assert all(t.grad is not None for t in leaves)
+        return
+    with pytest.raises(RuntimeError, match=r"fgattn: .*no second derivative.*'reference'"):
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        sum(g.sum() for g in grads).backward()

@@ -246,11 +246,15 @@ def test_environment_variable_never_breaks_cpu_tensors():
 
 
 def test_bad_environment_variable_names_itself():
-    proc = _python("import fgattn", FGATTN_BACKEND="bogus")
+    # import fgattn never fails on it; the first op says what is wrong, naming the variable
+    code = "import torch, fgattn; fgattn.functional.channel_attention(torch.randn(2, 4, 5))"
+    proc = _python(code, FGATTN_BACKEND="bogus")
     assert proc.returncode != 0
     assert "$FGATTN_BACKEND must be one of" in proc.stderr and "'bogus'" in proc.stderr
     proc = _python("import fgattn; print(fgattn.backends.benchmark)", FGATTN_BENCHMARK="1")
     assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+    proc = _python("import fgattn; print(fgattn.backends.benchmark)", FGATTN_BENCHMARK="maybe")
+    assert proc.returncode != 0 and "$FGATTN_BENCHMARK must be 1 or 0" in proc.stderr
 
 
 @pytest.fixture

@@ -203,6 +203,22 @@ def test_non_contiguous_and_channels_last():
             lambda: channel_attention(torch.randn(2, 4, 5), backend="fast"),
             r"backend must be one of",
         ),
+        (  # before: uninitialised memory came back
+            lambda: channel_attention(torch.randn(2, 4, 5), torch.randn(2, 4, 5, device="meta")),
+            r"k must be on the device of q \(cpu\), got device meta",
+        ),
+        (
+            lambda: channel_attention(
+                torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5, device="meta")
+            ),
+            r"v must be on the device of q",
+        ),
+        (
+            lambda: contrastive_channel_attention(
+                torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.ones(2, device="meta")
+            ),
+            r"eta must be on the device of x_a",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, match):

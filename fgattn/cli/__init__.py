@@ -61,8 +61,10 @@ class UserErrors:
 
 
 def check_environment() -> None:
-    """The environment variables fgattn reads: ``$FGATTN_BACKEND`` must name a backend (a
-    ValueError naming it, turned into one line by `UserErrors`)."""
+    """The environment variables fgattn reads: ``$FGATTN_BACKEND`` must name a backend and
+    ``$FGATTN_BENCHMARK`` be 1 or 0 (a ValueError naming it, turned into one line by
+    `UserErrors`)."""
     backends.check_backend(
         os.environ.get(backends.ENV_BACKEND) or "auto", f"${backends.ENV_BACKEND}"
     )
+    backends.get_benchmark()

@@ -28,7 +28,7 @@ import torch
 from .. import _config
 from . import benchmark
 from .call import Call, describe
-from .registry import FAMILIES, IMPLEMENTATIONS, Implementation
+from .registry import FAMILIES, IMPLEMENTATIONS, NAMES, Implementation
 from .rules import LAST_RESORT, rule_for
 
 
@@ -51,6 +51,8 @@ def choose(call: Call, backend: str | None = None) -> Implementation:
 
 def _choose(call: Call, backend: str | None) -> Implementation:
     setting = _config.backend()
+    if setting not in NAMES:  # from the environment (fgattn.backends.set_backend checks names)
+        raise ValueError(f"${_config.ENV_BACKEND} must be one of {NAMES}, got {setting!r}")
     if backend is None and setting != "auto":
         impl = _named(call, setting, strict=False)
         if impl is not None:

@@ -97,7 +97,30 @@ def _attend(q, k, v, scale: float, kernel: str) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
             _heads(q), _heads(k), _heads(v), scale=abs(float(scale))
         )
+    if out.requires_grad and not torch.compiler.is_compiling():
+        out = _FirstOrderOnly.apply(out, f"sdpa_{kernel}")
     return _heads(out)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward says, in fgattn's words, that SDPA's backward has no derivative
+    (torch itself would fail later, deep inside: "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of the gradient will follow
+            raise RuntimeError(
+                f"fgattn: the {ctx.name!r} implementation has no second derivative (SDPA's "
+                "backward is not differentiable); for a double backward run the ops with "
+                "fgattn.backends.use_backend('reference')"
+            )
+        return grad, None
 
 
 def _keep_nan(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -110,9 +133,8 @@ def _keep_nan(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def self_attention(x: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
     """softmax(scale · x xᵀ) x: x (B, C, L) -> (B, C, L)."""
     length = x.shape[-1]
-    xp = _padded(x, _width(length, x.device))  # (B, C, width)
+    xp = _padded(x, _width(length, x.device)).unsqueeze(2)  # (B, C, 1, width)
     q = -xp if scale < 0 else xp  # the sign, exactly; |scale| is applied by SDPA in fp32
-    xp, q = xp.unsqueeze(2), q.unsqueeze(2)  # (B, C, 1, width): negated before, see below
     return _keep_nan(_attend(q, xp, xp, scale, kernel)[:, :, 0, :length], x)
 
 

@@ -150,7 +150,23 @@ def custom_op_pair(
         return *(g if need else None for g, need in zip(out, needs, strict=True)), None, None
 
     fwd.register_autograd(grad, setup_context=setup)
+    bwd.register_autograd(_no_second_derivative(name), setup_context=_no_context)
     return fwd, bwd
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_second_derivative(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fgattn: fgattn::{name} has no second derivative (its backward kernels are not "
+            "differentiable); for a double backward run the ops with "
+            "fgattn.backends.use_backend('reference')"
+        )
+
+    return backward
 
 
 def _check_fake_inputs(names: tuple[str, ...], xs) -> None:
