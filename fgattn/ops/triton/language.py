@@ -70,8 +70,17 @@ def dot_rows(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = load_tile(a_ptr, offs_m, offs_k, C, K, stride_ac, stride_ak)
-        bt = load_tile_t(b_ptr, offs_n, offs_k, C, K, stride_bc, stride_bk)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_ac + offs_k[None, :] * stride_ak,
+            mask=(offs_m[:, None] < C) & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        # Loaded transposed (K x N) so tl.dot needs no register transpose.
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * stride_bc + offs_k[:, None] * stride_bk,
+            mask=(offs_n[None, :] < C) & (offs_k[:, None] < K),
+            other=0.0,
+        )
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
     return acc
 
