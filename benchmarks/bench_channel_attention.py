@@ -1,13 +1,13 @@
 """Time every channel-attention implementation fgattn's dispatcher can pick, and what `auto` picks.
 
 For each op and size (B, C, L, dtype), one run times on the same inputs:
-  - every candidate: each implementation `fgattn.ops.dispatch.candidates` says can run the call
-    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton, triton_fa (L <= 256),
-    triton_gram (L > 256)), called through `fgattn.functional` with backend=NAME;
+  - every candidate: each implementation `fgattn.ops.benchmark.candidates` says can run the call
+    here (of reference, sdpa_cudnn, sdpa_flash, sdpa_efficient, triton_tiled, triton_flash
+    (L <= 256), triton_gram (L > 256)), called through `fgattn.functional` with backend=NAME;
   - auto: backend=None, the dispatcher's own choice, with the implementation it picked (the
     forward, under no_grad, and the forward+backward are different calls and may pick differently);
   - extras that a user could call instead but the dispatcher never picks (not candidates):
-      compiled_reference     torch.compile(fgattn.ops.reference.channel_attention); self and cross
+      compiled_reference     torch.compile(fgattn.ops.reference.cross_attention); self and cross
       flex                   compiled FlexAttention, score_mod = -score, on (B, 1, C, L); CUDA,
                              self and cross with Lv == L (so not PCA-Net's cross, whose Lv is 2L)
       sdpa_unpadded_default  F.scaled_dot_product_attention(-q, k, v, scale=1.0) on (B, 1, C, L),
@@ -55,7 +55,9 @@ from timing import cuda_peak_extra_mb, time_ms
 
 from fgattn import backends
 from fgattn.functional import channel_attention, contrastive_channel_attention
-from fgattn.ops import dispatch, reference
+from fgattn.ops import benchmark, dispatch, reference
+from fgattn.ops.call import describe
+from fgattn.ops.registry import IMPLEMENTATIONS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = ("self", "cross", "contrastive")
@@ -127,7 +129,7 @@ def _heads(xs) -> list[torch.Tensor]:
 
 
 def compiled_reference() -> Callable[..., torch.Tensor]:
-    compiled = torch.compile(reference.channel_attention, dynamic=False)
+    compiled = torch.compile(reference.cross_attention, dynamic=False)
     return lambda *xs: compiled(*(xs * 3 if len(xs) == 1 else xs), -1.0)
 
 
@@ -232,10 +234,10 @@ def measure(build: Callable[[], Callable], xs: list[torch.Tensor], args) -> dict
 def dispatcher_view(op: str, xs) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Per metric, the dispatcher's candidates and auto's choice for these inputs."""
     with torch.no_grad():
-        call = dispatch.describe(op, *xs)
-        cands, picks = {"fwd": dispatch.candidates(call)}, {"fwd": dispatch.choose(call).name}
-    call = dispatch.describe(op, *xs)  # xs need grad: a backward follows
-    cands["fwd_bwd"], picks["fwd_bwd"] = dispatch.candidates(call), dispatch.choose(call).name
+        call = describe(op, *xs)
+        cands, picks = {"fwd": benchmark.candidates(call)}, {"fwd": dispatch.choose(call).name}
+    call = describe(op, *xs)  # xs need grad: a backward follows
+    cands["fwd_bwd"], picks["fwd_bwd"] = benchmark.candidates(call), dispatch.choose(call).name
     return cands, picks
 
 
@@ -247,7 +249,7 @@ def bench_size(op: str, dname: str, b: int, c: int, length: int, args) -> tuple[
     lv = length if op == "contrastive" else xs[-1].shape[2]
     key = {"op": op, "dtype": dname, "B": b, "C": c, "L": length, "Lv": lv}
     cands, picks = dispatcher_view(op, xs)
-    names = [n for n in dispatch.IMPLEMENTATIONS if n in cands["fwd"] + cands["fwd_bwd"]]
+    names = [n for n in IMPLEMENTATIONS if n in cands["fwd"] + cands["fwd_bwd"]]
     builders, skipped = extras_for(op, xs, args.device, args.extras)
     rows = []
     for name in names:
@@ -330,7 +332,7 @@ def row_line(row: dict) -> str:
 
 
 def verdict_text(v: dict) -> str:
-    """'fwd 1.02x, f+b 1.35x (auto triton, fastest reference)': auto over the fastest candidate."""
+    """'fwd 1.02x, f+b 1.35x (auto sdpa_flash, fastest reference)': auto over the fastest."""
     parts = []
     for m, short in METRICS.items():
         if v[f"fastest_{m}"] is None:
@@ -376,7 +378,7 @@ def sdpa_sign_check() -> list[dict]:
 
     out = []
     x = torch.randn(2, 512, 196, device="cuda").relu().to(torch.bfloat16)
-    ref = reference.channel_attention(x, x, x, -1.0).float()
+    ref = reference.self_attention(x, -1.0).float()
     x4 = x.unsqueeze(1)
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         kernel = getattr(SDPBackend, name, None)

@@ -71,52 +71,88 @@ def test_bench_models_help():
     assert "--backend" in proc.stdout
 
 
-def _bench_json(path, device, rows, tf32=False):
-    path.write_text(json.dumps({"meta": {"device": device, "tf32": tf32}, "rows": rows}))
-    return str(path)
+def test_gpu_verify_dry_run(tmp_path):
+    # The GPU verification's whole flow on CPU (bash benchmarks/gpu_verify.sh --cpu), as on a GPU:
+    # every step ends, the JSON and verify.md name every cell and every candidate.
+    out = tmp_path / "verify"
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_verify.sh"), "--cpu", str(out)],
+        cwd=BENCHMARKS.parent, env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert [line.split(":")[1].strip() for line in steps] == [
+        "precompile", "tma", "cells", "verdicts"
+    ]  # fmt: skip
+    assert all(": exit 0 in" in line for line in steps), steps
+    assert json.loads((out / "tma.json").read_text())["ok"]
+    cells = json.loads((out / "cells.json").read_text())
+    assert cells["complete"] and len(cells["cells"]) == 8
+    verify = (out / "verify.md").read_text()
+    for cell in cells["cells"]:
+        assert f"### {cell['name']} " in verify
+        ran = [r["impl"] for r in cell["rows"]]
+        assert ran[-1] == "auto" and set(ran[:-1]) == set(cell["candidates_fwd_bwd"])
+        for row in cell["rows"]:
+            assert row["error"] is None and row["correct"], (cell["name"], row)
+            assert f"| {row['impl']} |" in verify or row["impl"] == "auto"
+    assert "triton_gram" in {r["impl"] for c in cells["cells"] for r in c["rows"]}
+    assert "## Targets" in verify and "kernels compiled" in verify
 
 
-def _row(impl, op="self", dtype="bf16", length=196, fwd=1.0, fwd_bwd=2.0, peak=10.0, error=None):
-    return {"op": op, "dtype": dtype, "B": 32, "C": 2048, "L": length, "impl": impl,
-            "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_mb": peak, "error": error}  # fmt: skip
-
-
-def test_kernel_targets_verdicts(tmp_path):
+def _verify_script():
     from _scripts import load_script
 
-    targets = load_script("benchmarks/kernel_targets.py")
-    rows = [
-        # L=196 bf16: triton_fa beats cuDNN forward at 0.2 ms, misses the backward ratio
-        _row("sdpa_cudnn", fwd=0.25, fwd_bwd=1.6, peak=200.0),
-        _row("triton_fa", fwd=0.20, fwd_bwd=1.5, peak=40.0),
-        _row("triton", fwd=1.5, fwd_bwd=7.0, peak=50.0),
-        _row("reference", fwd=3.4, fwd_bwd=10.0, peak=2000.0),
-        # fp32: the kernel errors; eager alone is timed
-        _row("triton_fa", dtype="fp32", error="error: DoesNotFit"),
-        _row("reference", dtype="fp32", fwd=3.3, fwd_bwd=10.0, peak=2100.0),
-        # contrastive: 6.5x eager but over the H100 budget of 3.0 ms
-        _row("triton", op="contrastive", fwd=2.0, fwd_bwd=3.2, peak=1000.0),
-        _row("reference", op="contrastive", fwd=7.0, fwd_bwd=21.0, peak=3000.0),
-    ]
-    tf32 = [_row("triton_fa", dtype="fp32", fwd_bwd=9.0), _row("reference", dtype="fp32")]
-    files = [_bench_json(tmp_path / "a.json", "NVIDIA H100 80GB HBM3", rows)]
-    files.append(_bench_json(tmp_path / "b.json", "NVIDIA H100 80GB HBM3", tf32, tf32=True))
-    rows_read, h100 = targets.load_rows(files)
-    assert h100 and len(rows_read) == len(rows) + len(tf32)
-    verdicts = {r["target"]: r["verdict"] for r in map(
-        lambda t: targets.check_target(t, rows_read, h100), targets.TARGETS)}  # fmt: skip
-    assert verdicts["self L=196 forward (cuDNN parity)"] == "met"
-    assert verdicts["self L=196 fwd+bwd (>= 1.4x cuDNN)"] == "missed"  # 1.5 > 1.6 / 1.4
-    assert verdicts["self L=784 forward (>= 3.8x mem-efficient)"] == "not measured"
-    assert verdicts["contrastive L=196 fwd+bwd (>= 6x eager)"] == "missed"  # 3.2 ms > 3.0
-    assert verdicts["fp32 exact self L=196 fwd+bwd (<= eager)"] == "not measured"
-    assert verdicts["fp32 TF32 self L=196 fwd+bwd (<= eager, TF32)"] == "missed"  # 9.0 > 2.0
-    # memory: 40 / 2000 at self bf16 met; contrastive 1000 / 3000 missed
-    memory = {m["size"][0]: m["verdict"] for m in targets.check_memory(rows)}
-    assert memory == {"self": "met", "contrastive": "missed"}
-    # off the H100 the ms budgets are not checked: the contrastive 6.6x is met
-    files[0] = _bench_json(tmp_path / "c.json", "NVIDIA A100-SXM4-80GB", rows)
-    assert (
-        "| contrastive L=196 fwd+bwd (>= 6x eager) | triton | 3.200 | 21.000 | 0.152 | met |"
-        in (targets.report(files[:1]))
+    sys.path.insert(0, str(BENCHMARKS))  # gpu_verify imports its neighbours
+    try:
+        return load_script("benchmarks/gpu_verify.py")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _cell_entry(op, dtype, length, candidates, auto):
+    """A cells.json entry: `candidates` (impl, fwd ms, f+b ms[, peak MB]) and `auto` (its pick,
+    then its own figures)."""
+
+    def row(impl, fwd, fwd_bwd, peak=None):
+        return {"impl": impl, "error": None, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                "peak_mb": peak, "first_call_s": 1.0, "correct": True,
+                "first_errors": [0.0], "cached_errors": [0.0], "configs": {}}  # fmt: skip
+
+    pick, *figures = auto
+    return {"name": f"{op} {dtype} L={length}", "op": op, "dtype": dtype, "batch": 32,
+            "channels": 2048, "length": length, "lv": length, "magnitude": 1.0,
+            "device_dtype": dtype, "auto_fwd": pick, "auto_fwd_bwd": pick,
+            "rows": [row(*c) for c in candidates] + [row("auto", *figures)]}  # fmt: skip
+
+
+def test_gpu_verify_targets():
+    verify = _verify_script()
+    entries = [
+        # L = 196: auto (cuDNN) within 10 % forward, 20 % slower than triton_flash f+b
+        _cell_entry("self", "bf16", 196, [("sdpa_cudnn", 0.24, 1.7), ("triton_flash", 0.3, 1.4)],
+                    ("sdpa_cudnn", 0.25, 1.7)),
+        # L = 784: triton_gram 12x mem-efficient f+b with 1/10 of eager's memory, fwd 3x only
+        _cell_entry("self", "bf16", 784, [("reference", 10.0, 31.5, 2636.0),
+                                          ("sdpa_efficient", 3.84, 37.3, 979.0),
+                                          ("triton_gram", 1.28, 3.1, 263.0)],
+                    ("triton_gram", 1.28, 3.1, 263.0)),
+        _cell_entry("contrastive", "bf16", 196,
+                    [("reference", 6.8, 20.5), ("triton_flash", 1.0, 3.0)],
+                    ("triton_flash", 1.0, 3.0)),
+    ]  # fmt: skip
+    rows = verify.targets(entries, cpu=False)
+    verdict = {line.split(" | ")[0].lstrip("| "): line.rsplit(" | ", 1)[-1].rstrip(" |")
+               for line in rows[2:]}  # fmt: skip
+    assert verdict["self bf16 L=196: auto within 10 % of the fastest (fwd)"] == "met"
+    assert verdict["self bf16 L=196: auto within 10 % of the fastest (fwd_bwd)"] == "missed"
+    assert verdict["self bf16 L=784: fgattn's fastest fwd_bwd >= 10.0x mem-efficient SDPA"] == "met"
+    assert verdict["self bf16 L=784: fgattn's fastest fwd >= 3.8x mem-efficient SDPA"] == "missed"
+    assert verdict["self bf16 L=784: its peak <= 1/5 of eager's"] == "met"
+    assert verdict["contrastive bf16 L=196: fgattn's fastest fwd+bwd >= 6x eager"] == "met"
+    assert verdict["fp32 self L=196: auto fwd+bwd <= 1.3x eager's time, <= 1/5 of its memory"] == (
+        "not measured"
     )
+    beaten = verify.beaten_everywhere(entries)
+    assert beaten["sdpa_efficient"] and beaten["reference"] and not beaten["triton_gram"]
