@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fgattn
-from fgattn.ops import dispatch
+from fgattn.ops import dispatch, sdpa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -148,3 +148,60 @@ def test_strict_export_falls_back_too(monkeypatch):
     assert fgattn_ops(program.graph_module) == []
     assert any(w.filename == __file__ for w in record)
     torch.testing.assert_close(program.module()(x), sci(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# A dynamic batch, and the TorchScript exporter (dynamo=False)
+
+BATCH = torch.export.Dim("batch", min=1, max=64)
+
+
+def _dynamic_cases():
+    """(name, model, example input): the models, and the layers at C = 512, where eager `auto`
+    runs SDPA's CPU kernel (below, the reference)."""
+    torch.manual_seed(0)
+    yield "cin", tiny_model("cin"), torch.randn(2, 3, 64, 64)
+    yield "pcanet", tiny_model("pcanet"), torch.randn(2, 3, 64, 64)
+    yield "sci", fgattn.SCI(512).eval(), torch.randn(2, 512, 7, 7).relu()
+    yield "cam", fgattn.ChannelAttentionModule(gamma_init=0.5).eval(), torch.randn(2, 512, 7, 7)
+    yield "dual_attention_head", layers()["dual_attention_head"], torch.randn(2, 32, 7, 7)
+
+
+@pytest.mark.parametrize("case", list(_dynamic_cases()), ids=lambda c: c[0])
+def test_torch_export_with_a_dynamic_batch(case):
+    # one program for every batch size: before, dispatch's min(B, C, L) == 0 guarded 2 <= B <= L
+    _, model, x = case
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: BATCH},))
+    for batch in (1, 2, 5):
+        other = torch.randn(batch, *x.shape[1:])
+        torch.testing.assert_close(program.module()(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(params=["unpadded", "padded"])
+def sdpa_width(request, monkeypatch):
+    """SDPA's head dim as the CPU gets it (L) or as CUDA does (padded to 8), so that the CUDA
+    path's export is checked on CPU too."""
+    if request.param == "padded":
+        monkeypatch.setattr(sdpa, "_width", lambda length, device: -(-length // 8) * 8)
+    return request.param
+
+
+@pytest.mark.parametrize("case", list(_dynamic_cases())[:3], ids=lambda c: c[0])
+def test_torchscript_onnx_export_runs_in_onnxruntime(case, sdpa_width, tmp_path):
+    # The deprecated exporter (torch.jit tracing) wrote a CIN file onnxruntime could not run
+    # (/sci/Reshape: SDPA's padded head dim); SDPA now gives way to the reference while it traces.
+    import onnxruntime
+
+    name, model, x = case
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (2, 3):
+        other = torch.randn(batch, *x.shape[1:]).relu()
+        (got,) = session.run(None, {"x": other.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(other), **ONNX_TOLERANCE)

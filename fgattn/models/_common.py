@@ -58,7 +58,6 @@ class TimmModelMixin:
         self,
         x: torch.Tensor,
         target: torch.Tensor | None = None,
-        *,
         criterion: Criterion | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Training with a target: dict of logits and losses (`forward_train`); else logits.

@@ -42,10 +42,15 @@ def choose(call: Call, backend: str | None = None) -> Implementation:
     """The implementation that runs `call`: `backend` if given ("auto", or one that must support
     the call); for None the global setting where it supports the call; else benchmark mode or the
     rule table. While torch.export or torch.onnx.export traces the call, an implementation they
-    cannot translate gives way to the reference (see `for_export`)."""
+    cannot translate gives way to the reference (see `for_export`); so does SDPA under the
+    TorchScript ONNX exporter (``dynamo=False``), whose file mis-shapes SDPA's padded head dim
+    (onnxruntime failed in a Reshape)."""
     impl = _choose(call, backend)
-    if not impl.exportable and exporting():
-        return for_export(impl, call)
+    if impl.name != "reference" and exporting():
+        if not impl.exportable:
+            return for_export(impl, call)
+        if torch.jit.is_tracing():
+            return IMPLEMENTATIONS["reference"]
     return impl
 
 
