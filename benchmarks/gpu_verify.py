@@ -327,19 +327,20 @@ def run_cells(out: Path, cpu: bool, iters: int) -> int:
     backends.set_backend("auto")
     backends.set_benchmark(False)
 
-    def write(entry):
+    done: list[dict] = []
+
+    def write(entry):  # the cells done and the one under way
         result["cells"] = [*done, entry]
         write_json(out / "cells.json", result)
 
-    done: list[dict] = []
     for cell in cells(cpu):
         start = time.perf_counter()
         entry = run_cell(cell, cpu, iters, write)
         entry["seconds"] = time.perf_counter() - start
-        done.append(entry)
         write(entry)
+        done.append(entry)
         print(f"cells: {cell.name}: {len(entry['rows'])} rows in {entry['seconds']:.0f} s")
-    result["complete"] = True
+    result["cells"], result["complete"] = done, True
     write_json(out / "cells.json", result)
     return 0
 

@@ -149,7 +149,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # grid: (row blocks of q, column tiles of out (width TV), batch). q and k come zero-padded to
-    # L = K0 + K1 + K2 columns and each column tile of v to V0 + V1 + V2 (`_aligned`): rows start
+    # L = K0 + K1 + K2 columns and each column tile of v to V0 + V1 + V2 (`aligned`): rows start
     # 16-byte aligned, which the pipelined (cp.async / TMA) loads need. IS_SELF: k = v = q, one
     # tile load serves the logits and the product. USE_TMA: k and v tiles are streamed through
     # on-device TMA descriptors of this batch's rows (one per piece), else masked pointer loads.
@@ -228,7 +228,7 @@ def _bwd_delta_self_kernel(
     # grid: (row blocks m, batch); x and do padded as in _bwd_self_kernel. Rows m of x and do
     # resident; x_n streamed. Writes BST (B, 3, C)
     # = [max, log Σ + log r, δ / r] with r_i = Σ_j p_ij and δ_i = Σ_j p_ij dp_ij from the
-    # recomputed p and dp (see triton_channel_attention._bwd_delta_kernel for why not do · o).
+    # recomputed p and dp (see `tiled._bwd_delta_kernel` for why not do · o).
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     X += b * sxb
@@ -303,7 +303,7 @@ def _bwd_self_kernel(
 @triton.jit
 def _tile_pieces(ptr, rows, C, t, stride_r, stride_c,
                  V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr):  # fmt: skip
-    """Column tile t of ptr (each tile zero-padded to V0 + V1 + V2, `_aligned`) as its pieces."""
+    """Column tile t of ptr (each tile zero-padded to V0 + V1 + V2, `aligned`) as its pieces."""
     return load_pieces(ptr + t * (V0 + V1 + V2) * stride_c, rows, C, 0, V0 + V1 + V2,
                        stride_r, stride_c, V0, V1, V2)  # fmt: skip
 
