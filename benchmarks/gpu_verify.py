@@ -392,7 +392,7 @@ def cell_table(entry: dict) -> list[str]:
         f"### {entry['name']} (B={entry['batch']} C={entry['channels']} L={entry['length']} "
         f"Lv={entry['lv']}, {entry['device_dtype']})",
         "",
-        "| impl | first call s | first / cached max err | correct | fwd ms | f+b ms | peak MB "
+        "| impl | first call s | first / cached max err | within tol | fwd ms | f+b ms | peak MB "
         f"| fwd TF/s | f+b TF/s | fwd × fastest | f+b × fastest | f+b × {rival} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -448,7 +448,11 @@ def cell_verdict(entry: dict) -> list[str]:
             lines.append(f"- {name} autotuned {kernel}: {config}")
     wrong = [n for n, r in rows.items() if not r["error"] and not r["correct"]]
     if wrong:
-        lines.append(f"- **WRONG against the fp64 reference: {', '.join(wrong)}**")
+        tol = TOL[getattr(torch, entry["device_dtype"].removeprefix("torch."))]
+        lines.append(
+            f"- **outside {tol:g} of the largest value of the fp64 reference (first or cached "
+            f"call, output or a gradient): {', '.join(wrong)}**"
+        )
     return lines
 
 
