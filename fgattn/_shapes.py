@@ -87,8 +87,10 @@ def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str
 def check_module_input(x: torch.Tensor, name: str, module: torch.nn.Module, dtype=True) -> None:
     """x on the device of ``module``'s floating-point weights and, with ``dtype`` and outside
     ``torch.autocast``, of their dtype (a convolution or linear layer needs both)."""
-    weight = next((t for t in module.parameters() if t.is_floating_point()), None)
-    if weight is None:
+    for weight in module.parameters():  # a loop: torch 2.8's dynamo cannot trace next(..., None)
+        if weight.is_floating_point():
+            break
+    else:
         return
     what = type(module).__name__
     if x.device != weight.device:

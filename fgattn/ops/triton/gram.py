@@ -76,9 +76,11 @@ def refusal(call: Call) -> str | None:
         return reason
     kinds = ("gram", "pv") + (("sym_bwd" if call.op == "self" else "cross_bwd",) * call.grad)
     device = torch.device(call.device)
-    return next(
-        filter(None, (tuning.gram_refusal(kind, call.dtype, device) for kind in kinds)), None
-    )
+    for kind in kinds:
+        reason = tuning.gram_refusal(kind, call.dtype, device)
+        if reason:
+            return reason
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
