@@ -41,12 +41,17 @@ import time
 from pathlib import Path
 
 import torch
-from bench_channel_attention import fgattn_call, forward_flops, make_inputs
+from bench_channel_attention import (
+    FWD_BWD_FLOPS,
+    SLACK,
+    fgattn_call,
+    forward_flops,
+    judge,
+    make_inputs,
+)
 from timing import cuda_peak_extra_mb, time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
-SLACK = 1.10  # auto within 10 % of the fastest candidate
-FWD_BWD_FLOPS = 3.5  # forward+backward FLOPs per forward FLOP (FlashAttention's convention)
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of the largest value
 FAMILIES = ("triton_tiled", "triton_flash", "triton_gram")
 
@@ -254,7 +259,7 @@ def measure(cell: Cell, impl: str | None, xs, g, want, device: str, iters: int) 
     medians, peak memory, the autotuner's configs of `impl` (None: auto)."""
     fn = fgattn_call(cell.op, impl)
     tol = TOL[xs[0].dtype]
-    row = {"impl": impl or "auto", "error": None}
+    row = {"impl": impl or "auto", "error": None, "fwd_ms": None, "fwd_bwd_ms": None}
 
     def fwd_bwd():
         out = fn(*xs)
@@ -354,11 +359,12 @@ def _ok(rows: dict, name: str, metric: str):
     return None if row is None or row["error"] else row.get(f"{metric}_ms")
 
 
-def _fastest(entry: dict, metric: str) -> str | None:
-    rows = {r["impl"]: r for r in entry["rows"] if r["impl"] != "auto"}
-    timed = {n: _ok(rows, n, metric) for n in rows}
-    timed = {n: ms for n, ms in timed.items() if ms is not None}
-    return min(timed, key=timed.get) if timed else None
+def _judged(entry: dict) -> dict:
+    """bench_channel_attention's verdict on a cell: per metric the fastest candidate
+    (``fastest_fwd``) and auto's time over its (``auto_fwd_ratio``)."""
+    cands = {m: entry[f"candidates_{m}"] for m in ("fwd", "fwd_bwd")}
+    picks = {m: entry[f"auto_{m}"] for m in ("fwd", "fwd_bwd")}
+    return judge({}, entry["rows"], cands, picks)
 
 
 def _rival(entry: dict) -> str:
@@ -383,7 +389,8 @@ def _fmt(value, digits=3) -> str:
 
 def cell_table(entry: dict) -> list[str]:
     rows = {r["impl"]: r for r in entry["rows"]}
-    fastest = {m: _fastest(entry, m) for m in ("fwd", "fwd_bwd")}
+    verdict = _judged(entry)
+    fastest = {m: verdict[f"fastest_{m}"] for m in ("fwd", "fwd_bwd")}
     rival = _rival(entry)
     flops = forward_flops(
         entry["op"], entry["batch"], entry["channels"], entry["length"], entry["lv"]
@@ -423,10 +430,9 @@ def cell_table(entry: dict) -> list[str]:
 
 def cell_verdict(entry: dict) -> list[str]:
     rows = {r["impl"]: r for r in entry["rows"]}
-    lines = []
+    verdict, lines = _judged(entry), []
     for metric, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
-        best = _fastest(entry, metric)
-        ratio = _ratio(_ok(rows, "auto", metric), _ok(rows, best, metric))
+        best, ratio = verdict[f"fastest_{metric}"], verdict[f"auto_{metric}_ratio"]
         within = "not judged" if ratio is None else ("yes" if ratio <= SLACK else "**NO**")
         lines.append(
             f"- {label}: fastest {best}; auto ({entry[f'auto_{metric}']}) "
@@ -519,8 +525,7 @@ def targets(entries: list[dict], cpu: bool) -> list[str]:
         if e is None:
             add(f"self bf16 L={short}: auto within 10 % ({metric})", "-", None)
             continue
-        rows = {r["impl"]: r for r in e["rows"]}
-        ratio = _ratio(_ok(rows, "auto", metric), _ok(rows, _fastest(e, metric), metric))
+        ratio = _judged(e)[f"auto_{metric}_ratio"]
         add(
             f"self bf16 L={short}: auto within 10 % of the fastest ({metric})",
             f"{_fmt(ratio, 2)}×",

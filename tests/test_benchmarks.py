@@ -129,6 +129,8 @@ def _cell_entry(op, dtype, length, candidates, auto):
     return {"name": f"{op} {dtype} L={length}", "op": op, "dtype": dtype, "batch": 32,
             "channels": 2048, "length": length, "lv": length, "magnitude": 1.0,
             "device_dtype": dtype, "auto_fwd": pick, "auto_fwd_bwd": pick,
+            "candidates_fwd": [c[0] for c in candidates],
+            "candidates_fwd_bwd": [c[0] for c in candidates],
             "rows": [row(*c) for c in candidates] + [row("auto", *figures)]}  # fmt: skip
 
 

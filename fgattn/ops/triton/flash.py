@@ -108,9 +108,7 @@ def refusal(call: Call) -> str | None:
     """Why these kernels cannot run `call` (None: they can): CUDA (or the interpreter), fp16 or
     bf16 (fp32 under the interpreter only), L ≤ 256, and every kernel the call runs has a config
     that fits the GPU's shared memory: the facts the kernels' prunes check at launch."""
-    if call.dtype == torch.float32 and not interpreting():
-        return tuning.FP32_REFUSED
-    reason = LIMITS.refusal(call)
+    reason = tuning.fp32_refusal(call.dtype) or LIMITS.refusal(call)
     if reason or call.op not in _KINDS:
         return reason
     forward, backward = _KINDS[call.op]

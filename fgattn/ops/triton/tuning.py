@@ -271,13 +271,20 @@ def _suits(kind: str, cfg, arch: int | None) -> bool:
     return kind in ("fwd", "cfwd") or cfg.kwargs["BLOCK_M"] >= 128
 
 
+def fp32_refusal(dtype: torch.dtype) -> str | None:
+    """`FP32_REFUSED` for fp32 off the interpreter (the flash kernels' tests check fp32 numerics
+    under it), else None."""
+    return FP32_REFUSED if dtype == torch.float32 and not interpreting() else None
+
+
 def flash_refusal(kind: str, dtype: torch.dtype, device: torch.device, lk: int, lv: int):
     """Why a `kind` kernel cannot run rows of `lk` (values `lv`) `dtype` elements on `device`,
     or None: fp32 inputs off the interpreter (exact or TF32: every backward config compiled
     spilled registers, exact fp32's tl.dot runs on the FMA units with whole rows of L in
     registers: 2-17 KB; TF32: 0.4-1.2 KB), or no config fitting the GPU's shared memory."""
-    if dtype == torch.float32 and not interpreting():
-        return FP32_REFUSED
+    refusal = fp32_refusal(dtype)
+    if refusal:
+        return refusal
     limit = shared_memory_limit(device)
     smallest = _flash_smallest(kind, lk, lv, dtype.itemsize)
     if limit is not None and smallest > limit:
