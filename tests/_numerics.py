@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from fgattn.functional import channel_attention, contrastive_channel_attention
+
 # The kernels run on the GPU where there is one, else in Triton's CPU interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# How close to the fp64 reference (relative to the largest value) each input dtype must come.
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def randn(*shape, scale=1.0, dtype=torch.float32):
@@ -44,3 +48,27 @@ def assert_as_accurate_as_fp32(fused, ref, inputs):
     floor = max(size.item() for _, _, size in errors)
     for err, err_ref32, size in errors:
         assert err <= 20 * err_ref32 + 1e-5 * floor, (err, err_ref32, size)
+
+
+def run(op, backend, *xs, scale=-1.0):
+    """fgattn.functional's op ("self", "cross" or "contrastive") run by `backend`."""
+    if op == "contrastive":
+        return contrastive_channel_attention(*xs, scale=scale, backend=backend)
+    return channel_attention(*xs, scale=scale, backend=backend)
+
+
+def check_against_fp64(op, impl, xs, scale=-1.0, tol=None):
+    """Output and every input gradient of `impl` against the reference on the same (rounded)
+    inputs in fp64, within `tol` (default: the inputs' dtype's `TOL`)."""
+    tol = tol or TOL[xs[0].dtype]
+    leaves = [leaf(t) for t in xs]
+    out = run(op, impl, *leaves, scale=scale)
+    assert out.dtype == xs[0].dtype and out.shape == xs[-1 if op == "cross" else 0].shape
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
+    grads = torch.autograd.grad(out, leaves, g)
+    leaves64 = [leaf(t.double()) for t in xs]
+    ref = run(op, "reference", *leaves64, scale=scale)
+    close(out, ref, tol)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, g.double()), strict=True):
+        assert got.dtype == want.dtype or got.dtype in TOL
+        close(got, want, tol)

@@ -14,16 +14,22 @@ import math
 
 import pytest
 import torch
-from _numerics import DEVICE, assert_as_accurate_as_fp32, close, leaf
+from _numerics import (
+    DEVICE,
+    TOL,
+    assert_as_accurate_as_fp32,
+    check_against_fp64,
+    close,
+    leaf,
+    run,
+)
 
-from fgattn.functional import channel_attention, contrastive_channel_attention
 from fgattn.ops import benchmark, registry
 from fgattn.ops.call import OPS, Call
 
 CUDA = DEVICE == "cuda"
 CAPABILITY = torch.cuda.get_device_capability() if CUDA else (0, 0)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 TRITON = ("triton_tiled", "triton_flash", "triton_gram")
 # Row lengths L per implementation: SDPA pads L to a multiple of 8, the flash kernels hold rows as
 # power-of-two pieces of 16 (196 = 128 + 64 + 16), the Gram kernels are offered for L > 256.
@@ -79,29 +85,6 @@ def inputs(op, b, c, length, dtype, magnitude=1.0, lv=None):
     return [t.to(dtype).to(DEVICE) for t in xs]
 
 
-def run(op, backend, *xs, scale=-1.0):
-    if op == "contrastive":
-        return contrastive_channel_attention(*xs, scale=scale, backend=backend)
-    return channel_attention(*xs, scale=scale, backend=backend)
-
-
-def check(op, impl, xs, scale=-1.0, tol=None):
-    """Output and every input gradient of `impl` against the reference on the same (rounded)
-    inputs in fp64."""
-    tol = tol or TOL[xs[0].dtype]
-    leaves = [leaf(t) for t in xs]
-    out = run(op, impl, *leaves, scale=scale)
-    assert out.dtype == xs[0].dtype and out.shape == xs[-1 if op == "cross" else 0].shape
-    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
-    grads = torch.autograd.grad(out, leaves, g)
-    leaves64 = [leaf(t.double()) for t in xs]
-    ref = run(op, "reference", *leaves64, scale=scale)
-    close(out, ref, tol)
-    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, g.double()), strict=True):
-        assert got.dtype == want.dtype or got.dtype in TOL
-        close(got, want, tol)
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward and every gradient
 
@@ -109,16 +92,16 @@ def check(op, impl, xs, scale=-1.0, tol=None):
 @pytest.mark.kernels
 @pytest.mark.parametrize(("impl", "op", "dtype", "length"), _cases(lengths=True))
 def test_matches_fp64_reference(impl, op, dtype, length):
-    check(op, impl, inputs(op, 2, 24, length, dtype))
+    check_against_fp64(op, impl, inputs(op, 2, 24, length, dtype))
     if op == "cross":  # v of another width than [q | k], odd C, B = 3
-        check(op, impl, inputs(op, 3, 19, length, dtype, lv=length + 5))
+        check_against_fp64(op, impl, inputs(op, 3, 19, length, dtype, lv=length + 5))
 
 
 @pytest.mark.kernels
 @pytest.mark.parametrize(("impl", "op", "dtype"), _cases(lengths=False))
 @pytest.mark.parametrize("scale", [-1 / 49, 0.0, 0.5])
 def test_any_scale(impl, op, dtype, scale):
-    check(op, impl, inputs(op, 2, 16, WIDE.get(impl, 49), dtype), scale=scale)
+    check_against_fp64(op, impl, inputs(op, 2, 16, WIDE.get(impl, 49), dtype), scale=scale)
 
 
 @pytest.mark.kernels
@@ -191,7 +174,7 @@ def test_non_contiguous_inputs(impl, op, dtype):
     if op == "cross":
         xs[2] = torch.cat([xs[2], xs[2]], 2)[:, :, 3 : 3 + xs[2].shape[2]]  # an offset view
     assert not any(t.is_contiguous() for t in xs[:2])
-    check(op, impl, xs)
+    check_against_fp64(op, impl, xs)
 
 
 @pytest.mark.kernels
@@ -219,9 +202,9 @@ def test_dead_channels(impl, op, dtype):
     xs[0][:, ::3] = 0
     if op != "self":
         xs[1][:, 5:9] = 0
-    check(op, impl, xs)
+    check_against_fp64(op, impl, xs)
     zeros = [torch.zeros_like(t) if t.dim() == 3 else t for t in xs]
-    check(op, impl, zeros)
+    check_against_fp64(op, impl, zeros)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ configs in `tuning.INTERPRETER["flash"]`; the `tiles` fixture runs cases with se
 import pytest
 import torch
 from _kernels import interpreter_configs
-from _numerics import DEVICE, close, leaf, randn
+from _numerics import DEVICE, check_against_fp64, close, randn
 
 pytest.importorskip("triton")
 
 from fgattn import backends
-from fgattn.functional import channel_attention, contrastive_channel_attention
+from fgattn.functional import channel_attention
 from fgattn.ops import benchmark, registry
 from fgattn.ops.call import Call, describe
 from fgattn.ops.rules import LAST_RESORT, RULES, rule_for
@@ -24,7 +24,7 @@ from fgattn.ops.triton import flash, tiled, tuning
 
 INTERPRETED = DEVICE == "cpu"
 # flash kernels refuse fp32 on a GPU: the numerics below run bf16 there
-DTYPE, TOL = (torch.float32, 2e-5) if INTERPRETED else (torch.bfloat16, 3e-2)
+DTYPE = torch.float32 if INTERPRETED else torch.bfloat16
 
 
 @pytest.fixture(params=[(16, 16), (32, 16), (16, 64)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
@@ -35,20 +35,10 @@ def tiles(request, monkeypatch):
         yield request.param
 
 
-def check(inputs, scale=-1.0, op=None):
-    """Output and every input gradient of "triton_flash" against the fp64 reference; self
-    attention for one tensor, contrastive for op="contrastive"."""
+def check(op, inputs, scale=-1.0):
+    """`check_against_fp64` of "triton_flash", its (B, C, L) inputs in `DTYPE`."""
     inputs = [t.to(DTYPE) if t.dim() == 3 else t for t in inputs]
-    xs = [leaf(t) for t in inputs]
-    fn = contrastive_channel_attention if op == "contrastive" else channel_attention
-    out = fn(*xs, scale=scale, backend="triton_flash")
-    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype).to(DEVICE)
-    grads = torch.autograd.grad(out, xs, g)
-    xs64 = [leaf(t.double()) for t in inputs]
-    ref = fn(*xs64, scale=scale, backend="reference")
-    close(out, ref, TOL)
-    for got, want in zip(grads, torch.autograd.grad(ref, xs64, g.double()), strict=True):
-        close(got, want, TOL)
+    check_against_fp64(op, "triton_flash", inputs, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +191,7 @@ def test_interpreter_runs_its_configs(monkeypatch):
     [(2, 40, 20, -1.0), (3, 33, 49, -1.0), (2, 24, 5, 0.5), (1, 19, 196, -0.05)],
 )
 def test_self_attention(tiles, b, c, length, scale):
-    check([randn(b, c, length)], scale)
+    check("self", [randn(b, c, length)], scale)
 
 
 @pytest.mark.kernels
@@ -211,7 +201,7 @@ def test_self_attention(tiles, b, c, length, scale):
 )
 def test_cross_attention(tiles, c, length, lv, scale):
     # lv = 300: two column tiles of v, each 150 wide, padded to 128 + 32
-    check([randn(2, c, length), randn(2, c, length), randn(2, c, lv)], scale)
+    check("cross", [randn(2, c, length), randn(2, c, length), randn(2, c, lv)], scale)
 
 
 @pytest.mark.kernels
@@ -221,7 +211,7 @@ def test_cross_attention(tiles, c, length, lv, scale):
 )
 def test_contrastive(tiles, b, c, length, scale):
     eta = torch.rand(b, dtype=torch.float64).float().to(DEVICE) * 1.5
-    check([randn(b, c, length), randn(b, c, length), eta], scale, op="contrastive")
+    check("contrastive", [randn(b, c, length), randn(b, c, length), eta], scale)
 
 
 @pytest.mark.kernels

@@ -8,11 +8,11 @@ only (the interpreter's bf16 tl.dot is unreliable).
 
 import pytest
 import torch
-from _numerics import DEVICE, close, leaf, randn
+from _numerics import DEVICE, check_against_fp64, close, leaf, randn
 
 pytest.importorskip("triton")
 
-from fgattn.functional import channel_attention, contrastive_channel_attention
+from fgattn.functional import channel_attention
 from fgattn.ops import reference
 from fgattn.ops.triton import tiled, tuning
 
@@ -30,32 +30,19 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def check(inputs, scale=-1.0, tol=2e-5, op=None):
-    """Output and every input gradient of "triton_tiled" against the fp64 reference; self
-    attention for one tensor, contrastive for op="contrastive"."""
-    xs = [leaf(t) for t in inputs]
-    fn = contrastive_channel_attention if op == "contrastive" else channel_attention
-    out = fn(*xs, scale=scale, backend="triton_tiled")
-    g = randn(*out.shape)
-    grads = torch.autograd.grad(out, xs, g)
-    xs64 = [leaf(t.double()) for t in inputs]
-    ref = fn(*xs64, scale=scale, backend="reference")
-    close(out, ref, tol)
-    for got, want in zip(grads, torch.autograd.grad(ref, xs64, g.double()), strict=True):
-        close(got, want, tol)
-
-
 @pytest.mark.parametrize(
     "c, length, lv, scale",
     [(40, 20, 20, -1.0), (33, 5, 10, -1.0), (64, 49, 98, 0.3), (17, 20, 45, -0.05)],
 )
 def test_cross_attention(tiles, c, length, lv, scale):
-    check([randn(2, c, length), randn(2, c, length), randn(2, c, lv)], scale)
+    check_against_fp64(
+        "cross", "triton_tiled", [randn(2, c, n) for n in (length, length, lv)], scale
+    )
 
 
 @pytest.mark.parametrize("c, length, scale", [(40, 20, -1.0), (64, 49, -1.0), (24, 5, 0.5)])
 def test_self_attention(tiles, c, length, scale):
-    check([randn(2, c, length)], scale)
+    check_against_fp64("self", "triton_tiled", [randn(2, c, length)], scale)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +50,8 @@ def test_self_attention(tiles, c, length, scale):
 )
 def test_contrastive(tiles, c, length, scale):
     eta = torch.rand(2).to(DEVICE) * 1.5
-    check([randn(2, c, length), randn(2, c, length), eta], scale, op="contrastive")
+    xs = [randn(2, c, length), randn(2, c, length), eta]
+    check_against_fp64("contrastive", "triton_tiled", xs, scale)
 
 
 def test_self_attention_is_explicit(monkeypatch):
@@ -74,7 +62,7 @@ def test_self_attention_is_explicit(monkeypatch):
         orig = getattr(tiled, name)
         monkeypatch.setattr(tiled, name, lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
     x = randn(2, 24, 4, 5)
-    check([x])
+    check_against_fp64("self", "triton_tiled", [x])
     assert calls == ["triton_tiled_self_fwd"]
     calls.clear()
     xx = leaf(x)

@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from _kernels import forget_tuning
+from _kernels import forget_tuning, interpreter_configs
 from _numerics import DEVICE, close, leaf, randn
 
 triton = pytest.importorskip("triton")
@@ -71,10 +71,8 @@ def use_tma(request, monkeypatch):
 def tiles(request, monkeypatch):
     """The interpreter's config: resident rows x streamed rows (partial blocks at C = 40)."""
     bm, bn = request.param
-    monkeypatch.setitem(tuning.INTERPRETER, "flash", [{"BLOCK_M": bm, "BLOCK_N": bn}])
-    _forget_tuning()
-    yield request.param
-    _forget_tuning()
+    with interpreter_configs(monkeypatch, flash, "flash", {"BLOCK_M": bm, "BLOCK_N": bn}):
+        yield request.param
 
 
 def assert_loaded_with(tma, kernels):
